@@ -1,0 +1,97 @@
+"""The ``mllm`` command: ``mllm demo``, ``mllm pretrain``, ``mllm instruct``.
+
+``stages/pretrain.py`` and ``stages/instruct.py`` call the same entry points, so
+``accelerate launch stages/instruct.py --config ...`` and ``mllm instruct --config ...`` are
+the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+
+STAGE_HELP = {
+    "pretrain": "Stage 1: train the projectors on captioning data; the LLM and encoders stay frozen. "
+                "Saves a projector-only checkpoint (projectors.safetensors + config + tokenizer).",
+    "instruct": "Stage 2: load the stage-1 projectors (model.pretrained_projectors), add a peft tuner "
+                "to the LLM and instruction-tune both (projectors at training.projector_lr). Saves "
+                "projectors + adapter/.",
+}
+
+
+def _schema_help() -> str:
+    from mllm.config import DataConfig, EncoderConfig, ModelConfig, TunerConfig
+    from mllm.projectors.qformer import ProjectorConfig
+
+    def fields(cls, skip=()):
+        return ", ".join(f"{f.name}" for f in dataclasses.fields(cls) if f.name not in skip)
+
+    return (
+        "config schema (YAML; override any field as section.field=value, values parsed as YAML):\n"
+        f"  model:     {fields(ModelConfig, ('encoders', 'projectors'))}\n"
+        f"  model.encoders.<visual|audio|speech>:   {fields(EncoderConfig)}\n"
+        f"  model.projectors.<visual|audio|speech>: {fields(ProjectorConfig)}\n"
+        f"  tuner:     {fields(TunerConfig)}\n"
+        f"  data:      {fields(DataConfig)}\n"
+        "  training:  any transformers.TrainingArguments field, plus projector_lr\n"
+        "examples:\n"
+        "  accelerate launch stages/pretrain.py --config configs/demo/pretrain.yaml\n"
+        "  mllm instruct --config configs/demo/instruct.yaml training.learning_rate=1e-4 tuner.r=16\n"
+        "  accelerate launch --config_file acc.yaml stages/instruct.py --config my.yaml "
+        "training.deepspeed=deepspeed_configs/zero3.json"
+    )
+
+
+def stage_parser(stage: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"mllm {stage}", description=STAGE_HELP[stage], epilog=_schema_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="override config fields, e.g. training.num_train_epochs=3")
+    return parser
+
+
+def stage_main(stage: str, argv: list[str] | None = None) -> int:
+    args = stage_parser(stage).parse_args(argv)
+    from mllm.config import load_config
+    from mllm.train.stages import STAGES
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    STAGES[stage](cfg)
+    return 0
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    from mllm.demo.run import demo_parser, run_demo
+
+    args = demo_parser().parse_args(argv)
+    run_demo(args)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {
+        "demo": ("Run the whole pipeline (stage 1, stage 2, evaluation) on a tiny model and generated "
+                 "data, on a CPU, in minutes.", demo_main),
+        "pretrain": (STAGE_HELP["pretrain"], lambda a: stage_main("pretrain", a)),
+        "instruct": (STAGE_HELP["instruct"], lambda a: stage_main("instruct", a)),
+    }
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: mllm <command> [options]\n\ncommands:")
+        for name, (text, _) in commands.items():
+            print(f"  {name:<10} {text}")
+        print("\nRun 'mllm <command> --help' for a command's options.")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nmllm: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    return commands[argv[0]][1](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

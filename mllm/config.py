@@ -1,0 +1,206 @@
+"""The one experiment config schema: ``model``, ``tuner``, ``data`` and ``training`` sections.
+
+A YAML file gives the values; any field can be overridden on the command line as
+``section.field=value`` (values parsed as YAML, so ``training.learning_rate=1e-4`` and
+``model.encoders.visual.select_layer=-1`` both work). Unknown fields are errors that name the
+field, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from mllm.modality import modality_from_name
+from mllm.projectors.qformer import ProjectorConfig
+
+
+@dataclass
+class EncoderConfig:
+    """A frozen media encoder. ``type`` names an entry of ``mllm.encoders.ENCODER_REGISTRY``."""
+
+    type: str = "clip"
+    path: str = "openai/clip-vit-large-patch14"
+    select_layer: int = -2      # LLaVA: penultimate layer
+    drop_cls: bool = True       # LLaVA: patch tokens only
+    dtype: str | None = None    # defaults to float32; frozen encoders can run in bfloat16 on GPU
+
+
+@dataclass
+class ModelConfig:
+    llm: str = ""                          # HF id or local path of any AutoModelForCausalLM
+    tokenizer: str | None = None           # defaults to `llm`
+    dtype: str = "float32"                 # LLM weights: float32 | bfloat16 | float16
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False        # never on unless asked for
+    encoders: dict[str, EncoderConfig] = field(default_factory=dict)        # modality -> encoder
+    projectors: dict[str, ProjectorConfig] = field(default_factory=dict)   # modality -> projector
+    video_frames: int = 8                  # frames sampled uniformly from each video
+    pretrained_projectors: str | None = None  # stage-1 output folder (stage 2 starts from it)
+
+
+@dataclass
+class TunerConfig:
+    """Parameter-efficient tuner inside the LLM (stage 2). ``type: none`` trains projectors only."""
+
+    type: str = "lora"                 # none | lora | dora
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: list[str] | str | None = None   # default: every Linear of the LLM but lm_head
+    options: dict[str, Any] = field(default_factory=dict)  # extra fields for the peft config
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None            # LLaVA-style JSON / JSONL
+    eval: str | None = None
+    media_root: str | None = None       # relative media paths resolve against it
+    template: str = "auto"              # auto (tokenizer's own, else LLaMA-2-chat) | llama-2 | plain | <jinja>
+    system_prompt: str | None = None
+    max_length: int | None = None       # default: the LLM's max_position_embeddings
+    on_bad_sample: str = "error"        # error | skip (skip and count malformed records / media)
+
+    def __post_init__(self):
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tuner: TunerConfig = field(default_factory=TunerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # Fields of mllm.train.MllmTrainingArguments (transformers.TrainingArguments + projector_lr).
+    training: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None           # the YAML file this came from (relative paths resolve here)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build_dataclass(cls, values: Any, where: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _build_model_config(values: dict) -> ModelConfig:
+    values = dict(values or {})
+    encoders = values.pop("encoders", {}) or {}
+    projectors = values.pop("projectors", {}) or {}
+    cfg = _build_dataclass(ModelConfig, values, "model")
+    for name, enc in encoders.items():
+        modality_from_name(name)  # validates the key
+        cfg.encoders[name.lower()] = _build_dataclass(EncoderConfig, enc, f"model.encoders.{name}")
+    for name, proj in projectors.items():
+        modality_from_name(name)
+        cfg.projectors[name.lower()] = _build_dataclass(ProjectorConfig, proj, f"model.projectors.{name}")
+    missing = sorted(set(cfg.encoders) - set(cfg.projectors))
+    for name in missing:  # an encoder without projector settings gets the defaults
+        cfg.projectors[name] = ProjectorConfig()
+    extra = sorted(set(cfg.projectors) - set(cfg.encoders))
+    if extra:
+        raise ConfigError(f"model.projectors: {extra} have no encoder in model.encoders")
+    return cfg
+
+
+def config_from_dict(raw: dict, source: str | None = None) -> ExperimentConfig:
+    raw = dict(raw or {})
+    unknown = sorted(set(raw) - {"model", "tuner", "data", "training"})
+    if unknown:
+        raise ConfigError(f"unknown top-level section(s) {unknown}; valid: model, tuner, data, training")
+    training = raw.get("training") or {}
+    if not isinstance(training, dict):
+        raise ConfigError("training: expected a mapping of TrainingArguments fields")
+    return ExperimentConfig(
+        model=_build_model_config(raw.get("model") or {}),
+        tuner=_build_dataclass(TunerConfig, raw.get("tuner"), "tuner"),
+        data=_build_dataclass(DataConfig, raw.get("data"), "data"),
+        training=dict(training),
+        source=source,
+    )
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides to a nested dict (values parsed as YAML)."""
+    raw = _deep_copy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.field=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+    return raw
+
+
+def _deep_copy(obj):
+    if isinstance(obj, dict):
+        return {k: _deep_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deep_copy(v) for v in obj]
+    return obj
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    raw = apply_overrides(raw, overrides or [])
+    cfg = config_from_dict(raw, source=path)
+    _resolve_relative_paths(cfg, os.path.dirname(os.path.abspath(path)) if path else os.getcwd())
+    return cfg
+
+
+def _resolve_relative_paths(cfg: ExperimentConfig, base: str) -> None:
+    """Paths starting with './' or '../' are relative to the YAML file; others (HF ids, absolute
+    paths, plain relative paths) are left to the usual resolution from the working directory."""
+
+    def fix(value):
+        if isinstance(value, str) and value.startswith(("./", "../")):
+            return os.path.normpath(os.path.join(base, value))
+        return value
+
+    cfg.model.llm = fix(cfg.model.llm)
+    cfg.model.tokenizer = fix(cfg.model.tokenizer)
+    cfg.model.pretrained_projectors = fix(cfg.model.pretrained_projectors)
+    for enc in cfg.model.encoders.values():
+        enc.path = fix(enc.path)
+    for name in ("train", "eval", "media_root"):
+        setattr(cfg.data, name, fix(getattr(cfg.data, name)))
+    if "output_dir" in cfg.training:
+        cfg.training["output_dir"] = fix(cfg.training["output_dir"])
+
+
+def config_to_dict(cfg: ExperimentConfig) -> dict:
+    out = dataclasses.asdict(cfg)
+    out.pop("source", None)
+    return out

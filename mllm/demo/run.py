@@ -1,0 +1,194 @@
+"""``mllm demo``: the whole pipeline on a tiny model and generated data, on a CPU, in minutes.
+
+1. generate coloured-shape images with captions and questions (``mllm.data.synthetic``);
+2. build and save a tiny CLIP tower, tokenizer and LLaMA LM, and give the LM some text first;
+3. stage 1 (``configs/demo/pretrain.yaml``) and stage 2 (``configs/demo/instruct.yaml``);
+4. exact-match evaluation on held-out images, with and without the image tokens, against the
+   majority-answer baseline; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import time
+from collections import defaultdict
+
+MARKER = "lm-text-pretrained"
+
+
+def demo_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mllm demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", default="mllm-demo",
+                        help="where data, tiny models, runs and results go (default: ./mllm-demo)")
+    parser.add_argument("--configs", default=None,
+                        help="folder with pretrain.yaml and instruct.yaml (default: the repo's configs/demo)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smaller, faster run for smoke tests (accuracy is not meaningful)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="overrides applied to both stage configs, e.g. training.num_train_epochs=1")
+    return parser
+
+
+def _default_configs_dir() -> str:
+    repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(repo_root, "configs", "demo")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"demo configs not found at {path}; pass --configs DIR "
+                                f"(install from a clone with `pip install -e .`)")
+    return path
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and surrounding space (the demo's exact-match rule)."""
+    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+
+def _strip_media(record: dict) -> dict:
+    """The same question with the image removed: no placeholder, no media field."""
+    out = {k: v for k, v in record.items() if k != "image"}
+    out["conversations"] = [dict(t, value=re.sub(r"<image>\n?", "", t["value"])) for t in record["conversations"]]
+    return out
+
+
+def _text_corpus(paths: dict[str, str]) -> list[str]:
+    texts = []
+    for name in ("pretrain", "instruct"):
+        with open(paths[name]) as f:
+            for line in f:
+                record = json.loads(line)
+                texts.append(" ".join(re.sub(r"<image>\n?", "", t["value"]) for t in record["conversations"]))
+    return texts
+
+
+def _lm_pretraining_texts(tokenizer, paths: dict[str, str]) -> list[str]:
+    """Instruct conversations without their images, rendered with the chat template, plus
+    captions: the tiny LM learns the language and the template, not the pictures."""
+    from mllm.data.templates import resolve_chat_template
+
+    template = resolve_chat_template(tokenizer, "auto")
+    texts = []
+    with open(paths["instruct"]) as f:
+        for line in f:
+            record = _strip_media(json.loads(line))
+            messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                        for t in record["conversations"]]
+            texts.append(tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False))
+    with open(paths["pretrain"]) as f:
+        texts += [json.loads(line)["conversations"][1]["value"] for line in f]
+    return texts
+
+
+def prepare_demo_inputs(output_dir: str, quick: bool = False, seed: int = 0) -> dict[str, str]:
+    """Generate data and build the tiny models (reused when already there)."""
+    from transformers import AutoTokenizer
+
+    from mllm.data.synthetic import write_demo_dataset
+    from mllm.demo.assets import build_tiny_assets, pretrain_tiny_lm
+
+    data_dir = os.path.join(output_dir, "data")
+    sizes = dict(num_pretrain=400, num_instruct=600, num_eval=64) if quick else \
+        dict(num_pretrain=2000, num_instruct=4000, num_eval=400)
+    paths = write_demo_dataset(data_dir, seed=seed, **sizes)
+    assets = build_tiny_assets(os.path.join(output_dir, "assets"), _text_corpus(paths), seed=seed)
+    if not os.path.exists(os.path.join(assets["llm"], MARKER)):
+        tokenizer = AutoTokenizer.from_pretrained(assets["llm"])
+        pretrain_tiny_lm(assets["llm"], _lm_pretraining_texts(tokenizer, paths),
+                         steps=60 if quick else 400, seed=seed)
+        open(os.path.join(assets["llm"], MARKER), "w").close()
+    return {**paths, **assets}
+
+
+def evaluate_exact_match(checkpoint: str, eval_path: str, media_root: str, batch_size: int = 32) -> dict:
+    """Accuracy overall and per question type, with and without the image tokens."""
+    from mllm.data.dataset import MultimodalDataset
+    from mllm.inference import generate_answers
+    from mllm.model.multimodal_lm import MultimodalLM
+
+    model = MultimodalLM.from_pretrained(checkpoint)
+    with open(eval_path) as f:
+        records = [json.loads(line) for line in f]
+    no_image_path = eval_path.replace(".jsonl", ".no-image.jsonl")
+    with open(no_image_path, "w") as f:
+        for record in records:
+            f.write(json.dumps(_strip_media(record)) + "\n")
+    results = {}
+    for name, path in (("with image", eval_path), ("image tokens removed", no_image_path)):
+        dataset = MultimodalDataset(path, model.tokenizer, model.media_specs(), media_root=media_root,
+                                    for_generation=True, progress=False)
+        answers = generate_answers(model, dataset, batch_size=batch_size, max_new_tokens=8)
+        per_type = defaultdict(list)
+        for record, answer in zip(records, answers):
+            per_type[record["question_type"]].append(normalize_answer(answer) == normalize_answer(record["answer"]))
+        hits = [h for v in per_type.values() for h in v]
+        results[name] = {"accuracy": sum(hits) / len(hits),
+                         "per_type": {k: sum(v) / len(v) for k, v in sorted(per_type.items())},
+                         "examples": list(zip([r["answer"] for r in records[:5]], answers[:5]))}
+    return results
+
+
+def format_table(results: dict, baseline: float, counts: dict[str, int]) -> str:
+    types = sorted(next(iter(results.values()))["per_type"])
+    header = f"| {'setting':<40} | {'accuracy':>8} | " + " | ".join(f"{t:>8}" for t in types) + " |"
+    rule = "|" + "-" * 42 + "|" + "-" * 10 + "|" + "|".join("-" * 10 for _ in types) + "|"
+    lines = [header, rule, f"| {'majority-answer baseline':<40} | {baseline:>8.3f} | " +
+             " | ".join(f"{'':>8}" for _ in types) + " |"]
+    for name, res in results.items():
+        lines.append(f"| {'stage-2 model, ' + name:<40} | {res['accuracy']:>8.3f} | " +
+                     " | ".join(f"{res['per_type'][t]:>8.3f}" for t in types) + " |")
+    lines.append(f"(held-out questions: {counts['eval']}; per type: " +
+                 ", ".join(f"{t} {counts[t]}" for t in types) + ")")
+    return "\n".join(lines)
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from mllm.config import load_config
+    from mllm.data.synthetic import majority_baseline
+    from mllm.train.stages import run_instruct, run_pretrain
+
+    start = time.time()
+    out = os.path.abspath(args.output_dir)
+    configs = args.configs or _default_configs_dir()
+    print(f"[demo] preparing data and tiny models in {out}", flush=True)
+    paths = prepare_demo_inputs(out, quick=args.quick, seed=args.seed)
+    common = [f"model.llm={paths['llm']}", f"model.encoders.visual.path={paths['clip']}",
+              f"data.media_root={paths['media_root']}", f"training.seed={args.seed}"]
+    if args.quick:
+        common += ["training.num_train_epochs=1", "training.save_steps=1000"]
+    stage1_dir = os.path.join(out, "runs", "pretrain")
+    stage2_dir = os.path.join(out, "runs", "instruct")
+    timings = {}
+    for stage, run, extra in (
+        ("pretrain", run_pretrain, [f"data.train={paths['pretrain']}", f"training.output_dir={stage1_dir}"]),
+        ("instruct", run_instruct, [f"data.train={paths['instruct']}", f"training.output_dir={stage2_dir}",
+                                    f"model.pretrained_projectors={stage1_dir}"]),
+    ):
+        print(f"[demo] {stage} ...", flush=True)
+        t0 = time.time()
+        cfg = load_config(os.path.join(configs, f"{stage}.yaml"), common + extra + list(args.overrides))
+        run(cfg)
+        timings[stage] = time.time() - t0
+    print("[demo] evaluating on held-out images ...", flush=True)
+    t0 = time.time()
+    results = evaluate_exact_match(stage2_dir, paths["eval"], paths["media_root"])
+    timings["evaluate"] = time.time() - t0
+    with open(paths["eval"]) as f:
+        records = [json.loads(line) for line in f]
+    counts = {"eval": len(records)}
+    for r in records:
+        counts[r["question_type"]] = counts.get(r["question_type"], 0) + 1
+    baseline = majority_baseline(records)
+    table = format_table(results, baseline, counts)
+    total = time.time() - start
+    print("\n" + table)
+    print("\n" + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {total:.0f}s")
+    summary = {"baseline": baseline, "results": results, "timings": timings, "total_seconds": total}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary

@@ -1,0 +1,37 @@
+"""Registry of frozen media encoders: ``type`` name in the config -> encoder class.
+
+New encoders (BEATs, Whisper, ...) plug in with ``@register_encoder("name")`` and need no
+change to the model code.
+"""
+
+from __future__ import annotations
+
+from mllm.encoders.base import MediaEncoder
+
+ENCODER_REGISTRY: dict[str, type[MediaEncoder]] = {}
+
+
+def register_encoder(name: str):
+    def decorator(cls: type[MediaEncoder]) -> type[MediaEncoder]:
+        if name in ENCODER_REGISTRY and ENCODER_REGISTRY[name] is not cls:
+            raise ValueError(f"encoder type {name!r} is already registered to {ENCODER_REGISTRY[name]}")
+        ENCODER_REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def build_encoder(cfg) -> MediaEncoder:
+    """Build and freeze the encoder that ``cfg.type`` names."""
+    try:
+        cls = ENCODER_REGISTRY[cfg.type]
+    except KeyError:
+        known = ", ".join(sorted(ENCODER_REGISTRY))
+        raise ValueError(f"unknown encoder type {cfg.type!r}; registered: {known}") from None
+    return cls.from_config(cfg).freeze()
+
+
+# Registration happens on import of each encoder module.
+from mllm.encoders import clip  # noqa: E402,F401
+
+__all__ = ["ENCODER_REGISTRY", "MediaEncoder", "build_encoder", "register_encoder"]

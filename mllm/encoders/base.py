@@ -1,0 +1,41 @@
+"""What every frozen media encoder provides to the model and the data pipeline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mllm.modality import Modality
+
+
+class MediaEncoder(nn.Module):
+    """A frozen encoder for one modality.
+
+    Subclasses set ``modality`` and implement:
+
+    * ``from_config(cfg)``: build from an ``EncoderConfig`` (loads real weights from ``cfg.path``);
+    * ``preprocess(items)``: turn decoded media (PIL images, waveforms, ...) into one tensor
+      batch; runs in the data pipeline, so it must not touch the module's parameters;
+    * ``forward(inputs)``: ``(N, ...) -> (N, L, hidden_size)`` features, one row per item.
+    """
+
+    modality: Modality
+    hidden_size: int
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "MediaEncoder":
+        raise NotImplementedError
+
+    def preprocess(self, items: list[Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def freeze(self) -> "MediaEncoder":
+        self.requires_grad_(False)
+        self.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "MediaEncoder":
+        # Frozen encoders stay in eval mode (no dropout) even when the Trainer calls .train().
+        return super().train(False)

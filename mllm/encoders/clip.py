@@ -1,0 +1,57 @@
+"""CLIP vision tower (ViT-L/14 by default) for images and video frames.
+
+Features are LLaVA-style: the hidden states of ``select_layer`` (penultimate by default, which
+has no post-LayerNorm) with the CLS token dropped. ``from_pretrained`` accepts both
+``CLIPVisionModel`` and full ``CLIPModel`` checkpoints (the text tower is ignored).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPImageProcessor, CLIPVisionModel
+
+from mllm.encoders import register_encoder
+from mllm.encoders.base import MediaEncoder
+from mllm.modality import Modality
+
+
+@register_encoder("clip")
+class CLIPVisualEncoder(MediaEncoder):
+    modality = Modality.VISUAL
+
+    def __init__(self, vision_model: CLIPVisionModel, processor: CLIPImageProcessor,
+                 select_layer: int = -2, drop_cls: bool = True):
+        super().__init__()
+        self.vision_model = vision_model
+        self.processor = processor
+        self.select_layer = select_layer
+        self.drop_cls = drop_cls
+        self.hidden_size = vision_model.config.hidden_size
+        num_layers = vision_model.config.num_hidden_layers
+        # hidden_states has num_layers + 1 entries (embeddings first).
+        if not -(num_layers + 1) <= select_layer <= num_layers:
+            raise ValueError(f"select_layer={select_layer} is out of range for a CLIP tower "
+                             f"with {num_layers} layers")
+
+    @classmethod
+    def from_config(cls, cfg) -> "CLIPVisualEncoder":
+        dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
+        model = CLIPVisionModel.from_pretrained(cfg.path, dtype=dtype)
+        processor = CLIPImageProcessor.from_pretrained(cfg.path)
+        return cls(model, processor, select_layer=cfg.select_layer, drop_cls=cfg.drop_cls)
+
+    @property
+    def num_patches(self) -> int:
+        cfg = self.vision_model.config
+        return (cfg.image_size // cfg.patch_size) ** 2
+
+    def preprocess(self, items) -> torch.Tensor:
+        """PIL images -> pixel values (N, 3, H, W) with CLIP's resize, crop and normalisation."""
+        return self.processor(images=list(items), return_tensors="pt")["pixel_values"]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        param = next(self.vision_model.parameters())
+        out = self.vision_model(pixel_values=pixel_values.to(param.device, param.dtype),
+                                output_hidden_states=True)
+        features = out.hidden_states[self.select_layer]
+        return features[:, 1:] if self.drop_cls else features

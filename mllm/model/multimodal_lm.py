@@ -1,0 +1,279 @@
+"""``MultimodalLM``: frozen encoders + per-modality projectors spliced into any causal LM.
+
+The forward path is LLaVA's, in the HF style: the data pipeline expands each placeholder
+into as many placeholder tokens as its projector emits, the model embeds the text, encodes
+the media, writes the projected features at the placeholder positions and runs the LM on
+``inputs_embeds``. Placeholder ids may lie outside the LM's vocabulary (the LM is never
+resized): they are masked before the embedding lookup and always overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mllm.config import EncoderConfig, ModelConfig, TunerConfig
+from mllm.encoders import MediaEncoder, build_encoder
+from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS, Modality, modality_from_name
+from mllm.model.modality_context import attach_modality_context
+from mllm.model.splice import MediaCountError, compute_modality_ids, position_ids_from_attention_mask, splice_features
+from mllm.projectors import (
+    ProjectorConfig, build_projectors, load_projector_weights, read_projector_configs, save_projectors,
+)
+from mllm.tuners import apply_tuner
+
+MLLM_CONFIG = "mllm_config.json"
+ADAPTER_DIR = "adapter"
+
+
+def add_placeholder_tokens(tokenizer) -> dict[str, int]:
+    """Add every placeholder as one special token (idempotent); return placeholder -> id."""
+    missing = [ph for ph in PLACEHOLDERS if ph not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return {ph: tokenizer.convert_tokens_to_ids(ph) for ph in PLACEHOLDERS}
+
+
+def _torch_dtype(name: str | None) -> torch.dtype:
+    if name is None:
+        return torch.float32
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
+    return dtype
+
+
+class MultimodalLM(nn.Module):
+    def __init__(self, config: ModelConfig, llm: nn.Module, tokenizer, encoders: dict[str, MediaEncoder],
+                 projectors: nn.ModuleDict):
+        super().__init__()
+        self.config = config
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.encoders = nn.ModuleDict(encoders)
+        self.projectors = projectors
+        self.placeholder_ids = add_placeholder_tokens(tokenizer)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        # Placeholders whose modality has an encoder: only these may appear in inputs.
+        self.supported_placeholders = [ph for ph, (mod, _) in PLACEHOLDERS.items()
+                                       if mod.name.lower() in self.encoders]
+        self.placeholder_modalities = {self.placeholder_ids[ph]: PLACEHOLDERS[ph][0] for ph in PLACEHOLDERS}
+        self.modality_context = attach_modality_context(self.base_llm)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, config: ModelConfig, tokenizer=None) -> "MultimodalLM":
+        """Build from an experiment's ``model`` section: loads the LLM, tokenizer and encoders
+        by HF id or local path, builds projectors and, when ``pretrained_projectors`` is set,
+        loads them from a stage-1 checkpoint."""
+        config = dataclasses.replace(config, projectors={k: dataclasses.replace(v) for k, v in config.projectors.items()})
+        if not config.llm:
+            raise ValueError("model.llm is empty: give an HF id or a local path of a causal LM")
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.llm,
+                                                      trust_remote_code=config.trust_remote_code)
+        llm_kwargs: dict[str, Any] = {"dtype": _torch_dtype(config.dtype),
+                                      "trust_remote_code": config.trust_remote_code}
+        if config.attn_implementation:
+            llm_kwargs["attn_implementation"] = config.attn_implementation
+        llm = AutoModelForCausalLM.from_pretrained(config.llm, **llm_kwargs)
+        encoders = {name: build_encoder(enc) for name, enc in config.encoders.items()}
+        llm_hidden = llm.config.get_text_config().hidden_size
+        for name, proj in config.projectors.items():
+            proj.encoder_hidden_size = encoders[name].hidden_size
+            proj.llm_hidden_size = llm_hidden
+        projectors = build_projectors(config.projectors)
+        if config.pretrained_projectors:
+            load_projector_weights(projectors, config.pretrained_projectors)
+        return cls(config, llm, tokenizer, encoders, projectors)
+
+    @property
+    def base_llm(self) -> nn.Module:
+        """The causal LM itself, under any peft wrapper."""
+        return self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
+
+    def apply_tuner(self, tuner: TunerConfig) -> None:
+        self.tuner_config = tuner
+        self.llm = apply_tuner(self.llm, tuner)
+
+    def freeze_llm(self) -> None:
+        self.llm.requires_grad_(False)
+
+    # ------------------------------------------------------------------ media
+    def num_media_tokens(self, placeholder: str) -> int:
+        """How many sequence positions one item of this placeholder occupies."""
+        modality, field = PLACEHOLDERS[placeholder]
+        projector = self.projectors[modality.name.lower()]
+        if field == "video":
+            return self.config.video_frames * projector.num_queries
+        return projector.num_queries
+
+    def media_specs(self) -> dict:
+        """Placeholder -> ``MediaSpec`` for the data pipeline, for every modality with an encoder."""
+        from mllm.data.dataset import MediaSpec
+        from mllm.data.media import load_image, load_video_frames
+
+        frames = self.config.video_frames
+        loaders = {
+            "image": lambda encoder: lambda path, rid: encoder.preprocess([load_image(path, rid)])[0],
+            "video": lambda encoder: lambda path, rid: encoder.preprocess(load_video_frames(path, frames, rid)),
+        }
+        specs = {}
+        for placeholder in self.supported_placeholders:
+            media_field = PLACEHOLDERS[placeholder][1]
+            if media_field not in loaders:
+                continue  # audio / speech loaders arrive with their encoders
+            specs[placeholder] = MediaSpec(
+                placeholder=placeholder, field=media_field, token_id=self.placeholder_ids[placeholder],
+                num_tokens=self.num_media_tokens(placeholder),
+                load_item=loaders[media_field](self.encoder_for(placeholder)))
+        return specs
+
+    def encoder_for(self, placeholder: str) -> MediaEncoder:
+        name = PLACEHOLDERS[placeholder][0].name.lower()
+        if name not in self.encoders:
+            raise ValueError(f"the model has no {name} encoder, so it cannot take {placeholder}")
+        return self.encoders[name]
+
+    def encode_media(self, placeholder: str, inputs: torch.Tensor) -> torch.Tensor:
+        """Preprocessed media -> projected features (N, num_media_tokens, llm_hidden)."""
+        modality, field = PLACEHOLDERS[placeholder]
+        encoder = self.encoder_for(placeholder)
+        projector = self.projectors[modality.name.lower()]
+        if field == "video":  # (N, F, ...) -> frames encoded like images -> (N, F * Q, D)
+            num_videos, num_frames = inputs.shape[:2]
+            with torch.no_grad():
+                features = encoder(inputs.flatten(0, 1))
+            projected = projector(features)
+            return projected.reshape(num_videos, num_frames * projected.shape[1], -1)
+        with torch.no_grad():
+            features = encoder(inputs)
+        return projector(features)
+
+    # ------------------------------------------------------------------ forward
+    def modality_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return compute_modality_ids(input_ids, self.placeholder_modalities, attention_mask)
+
+    def embed_inputs(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
+        is_placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token_id in self.placeholder_modalities:
+            is_placeholder |= input_ids == token_id
+        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_placeholder, 0))
+        for placeholder, (_, field) in PLACEHOLDERS.items():
+            inputs = media.get(MEDIA_INPUT_KEYS[field])
+            token_id = self.placeholder_ids[placeholder]
+            if inputs is None or inputs.shape[0] == 0:
+                if bool((input_ids == token_id).any()):
+                    raise MediaCountError(f"the batch has {placeholder} positions but no {MEDIA_INPUT_KEYS[field]}")
+                continue
+            features = self.encode_media(placeholder, inputs)
+            embeds = splice_features(embeds, input_ids, token_id, features, what=placeholder)
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
+                image_inputs: torch.Tensor | None = None, video_inputs: torch.Tensor | None = None,
+                audio_inputs: torch.Tensor | None = None, speech_inputs: torch.Tensor | None = None,
+                **lm_kwargs):
+        media = {"image_inputs": image_inputs, "video_inputs": video_inputs,
+                 "audio_inputs": audio_inputs, "speech_inputs": speech_inputs}
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.embed_inputs(input_ids, {k: v for k, v in media.items() if v is not None})
+        self.modality_context.set_pending(self.modality_ids(input_ids, attention_mask), question_mask)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
+                        position_ids=position_ids_from_attention_mask(attention_mask), **lm_kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 question_mask: torch.Tensor | None = None, image_inputs: torch.Tensor | None = None,
+                 video_inputs: torch.Tensor | None = None, audio_inputs: torch.Tensor | None = None,
+                 speech_inputs: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
+        """Generate from (left-padded) prompts; returns only the new tokens, (B, new)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate needs left-padded prompts (a prompt ends in padding); "
+                             "use the collator with padding_side='left'")
+        media = {"image_inputs": image_inputs, "video_inputs": video_inputs,
+                 "audio_inputs": audio_inputs, "speech_inputs": speech_inputs}
+        embeds = self.embed_inputs(input_ids, {k: v for k, v in media.items() if v is not None})
+        self.modality_context.set_pending(self.modality_ids(input_ids, attention_mask), question_mask)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    # ------------------------------------------------------------------ training glue
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        if gradient_checkpointing_kwargs is None:
+            gradient_checkpointing_kwargs = {"use_reentrant": False}
+        self.base_llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+        # Reentrant checkpointing needs inputs that require grad; a text-only batch has none.
+        self.base_llm.enable_input_require_grads()
+
+    def projector_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.projectors.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ save / load
+    def trainable_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """(projector state dict, adapter state dict or None)."""
+        from peft import get_peft_model_state_dict
+
+        adapter = get_peft_model_state_dict(self.llm) if isinstance(self.llm, PeftModel) else None
+        return self.projectors.state_dict(), adapter
+
+    def save_pretrained(self, output_dir: str, projector_state: dict | None = None,
+                        adapter_state: dict | None = None) -> None:
+        """Write projectors, the peft adapter (if any), the tokenizer and ``mllm_config.json``.
+        The LLM and encoders are not copied: the config points at them by id or path."""
+        os.makedirs(output_dir, exist_ok=True)
+        save_projectors(self.projectors, output_dir, state_dict=projector_state)
+        if isinstance(self.llm, PeftModel):
+            self.llm.save_pretrained(os.path.join(output_dir, ADAPTER_DIR), state_dict=adapter_state)
+        self.tokenizer.save_pretrained(output_dir)
+        model_cfg = dataclasses.asdict(self.config)
+        model_cfg["pretrained_projectors"] = None
+        model_cfg["tokenizer"] = None
+        tuner = getattr(self, "tuner_config", None)
+        with open(os.path.join(output_dir, MLLM_CONFIG), "w") as f:
+            json.dump({"format_version": 1, "model": model_cfg,
+                       "tuner": dataclasses.asdict(tuner) if tuner else None}, f, indent=2)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str, is_trainable: bool = False, **overrides) -> "MultimodalLM":
+        """Load a stage-1 or stage-2 output folder (or a Trainer checkpoint inside it)."""
+        config_path = os.path.join(checkpoint_dir, MLLM_CONFIG)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"{checkpoint_dir}: no {MLLM_CONFIG}; not an mllm checkpoint")
+        with open(config_path) as f:
+            saved = json.load(f)
+        raw = dict(saved["model"], **overrides)
+        encoders = {k: EncoderConfig(**v) for k, v in raw.pop("encoders").items()}
+        projectors = read_projector_configs(checkpoint_dir)
+        raw.pop("projectors")
+        config = ModelConfig(**raw, encoders=encoders, projectors=projectors)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, trust_remote_code=config.trust_remote_code)
+        config.pretrained_projectors = checkpoint_dir
+        model = cls.from_config(config, tokenizer=tokenizer)
+        model.config.pretrained_projectors = None
+        adapter_dir = os.path.join(checkpoint_dir, ADAPTER_DIR)
+        if os.path.isdir(adapter_dir):
+            model.llm = PeftModel.from_pretrained(model.llm, adapter_dir, is_trainable=is_trainable)
+            if saved.get("tuner"):
+                model.tuner_config = TunerConfig(**saved["tuner"])
+        if not is_trainable:
+            model.eval()
+            model.requires_grad_(False)
+        return model
+
+
+__all__ = ["ADAPTER_DIR", "MLLM_CONFIG", "MultimodalLM", "ProjectorConfig", "add_placeholder_tokens",
+           "modality_from_name", "Modality"]

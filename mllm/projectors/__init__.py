@@ -1,0 +1,88 @@
+"""Per-modality projectors and their stand-alone checkpoint format.
+
+A projector checkpoint is a folder with ``projectors.safetensors`` (keys
+``<modality>.<param>``) and ``projectors.json`` (``{modality: ProjectorConfig}``), so stage 1
+output loads without the LLM, the encoders or any training state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mllm.projectors.qformer import MLPProjector, ProjectorConfig, QFormerProjector
+
+PROJECTOR_WEIGHTS = "projectors.safetensors"
+PROJECTOR_CONFIG = "projectors.json"
+
+
+class ProjectorCheckpointError(ValueError):
+    pass
+
+
+def build_projectors(configs: dict[str, ProjectorConfig]) -> nn.ModuleDict:
+    return nn.ModuleDict({name: QFormerProjector(cfg) for name, cfg in configs.items()})
+
+
+def save_projectors(projectors: nn.ModuleDict, output_dir: str,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the projectors' weights and configs. ``state_dict`` (keys ``<modality>.<param>``)
+    overrides the live weights, e.g. with tensors gathered from ZeRO-3 partitions."""
+    os.makedirs(output_dir, exist_ok=True)
+    if state_dict is None:
+        state_dict = projectors.state_dict()
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    save_file(tensors, os.path.join(output_dir, PROJECTOR_WEIGHTS), metadata={"format": "pt"})
+    configs = {name: proj.config.to_dict() for name, proj in projectors.items()}
+    with open(os.path.join(output_dir, PROJECTOR_CONFIG), "w") as f:
+        json.dump(configs, f, indent=2)
+
+
+def read_projector_configs(checkpoint_dir: str) -> dict[str, ProjectorConfig]:
+    path = os.path.join(checkpoint_dir, PROJECTOR_CONFIG)
+    if not os.path.isfile(path):
+        raise ProjectorCheckpointError(f"{checkpoint_dir}: no {PROJECTOR_CONFIG}; not a projector checkpoint")
+    with open(path) as f:
+        raw = json.load(f)
+    return {name: ProjectorConfig(**cfg) for name, cfg in raw.items()}
+
+
+def load_projector_weights(projectors: nn.ModuleDict, checkpoint_dir: str) -> None:
+    """Load saved weights into existing projectors, refusing any missing, unexpected or
+    wrongly shaped tensor with an error that names it."""
+    path = os.path.join(checkpoint_dir, PROJECTOR_WEIGHTS)
+    if not os.path.isfile(path):
+        raise ProjectorCheckpointError(f"{checkpoint_dir}: no {PROJECTOR_WEIGHTS}; not a projector checkpoint")
+    saved = load_file(path)
+    expected = projectors.state_dict()
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise ProjectorCheckpointError(
+            f"{path}: projector keys do not match the model (missing: {missing[:5]}, "
+            f"unexpected: {unexpected[:5]}); were these projectors trained for other modalities?")
+    for key, tensor in saved.items():
+        if tensor.shape != expected[key].shape:
+            raise ProjectorCheckpointError(
+                f"{path}: '{key}' has shape {tuple(tensor.shape)} but the model expects "
+                f"{tuple(expected[key].shape)}; the checkpoint was made for another encoder, LLM "
+                f"or projector size")
+    with torch.no_grad():
+        for key, param in projectors.state_dict(keep_vars=True).items():
+            param.copy_(saved[key].to(param.dtype))
+
+
+def load_projectors(checkpoint_dir: str) -> nn.ModuleDict:
+    projectors = build_projectors(read_projector_configs(checkpoint_dir))
+    load_projector_weights(projectors, checkpoint_dir)
+    return projectors
+
+
+__all__ = [
+    "MLPProjector", "ProjectorCheckpointError", "ProjectorConfig", "QFormerProjector", "build_projectors",
+    "load_projector_weights", "load_projectors", "read_projector_configs", "save_projectors",
+]

@@ -1,0 +1,78 @@
+"""Q-Former projector: learnable queries cross-attend to frozen encoder features, then a
+2-layer MLP maps them into the LLM's embedding space.
+
+Follows the Video-LLaMA / SALMONN / MokA recipe: LayerNorm on the encoder features, a
+query-only BLIP-2 Q-Former with cross-attention in every layer, queries initialised
+N(0, 0.02) (BLIP-2's zero init would make every query identical when trained from scratch),
+then Linear-GELU-Linear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+
+@dataclass
+class ProjectorConfig:
+    """One modality's projector. ``encoder_hidden_size`` and ``llm_hidden_size`` are filled
+    from the encoder and the LLM when the model is assembled, and saved with the weights so
+    projectors load on their own."""
+
+    num_queries: int = 32
+    hidden_size: int = 768
+    num_layers: int = 2
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    dropout: float = 0.1
+    encoder_hidden_size: int | None = None
+    llm_hidden_size: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MLPProjector(nn.Sequential):
+    """Linear -> GELU -> Linear (LLaVA's ``mlp2x_gelu``)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(nn.Linear(in_features, out_features), nn.GELU(), nn.Linear(out_features, out_features))
+
+
+class QFormerProjector(nn.Module):
+    def __init__(self, config: ProjectorConfig):
+        super().__init__()
+        if config.encoder_hidden_size is None or config.llm_hidden_size is None:
+            raise ValueError("ProjectorConfig needs encoder_hidden_size and llm_hidden_size before building")
+        self.config = config
+        self.encoder_norm = nn.LayerNorm(config.encoder_hidden_size)
+        self.query_tokens = nn.Parameter(torch.randn(1, config.num_queries, config.hidden_size) * 0.02)
+        self.qformer = Blip2QFormerModel(Blip2QFormerConfig(
+            hidden_size=config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            intermediate_size=config.intermediate_size,
+            hidden_dropout_prob=config.dropout,
+            attention_probs_dropout_prob=config.dropout,
+            cross_attention_frequency=1,  # cross-attention in every layer
+            encoder_hidden_size=config.encoder_hidden_size,
+        ))
+        self.mlp = MLPProjector(config.hidden_size, config.llm_hidden_size)
+
+    @property
+    def num_queries(self) -> int:
+        return self.config.num_queries
+
+    def forward(self, features: torch.Tensor, feature_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, L, encoder_hidden) -> (N, num_queries, llm_hidden)."""
+        features = self.encoder_norm(features.to(self.encoder_norm.weight.dtype))
+        queries = self.query_tokens.expand(features.shape[0], -1, -1)
+        hidden = self.qformer(
+            query_embeds=queries,
+            encoder_hidden_states=features,
+            encoder_attention_mask=feature_mask,
+        ).last_hidden_state
+        return self.mlp(hidden)

@@ -1,0 +1,102 @@
+"""The two training stages as library functions; ``stages/*.py`` only parse and call these.
+
+* stage 1 (``run_pretrain``): projectors learn on captioning data; the LLM and encoders are
+  frozen; the output folder holds projectors only (plus config and tokenizer).
+* stage 2 (``run_instruct``): starts from the stage-1 projectors, adds a peft tuner to the
+  LLM, trains both (projectors at ``projector_lr``); the output holds projectors + adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from transformers.trainer_utils import get_last_checkpoint
+
+from mllm.config import ConfigError, ExperimentConfig, config_to_dict
+from mllm.data.dataset import MultimodalCollator, MultimodalDataset
+from mllm.model.multimodal_lm import MultimodalLM
+from mllm.train.trainer import MllmTrainingArguments, MultimodalTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def training_arguments(cfg: ExperimentConfig) -> MllmTrainingArguments:
+    values = dict(cfg.training)
+    if not values.get("output_dir"):
+        raise ConfigError("training.output_dir is required")
+    try:
+        return MllmTrainingArguments(**values)
+    except TypeError as e:
+        raise ConfigError(f"training: {e} (fields are those of transformers.TrainingArguments "
+                          f"plus projector_lr)") from None
+
+
+def build_dataset(cfg: ExperimentConfig, model: MultimodalLM, path: str, template: str,
+                  for_generation: bool = False) -> MultimodalDataset:
+    max_length = cfg.data.max_length or getattr(model.base_llm.config.get_text_config(),
+                                                "max_position_embeddings", None)
+    return MultimodalDataset(
+        path, model.tokenizer, model.media_specs(), template=template, system_prompt=cfg.data.system_prompt,
+        max_length=max_length, media_root=cfg.data.media_root, on_bad_sample=cfg.data.on_bad_sample,
+        for_generation=for_generation)
+
+
+def _resume_point(args: MllmTrainingArguments) -> str | None:
+    """``resume_from_checkpoint: true`` picks the newest checkpoint in output_dir, if any."""
+    resume = args.resume_from_checkpoint
+    if resume in (None, False, "false", "False"):
+        return None
+    if resume in (True, "true", "True"):
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if last is None:
+            logger.info("no checkpoint in %s; starting from scratch", args.output_dir)
+        return last
+    return resume
+
+
+def _train(cfg: ExperimentConfig, model: MultimodalLM, template: str) -> MultimodalLM:
+    if not cfg.data.train:
+        raise ConfigError("data.train is required")
+    args = training_arguments(cfg)
+    train_dataset = build_dataset(cfg, model, cfg.data.train, template)
+    eval_dataset = build_dataset(cfg, model, cfg.data.eval, template) if cfg.data.eval else None
+    trainer = MultimodalTrainer(
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=MultimodalCollator(model.tokenizer.pad_token_id, padding_side="right"),
+    )
+    trainer.train(resume_from_checkpoint=_resume_point(args))
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(args.output_dir, "experiment.yaml"), "w") as f:
+            import yaml
+
+            yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    skipped = sum(train_dataset.skipped.values()) + sum(train_dataset.media_skipped.values())
+    if skipped:
+        logger.warning("skipped %d bad training sample(s): %s; unreadable media: %s", skipped,
+                       dict(train_dataset.skipped), dict(train_dataset.media_skipped))
+    return model
+
+
+def run_pretrain(cfg: ExperimentConfig) -> MultimodalLM:
+    """Stage 1: train projectors only, on captioning data."""
+    model = MultimodalLM.from_config(cfg.model)
+    model.freeze_llm()
+    template = cfg.data.template if cfg.data.template != "auto" else "plain"
+    return _train(cfg, model, template)
+
+
+def run_instruct(cfg: ExperimentConfig) -> MultimodalLM:
+    """Stage 2: projectors (from stage 1) + a peft tuner inside the LLM."""
+    if not cfg.model.pretrained_projectors:
+        logger.warning("model.pretrained_projectors is not set: stage 2 starts from random projectors")
+    model = MultimodalLM.from_config(cfg.model)
+    model.freeze_llm()
+    if cfg.tuner.type not in (None, "none"):
+        model.apply_tuner(cfg.tuner)
+    return _train(cfg, model, cfg.data.template)
+
+
+STAGES = {"pretrain": run_pretrain, "instruct": run_instruct}
+

@@ -1,0 +1,65 @@
+"""Tuners inside the LLM, one registry: ``tuner.type`` in the config -> a peft config builder.
+
+peft's LoRA and DoRA are here as they are; MokA, MoRA and DeLo register their own peft
+methods and add an entry.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from peft import LoraConfig, PeftConfig, get_peft_model
+from torch import nn
+
+TunerBuilder = Callable[["TunerConfig"], PeftConfig]  # noqa: F821
+TUNER_REGISTRY: dict[str, TunerBuilder] = {}
+
+
+def register_tuner(name: str):
+    def decorator(fn: TunerBuilder) -> TunerBuilder:
+        TUNER_REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def _lora_config(cfg, use_dora: bool) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        # peft's "all-linear": every nn.Linear of the LLM except the output layer.
+        target_modules=cfg.target_modules or "all-linear",
+        use_dora=use_dora,
+        task_type="CAUSAL_LM",
+        **cfg.options,
+    )
+
+
+@register_tuner("lora")
+def lora_config(cfg) -> LoraConfig:
+    return _lora_config(cfg, use_dora=False)
+
+
+@register_tuner("dora")
+def dora_config(cfg) -> LoraConfig:
+    return _lora_config(cfg, use_dora=True)
+
+
+def build_peft_config(cfg) -> PeftConfig | None:
+    if cfg.type in (None, "none"):
+        return None
+    try:
+        builder = TUNER_REGISTRY[cfg.type]
+    except KeyError:
+        known = ", ".join(["none", *sorted(TUNER_REGISTRY)])
+        raise ValueError(f"unknown tuner type {cfg.type!r}; available: {known}") from None
+    return builder(cfg)
+
+
+def apply_tuner(llm: nn.Module, cfg) -> nn.Module:
+    """Wrap the LLM with the configured peft tuner (or return it unchanged for ``none``)."""
+    peft_config = build_peft_config(cfg)
+    if peft_config is None:
+        return llm
+    return get_peft_model(llm, peft_config)

@@ -1,0 +1,13 @@
+"""Stage 2: instruction tuning of the projectors plus a peft tuner inside the LLM.
+
+    accelerate launch stages/instruct.py --config configs/demo/instruct.yaml [section.field=value ...]
+
+Run with --help for the config schema.
+"""
+
+import sys
+
+from mllm.cli import stage_main
+
+if __name__ == "__main__":
+    sys.exit(stage_main("instruct"))

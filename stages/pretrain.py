@@ -1,0 +1,13 @@
+"""Stage 1: projector pretraining on captioning data (LLM and encoders frozen).
+
+    accelerate launch stages/pretrain.py --config configs/demo/pretrain.yaml [section.field=value ...]
+
+Run with --help for the config schema.
+"""
+
+import sys
+
+from mllm.cli import stage_main
+
+if __name__ == "__main__":
+    sys.exit(stage_main("pretrain"))
