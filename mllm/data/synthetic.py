@@ -52,7 +52,7 @@ MULTI_TURN_FRACTION = 0.1
 VIDEO_FRAMES = 4
 VIDEO_MOTIONS = ("left", "right", "nowhere")
 
-# Small per-image variation, so no two images are pixel-identical.
+# Small per-image variation, so thousands of distinct images exist (exact repeats are still rejected).
 _COLOR_JITTER = 20
 _BACKGROUND_JITTER = 8
 _MAX_TRIES = 10_000
@@ -71,7 +71,7 @@ class Scene:
     jitter_seed: int | None = None
 
     def __post_init__(self):
-        objects = tuple(sorted((tuple(o) for o in self.objects), key=lambda o: POSITIONS.index(o[2])))
+        objects = tuple(sorted(map(tuple, self.objects), key=lambda o: POSITIONS.index(o[2])))
         if not 1 <= len(objects) <= 2:
             raise ValueError(f"a scene holds one or two shapes, got {len(objects)}")
         if len({o[2] for o in objects}) != len(objects):
@@ -183,11 +183,11 @@ def write_demo_dataset(
     images = _ImageWriter(out_dir, image_size)
 
     pretrain = [_caption_record(i, images, rng) for i in range(1, num_pretrain + 1)]
-    instruct = _qa_records("qa", num_instruct, images, rng, MULTI_TURN_FRACTION)
+    instruct = _qa_records("qa", num_instruct, images, rng, multi_turn_fraction=MULTI_TURN_FRACTION)
     if num_video > 0:
         instruct += [_video_record(i, out_dir, image_size, rng) for i in range(1, num_video + 1)]
         rng.shuffle(instruct)
-    eval_records = _qa_records("eval", num_eval, images, rng, multi_turn_fraction=0.0)
+    eval_records = _qa_records("eval", num_eval, images, rng, answer_fields=True)
 
     paths = {"media_root": out_dir}
     for name, records in (("pretrain", pretrain), ("instruct", instruct), ("eval", eval_records)):
@@ -209,19 +209,20 @@ def _offset(jitter: random.Random | None, room: float) -> float:
     return jitter.uniform(-room, room) if jitter is not None and room > 0 else 0.0
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: float, fill) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, radius: float, fill):
     if shape == "circle":
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
     elif shape == "square":
         half = radius * 0.85  # about the circle's area, so size gives nothing away
         draw.rectangle([cx - half, cy - half, cx + half, cy + half], fill=fill)
     elif shape == "triangle":
-        draw.polygon([(cx, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)], fill=fill)
+        corners = [(cx, cy - radius), (cx + radius, cy + radius), (cx - radius, cy + radius)]
+        draw.polygon(corners, fill=fill)
     else:
         raise ValueError(f"unknown shape {shape!r}")
 
 
-def _video_frames(color: str, shape: str, motion: str, size: int, rng: random.Random) -> list[Image.Image]:
+def _video_frames(color: str, shape: str, motion: str, size: int, rng: random.Random):
     """One shape crossing the frame towards ``motion`` (or staying put) over VIDEO_FRAMES frames."""
     background = BACKGROUNDS[rng.choice(tuple(BACKGROUNDS))]
     fill = _jittered(COLORS[color], rng, _COLOR_JITTER)
@@ -252,7 +253,10 @@ class _ImageWriter:
         os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
 
     def new_image(self, rng: random.Random, stem: str, pick: Callable[[Scene], object]):
-        """Sample scenes until ``pick(scene)`` is not None for a new image; return (scene, path, picked)."""
+        """Sample scenes until ``pick(scene)`` is not None for unseen pixels.
+
+        Saves the image as ``images/<stem>.png``; returns (scene, relative path, picked).
+        """
         for _ in range(_MAX_TRIES):
             scene = random_scene(rng)
             picked = pick(scene)
@@ -272,11 +276,24 @@ class _ImageWriter:
 def _caption_record(index: int, images: _ImageWriter, rng: random.Random) -> dict:
     record_id = f"cap-{index:06d}"
     scene, path, _ = images.new_image(rng, record_id, lambda scene: True)
-    return {"id": record_id, "image": path, "conversations": _conversation("image", [("Describe the image.", caption(scene))])}
+    conversation = _conversation("image", [("Describe the image.", caption(scene))])
+    return {"id": record_id, "image": path, "conversations": conversation}
 
 
-def _qa_records(prefix: str, n: int, images: _ImageWriter, rng: random.Random, multi_turn_fraction: float) -> list[dict]:
-    """``n`` single-image QA records with balanced (type, answer) targets; some get a second turn."""
+def _qa_records(
+    prefix: str,
+    n: int,
+    images: _ImageWriter,
+    rng: random.Random,
+    *,
+    multi_turn_fraction: float = 0.0,
+    answer_fields: bool = False,
+) -> list[dict]:
+    """``n`` single-image QA records with balanced (type, answer) targets.
+
+    A ``multi_turn_fraction`` of them get a second question about the same
+    image; ``answer_fields`` adds ``answer`` and ``question_type`` for scoring.
+    """
     multi_turn = set(rng.sample(range(n), round(n * multi_turn_fraction)))
     records = []
     for i, (qtype, answer) in enumerate(_balanced_targets(n, rng)):
@@ -285,18 +302,24 @@ def _qa_records(prefix: str, n: int, images: _ImageWriter, rng: random.Random, m
         turns = [qa]
         if i in multi_turn:
             turns.append(rng.choice([q for q in make_questions(scene, rng) if q.question_type != qtype]))
-        record = {"id": record_id, "image": path, "conversations": _conversation("image", [(t.question, t.answer) for t in turns])}
-        if prefix == "eval":
+        conversation = _conversation("image", [(t.question, t.answer) for t in turns])
+        record = {"id": record_id, "image": path, "conversations": conversation}
+        if answer_fields:
             record.update(answer=qa.answer, question_type=qa.question_type)
         records.append(record)
     return records
 
 
 def _balanced_targets(n: int, rng: random.Random) -> list[tuple[str, str]]:
-    """``n`` (question_type, answer) pairs: types in QUESTION_TYPE_WEIGHTS shares, answers uniform within each."""
+    """``n`` (question_type, answer) pairs.
+
+    Types come in QUESTION_TYPE_WEIGHTS shares; within a type every answer
+    comes equally often (to within one).
+    """
     counts = {t: int(n * w) for t, w in QUESTION_TYPE_WEIGHTS.items()}
     # Hand the rounding leftovers to the types that lost the most to rounding.
-    by_loss = sorted(QUESTION_TYPE_WEIGHTS, key=lambda t: n * QUESTION_TYPE_WEIGHTS[t] - counts[t], reverse=True)
+    loss = {t: n * w - counts[t] for t, w in QUESTION_TYPE_WEIGHTS.items()}
+    by_loss = sorted(loss, key=loss.get, reverse=True)
     for qtype in by_loss[: n - sum(counts.values())]:
         counts[qtype] += 1
     targets = []
@@ -310,7 +333,8 @@ def _balanced_targets(n: int, rng: random.Random) -> list[tuple[str, str]]:
 
 def _question_picker(qtype: str, answer: str, rng: random.Random) -> Callable[[Scene], QA | None]:
     def pick(scene: Scene) -> QA | None:
-        return next((q for q in make_questions(scene, rng) if q.question_type == qtype and q.answer == answer), None)
+        matches = (q for q in make_questions(scene, rng) if q.question_type == qtype and q.answer == answer)
+        return next(matches, None)
 
     return pick
 

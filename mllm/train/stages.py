@@ -79,19 +79,21 @@ def _train(cfg: ExperimentConfig, model: MultimodalLM, template: str) -> Multimo
     return model
 
 
-def run_pretrain(cfg: ExperimentConfig) -> MultimodalLM:
-    """Stage 1: train projectors only, on captioning data."""
-    model = MultimodalLM.from_config(cfg.model)
+def run_pretrain(cfg: ExperimentConfig, model: MultimodalLM | None = None) -> MultimodalLM:
+    """Stage 1: train projectors only, on captioning data. ``model`` defaults to one built
+    from ``cfg.model``."""
+    model = model or MultimodalLM.from_config(cfg.model)
     model.freeze_llm()
     template = cfg.data.template if cfg.data.template != "auto" else "plain"
     return _train(cfg, model, template)
 
 
-def run_instruct(cfg: ExperimentConfig) -> MultimodalLM:
-    """Stage 2: projectors (from stage 1) + a peft tuner inside the LLM."""
+def run_instruct(cfg: ExperimentConfig, model: MultimodalLM | None = None) -> MultimodalLM:
+    """Stage 2: projectors (from stage 1) + a peft tuner inside the LLM. ``model`` defaults
+    to one built from ``cfg.model``; the tuner is added here."""
     if not cfg.model.pretrained_projectors:
         logger.warning("model.pretrained_projectors is not set: stage 2 starts from random projectors")
-    model = MultimodalLM.from_config(cfg.model)
+    model = model or MultimodalLM.from_config(cfg.model)
     model.freeze_llm()
     if cfg.tuner.type not in (None, "none"):
         model.apply_tuner(cfg.tuner)

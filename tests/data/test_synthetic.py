@@ -46,7 +46,7 @@ def half_contents(image, position):
         return None
     color = _NAMES[Counter(labels[is_shape].tolist()).most_common(1)[0][0]]
     rows, cols = np.nonzero(is_shape)
-    fill = is_shape.sum() / ((rows.ptp() + 1) * (cols.ptp() + 1))
+    fill = is_shape.sum() / ((np.ptp(rows) + 1) * (np.ptp(cols) + 1))
     shape = "square" if fill > 0.9 else "triangle" if fill < 0.66 else "circle"
     return color, shape
 

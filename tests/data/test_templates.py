@@ -119,7 +119,7 @@ def test_every_assistant_turn_of_a_multi_turn_conversation_is_labelled(styled):
 
 
 def test_question_mask_is_exactly_the_user_text(styled):
-    style, tokenizer = styled
+    _, tokenizer = styled
     out = tokenize_conversation(tokenizer, THREE_ROUNDS, record_id="q", system_prompt="Be brief.")
 
     questions = _question_texts(tokenizer, out)
@@ -127,8 +127,7 @@ def test_question_mask_is_exactly_the_user_text(styled):
     assert _squeeze("".join(questions)) == _squeeze("".join(USER_TEXTS))
     assert [q.strip() for q in questions] == ["What is shown in the image?", "What colour is the mat?",
                                               "Listen to", "and describe it."]
-    for token, is_question, label in zip(out.input_ids, out.question_mask, out.labels):
-        assert not (is_question and label != IGNORE_INDEX)
+    assert not any(q and label != IGNORE_INDEX for q, label in zip(out.question_mask, out.labels))
     placeholder_ids = set(_placeholder_ids(tokenizer).values())
     assert not any(q for token, q in zip(out.input_ids, out.question_mask) if token in placeholder_ids)
 
