@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,21 @@ class ConfigError(ValueError):
     pass
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def _build_dataclass(cls, values: Any, where: str):
     if values is None:
         values = {}
@@ -152,7 +168,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        node[parts[-1]] = parse_yaml(value) if value != "" else None
     return raw
 
 
@@ -169,7 +185,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Experim
     if path is not None:
         try:
             with open(path) as f:
-                raw = yaml.safe_load(f) or {}
+                raw = parse_yaml(f.read()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as e:

@@ -80,7 +80,11 @@ def _lm_pretraining_texts(tokenizer, paths: dict[str, str]) -> list[str]:
                         for t in record["conversations"]]
             texts.append(tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False))
     with open(paths["pretrain"]) as f:
-        texts += [json.loads(line)["conversations"][1]["value"] for line in f]
+        captions = [json.loads(line)["conversations"][1]["value"] for line in f]
+    # Each caption also once repeated: the repeat is predictable only by looking back at the
+    # first copy, which teaches the LM in-context copying (as a real LLM has). Without it a
+    # frozen LM has no use for earlier content, so stage 1 cannot read the image tokens.
+    texts += captions + [f"{c} {c}" for c in captions]
     return texts
 
 
@@ -99,7 +103,7 @@ def prepare_demo_inputs(output_dir: str, quick: bool = False, seed: int = 0) -> 
     if not os.path.exists(os.path.join(assets["llm"], MARKER)):
         tokenizer = AutoTokenizer.from_pretrained(assets["llm"])
         pretrain_tiny_lm(assets["llm"], _lm_pretraining_texts(tokenizer, paths),
-                         steps=60 if quick else 400, seed=seed)
+                         steps=60 if quick else 600, seed=seed)
         open(os.path.join(assets["llm"], MARKER), "w").close()
     return {**paths, **assets}
 

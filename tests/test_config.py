@@ -1,0 +1,76 @@
+"""The one YAML schema, command-line overrides and their errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from mllm.config import ConfigError, load_config
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+YAML = """
+model:
+  llm: ./models/llm
+  encoders:
+    visual: {type: clip, path: openai/clip-vit-large-patch14}
+  projectors:
+    visual: {num_queries: 16}
+tuner: {type: lora, r: 8}
+data: {train: ../data/train.jsonl}
+training: {output_dir: out, learning_rate: 1.0e-4}
+"""
+
+
+def test_yaml_with_overrides(tmp_path):
+    cfg = load_config(_write(tmp_path, YAML), ["tuner.r=32", "training.learning_rate=3e-5",
+                                               "model.encoders.visual.select_layer=-1", "data.max_length=128"])
+    assert cfg.tuner.r == 32 and cfg.training["learning_rate"] == 3e-5
+    assert cfg.model.encoders["visual"].select_layer == -1
+    assert cfg.model.projectors["visual"].num_queries == 16
+    assert cfg.data.max_length == 128
+    # './' and '../' paths are relative to the YAML file; HF ids are left alone.
+    assert cfg.model.llm == str(tmp_path / "models" / "llm")
+    assert cfg.data.train == str(tmp_path.parent / "data" / "train.jsonl")
+    assert cfg.model.encoders["visual"].path == "openai/clip-vit-large-patch14"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("tuner.rank=4", r"tuner: unknown field\(s\) \['rank'\]"),
+    ("model.encoders.smell.type=clip", "unknown modality 'smell'"),
+    ("optimizer.lr=1", "unknown top-level section"),
+    ("data.on_bad_sample=ignore", "must be 'error' or 'skip'"),
+    ("tuner.r", "must look like section.field=value"),
+])
+def test_bad_fields_are_named(tmp_path, override, message):
+    with pytest.raises((ConfigError, ValueError), match=message):
+        load_config(_write(tmp_path, YAML), [override])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(_write(tmp_path, "model: [unclosed"))
+
+
+def test_unknown_training_argument_is_named(tmp_path):
+    from mllm.train.stages import training_arguments
+
+    cfg = load_config(_write(tmp_path, YAML), ["training.learning_rat=1"])
+    with pytest.raises(ConfigError, match="learning_rat"):
+        training_arguments(cfg)
+
+
+def test_demo_configs_parse():
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for stage in ("pretrain", "instruct"):
+        cfg = load_config(os.path.join(root, "configs", "demo", f"{stage}.yaml"))
+        assert cfg.model.encoders["visual"].type == "clip"
+        assert cfg.training["output_dir"]
