@@ -21,12 +21,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mllm.config import EncoderConfig, ModelConfig, TunerConfig
 from mllm.encoders import MediaEncoder, build_encoder
-from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS, Modality, modality_from_name
+from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS
 from mllm.model.modality_context import attach_modality_context
 from mllm.model.splice import MediaCountError, compute_modality_ids, position_ids_from_attention_mask, splice_features
-from mllm.projectors import (
-    ProjectorConfig, build_projectors, load_projector_weights, read_projector_configs, save_projectors,
-)
+from mllm.projectors import build_projectors, load_projector_weights, read_projector_configs, save_projectors
 from mllm.tuners import apply_tuner
 
 MLLM_CONFIG = "mllm_config.json"
@@ -178,17 +176,24 @@ class MultimodalLM(nn.Module):
             embeds = splice_features(embeds, input_ids, token_id, features, what=placeholder)
         return embeds
 
+    def _prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        question_mask: torch.Tensor | None, media: dict[str, torch.Tensor | None]):
+        """Embed text and media, and queue the modality ids for the LM's next forward."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds = self.embed_inputs(input_ids, {k: v for k, v in media.items() if v is not None})
+        self.modality_context.set_pending(self.modality_ids(input_ids, attention_mask), question_mask)
+        return embeds, attention_mask
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
                 image_inputs: torch.Tensor | None = None, video_inputs: torch.Tensor | None = None,
                 audio_inputs: torch.Tensor | None = None, speech_inputs: torch.Tensor | None = None,
                 **lm_kwargs):
-        media = {"image_inputs": image_inputs, "video_inputs": video_inputs,
-                 "audio_inputs": audio_inputs, "speech_inputs": speech_inputs}
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        embeds = self.embed_inputs(input_ids, {k: v for k, v in media.items() if v is not None})
-        self.modality_context.set_pending(self.modality_ids(input_ids, attention_mask), question_mask)
+        embeds, attention_mask = self._prepare_inputs(
+            input_ids, attention_mask, question_mask,
+            {"image_inputs": image_inputs, "video_inputs": video_inputs,
+             "audio_inputs": audio_inputs, "speech_inputs": speech_inputs})
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
                         position_ids=position_ids_from_attention_mask(attention_mask), **lm_kwargs)
 
@@ -198,15 +203,13 @@ class MultimodalLM(nn.Module):
                  video_inputs: torch.Tensor | None = None, audio_inputs: torch.Tensor | None = None,
                  speech_inputs: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
         """Generate from (left-padded) prompts; returns only the new tokens, (B, new)."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if bool((attention_mask[:, -1] == 0).any()):
+        if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("generate needs left-padded prompts (a prompt ends in padding); "
                              "use the collator with padding_side='left'")
-        media = {"image_inputs": image_inputs, "video_inputs": video_inputs,
-                 "audio_inputs": audio_inputs, "speech_inputs": speech_inputs}
-        embeds = self.embed_inputs(input_ids, {k: v for k, v in media.items() if v is not None})
-        self.modality_context.set_pending(self.modality_ids(input_ids, attention_mask), question_mask)
+        embeds, attention_mask = self._prepare_inputs(
+            input_ids, attention_mask, question_mask,
+            {"image_inputs": image_inputs, "video_inputs": video_inputs,
+             "audio_inputs": audio_inputs, "speech_inputs": speech_inputs})
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
@@ -223,13 +226,6 @@ class MultimodalLM(nn.Module):
         return [p for p in self.projectors.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------ save / load
-    def trainable_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-        """(projector state dict, adapter state dict or None)."""
-        from peft import get_peft_model_state_dict
-
-        adapter = get_peft_model_state_dict(self.llm) if isinstance(self.llm, PeftModel) else None
-        return self.projectors.state_dict(), adapter
-
     def save_pretrained(self, output_dir: str, projector_state: dict | None = None,
                         adapter_state: dict | None = None) -> None:
         """Write projectors, the peft adapter (if any), the tokenizer and ``mllm_config.json``.
@@ -275,5 +271,4 @@ class MultimodalLM(nn.Module):
         return model
 
 
-__all__ = ["ADAPTER_DIR", "MLLM_CONFIG", "MultimodalLM", "ProjectorConfig", "add_placeholder_tokens",
-           "modality_from_name", "Modality"]
+__all__ = ["ADAPTER_DIR", "MLLM_CONFIG", "MultimodalLM", "add_placeholder_tokens"]

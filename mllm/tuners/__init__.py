@@ -6,12 +6,13 @@ methods and add an entry.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from peft import LoraConfig, PeftConfig, get_peft_model
 from torch import nn
 
-TunerBuilder = Callable[["TunerConfig"], PeftConfig]  # noqa: F821
+# (TunerConfig) -> PeftConfig; mllm.config.TunerConfig is not imported to keep this module light.
+TunerBuilder = Callable[[Any], PeftConfig]
 TUNER_REGISTRY: dict[str, TunerBuilder] = {}
 
 
