@@ -65,3 +65,17 @@ def test_placeholders_without_media_are_an_error(tiny_model):
     img = tiny_model.placeholder_ids["<image>"]
     with pytest.raises(MediaCountError, match="no image_inputs"):
         tiny_model(input_ids=torch.tensor([[1, img, img, img, img, 2]]))
+
+
+def test_generate_refuses_right_padded_prompts(tiny_model):
+    input_ids = torch.tensor([[5, 6, 7], [5, 6, 0]])
+    attention = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with pytest.raises(ValueError, match="left-padded"):
+        tiny_model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=1)
+
+
+def test_from_pretrained_on_a_folder_that_is_no_checkpoint(tmp_path):
+    from mllm.model import MultimodalLM
+
+    with pytest.raises(FileNotFoundError, match="not an mllm checkpoint"):
+        MultimodalLM.from_pretrained(str(tmp_path))
