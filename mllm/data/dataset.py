@@ -94,7 +94,8 @@ class MultimodalDataset(torch.utils.data.Dataset):
             if media_field not in self.specs_by_field:
                 raise RecordError(here, f"has '{media_field}' media but the model has no encoder for it",
                                   "unsupported modality")
-        tokens = tokenize_conversation(tokenizer, record.messages, template, record_id=here,
+        tokens = tokenize_conversation(tokenizer, record.messages, template,
+                                       record_id=f"'{record.id}' ({record.where})",
                                        for_generation=self.for_generation, system_prompt=system_prompt)
         input_ids, labels, question = expand_placeholders(tokens.input_ids, tokens.labels,
                                                           tokens.question_mask, specs_by_token)

@@ -158,3 +158,12 @@ def test_record_with_a_modality_the_model_lacks(tiny_model, tmp_path, media_root
     record = _qa("aud", image=None, question="<audio>\nWhat is it?", audio="a.wav")
     with pytest.raises(RecordError, match="record 'aud'.*no encoder"):
         _dataset(tiny_model, _write(tmp_path / "d.jsonl", [record]), media_root)
+
+
+def test_record_without_an_answer_is_never_trained_with_all_labels_masked(tiny_model, tmp_path, media_root):
+    from mllm.data.templates import LabelAlignmentError
+
+    record = {"id": "no-answer", "image": "images/a.png",
+              "conversations": [{"from": "human", "value": "<image>\nWhat color is it?"}]}
+    with pytest.raises(LabelAlignmentError, match=r"record 'no-answer' \(.*d\.jsonl:1\).*all labels masked"):
+        _dataset(tiny_model, _write(tmp_path / "d.jsonl", [record]), media_root)
