@@ -26,8 +26,10 @@ class EncoderConfig:
 
     type: str = "clip"
     path: str = "openai/clip-vit-large-patch14"
-    select_layer: int = -2      # LLaVA: penultimate layer
-    drop_cls: bool = True       # LLaVA: patch tokens only
+    # Hidden states to take; None = the encoder's usual choice: CLIP -2 (LLaVA's penultimate
+    # layer), BEATs and Whisper -1 (their final output, as MokA / SALMONN use).
+    select_layer: int | None = None
+    drop_cls: bool = True       # CLIP only (LLaVA: patch tokens, no CLS)
     dtype: str | None = None    # defaults to float32; frozen encoders can run in bfloat16 on GPU
 
 
@@ -48,7 +50,7 @@ class ModelConfig:
 class TunerConfig:
     """Parameter-efficient tuner inside the LLM (stage 2). ``type: none`` trains projectors only."""
 
-    type: str = "lora"                 # none | lora | dora
+    type: str = "lora"                 # none | lora | dora | moka
     r: int = 8
     alpha: float = 16
     dropout: float = 0.05

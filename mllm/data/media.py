@@ -1,23 +1,31 @@
-"""Loading image and video files, with errors that name the file and the record.
+"""Loading image, video and audio files, with errors that name the file and the record.
 
 A bad media file deep inside a dataset should fail with a message that says
 which file and which record, not with a bare decoder traceback. Every
 failure to read media is therefore a :class:`MediaError`.
 
-Video is decoded (and written) with PyAV only: no ``ffmpeg`` binary is needed.
+Video (and the audio track of a video) is decoded with PyAV, audio files with
+``soundfile``: no ``ffmpeg`` binary is needed.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import av
 import numpy as np
+import soundfile
+import torch
 from PIL import Image
 
-#: Codec used by :func:`write_video`; the PyAV wheel bundles this encoder.
+#: Codecs used by :func:`write_video`; the PyAV wheel bundles these encoders.
 VIDEO_CODEC = "mpeg4"
+AUDIO_CODEC = "aac"
+
+#: Sample rate every audio encoder takes (BEATs and Whisper): 16 kHz mono.
+AUDIO_SAMPLE_RATE = 16000
 
 
 class MediaError(ValueError):
@@ -86,8 +94,10 @@ def load_video_frames(path, num_frames: int, record_id=None) -> list[Image.Image
         raise MediaError(path, f"not a decodable video ({reason})", record_id) from exc
 
 
-def write_video(path, frames: Sequence[Image.Image | np.ndarray], fps: int = 4) -> None:
-    """Encode frames (PIL images or HxWx3 uint8 arrays, all one size) into a video file."""
+def write_video(path, frames: Sequence[Image.Image | np.ndarray], fps: int = 4,
+                audio: np.ndarray | None = None, audio_rate: int = AUDIO_SAMPLE_RATE) -> None:
+    """Encode frames (PIL images or HxWx3 uint8 arrays, all one size) into a video file,
+    with an optional mono soundtrack (float waveform in [-1, 1] at ``audio_rate``)."""
     arrays = [_rgb_array(frame) for frame in frames]
     if not arrays:
         raise ValueError("write_video needs at least one frame")
@@ -95,16 +105,110 @@ def write_video(path, frames: Sequence[Image.Image | np.ndarray], fps: int = 4) 
     if any(a.shape != arrays[0].shape for a in arrays):
         raise ValueError("all video frames must have the same size")
 
-    parent = os.path.dirname(os.fspath(path))
-    if parent:
-        os.makedirs(parent, exist_ok=True)
+    _make_parent(path)
     with av.open(os.fspath(path), mode="w") as container:
         stream = container.add_stream(VIDEO_CODEC, rate=fps)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv420p"
+        audio_stream = None
+        if audio is not None:
+            audio_stream = container.add_stream(AUDIO_CODEC, rate=audio_rate, layout="mono")
         for array in arrays:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
         container.mux(stream.encode())  # flush frames the encoder still holds
+        if audio_stream is not None:
+            samples = np.asarray(audio, dtype=np.float32).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+            frame.sample_rate = audio_rate
+            container.mux(audio_stream.encode(frame))  # PyAV cuts it into codec-sized frames
+            container.mux(audio_stream.encode())
+
+
+def write_audio(path, waveform: np.ndarray, sample_rate: int = AUDIO_SAMPLE_RATE) -> None:
+    """Write a float waveform ((samples,) or (samples, channels)) as WAV / FLAC (by extension)."""
+    _make_parent(path)
+    soundfile.write(os.fspath(path), np.asarray(waveform, dtype=np.float32), sample_rate)
+
+
+# --- audio -------------------------------------------------------------------
+
+
+def select_audio_paths(media: Mapping[str, Sequence[str]]) -> list[str]:
+    """The files a record's sound comes from: its ``audio`` paths when it names any, else the
+    audio tracks of its ``video`` paths (an explicit audio file wins over a video's track)."""
+    return list(media.get("audio") or media.get("video") or [])
+
+
+def load_audio(path, sample_rate: int = AUDIO_SAMPLE_RATE, record_id=None) -> np.ndarray:
+    """Decode an audio file, or the audio track of a video, to a mono float32 waveform at
+    ``sample_rate`` (channels averaged, resampled when the file has another rate).
+
+    WAV / FLAC / OGG go through ``soundfile``; anything it cannot open (MP4, MKV, M4A, ...)
+    through PyAV, which reads a video's first audio stream.
+    """
+    _check_file(path, record_id)
+    try:
+        waveform, file_rate = _read_sound_file(os.fspath(path))
+    except _BadAudio as exc:
+        raise MediaError(path, str(exc), record_id) from None
+    if waveform.size == 0:
+        raise MediaError(path, "audio has no samples", record_id)
+    if not np.isfinite(waveform).all():
+        raise MediaError(path, "audio contains NaN or infinite samples", record_id)
+    return resample_audio(waveform, file_rate, sample_rate)
+
+
+def resample_audio(waveform: np.ndarray, orig_rate: int, target_rate: int,
+                   zero_crossings: int = 16, rolloff: float = 0.945) -> np.ndarray:
+    """Band-limited resampling of a 1-D waveform (windowed-sinc interpolation).
+
+    Output sample n sits at input position t = n * orig_rate / target_rate; it is the sum of
+    the input samples within ``zero_crossings`` lobes of t, weighted by a Hann-windowed sinc
+    whose cutoff is ``rolloff`` times the lower Nyquist frequency (anti-aliasing when
+    downsampling). Positions are computed with integers, so long clips do not drift.
+    """
+    if orig_rate <= 0 or target_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got {orig_rate} -> {target_rate}")
+    signal = torch.as_tensor(np.asarray(waveform, dtype=np.float32))
+    if signal.ndim != 1:
+        raise ValueError(f"resample_audio expects a 1-D waveform, got shape {tuple(signal.shape)}")
+    if orig_rate == target_rate or signal.numel() == 0:
+        return signal.numpy()
+    common = math.gcd(orig_rate, target_rate)
+    up, down = target_rate // common, orig_rate // common
+    num_out = math.ceil(signal.numel() * up / down)
+    cutoff = 0.5 * rolloff * min(1.0, target_rate / orig_rate)        # cycles per input sample
+    half_width = math.ceil(zero_crossings / (2 * cutoff))              # in input samples
+    taps = torch.arange(-half_width + 1, half_width + 1)               # around floor(t)
+    # t - floor(t) takes only `up` values (phases): one row of filter weights per phase.
+    offset = taps[None, :].double() - (torch.arange(up).double() / up)[:, None]   # input index - t
+    phase_weights = 2 * cutoff * torch.sinc(2 * cutoff * offset) * torch.cos(0.5 * math.pi * offset / half_width) ** 2
+    phase_weights = phase_weights.masked_fill(offset.abs() >= half_width, 0.0).float()
+
+    # Output n = m * up + j reads the inputs m * down + floor(j * down / up) + taps: for each j
+    # that is a strided convolution, so all phases together are one conv1d with `up` kernels.
+    shifts = torch.arange(up) * down // up
+    kernel_size = int(shifts[-1]) + taps.numel()
+    if up * kernel_size <= 2 ** 22:
+        kernels = torch.zeros(up, kernel_size)
+        for j in range(up):
+            kernels[j, int(shifts[j]):int(shifts[j]) + taps.numel()] = phase_weights[j * down % up]
+        num_blocks = math.ceil(num_out / up)
+        right = (num_blocks - 1) * down + kernel_size - signal.numel() - half_width + 1
+        padded = torch.nn.functional.pad(signal, (half_width - 1, max(right, 0)))
+        out = torch.nn.functional.conv1d(padded[None, None], kernels[:, None], stride=down)[0, :, :num_blocks]
+        return out.T.reshape(-1)[:num_out].contiguous().numpy()
+
+    # Awkward ratios (e.g. 16001 -> 16000) would need huge kernels: gather each output's inputs.
+    padded = torch.nn.functional.pad(signal, (half_width, half_width))
+    out = torch.empty(num_out)
+    chunk = max(1, 2 ** 21 // taps.numel())                            # bounds memory
+    for start in range(0, num_out, chunk):
+        n = torch.arange(start, min(start + chunk, num_out))
+        base = n * down // up                                          # floor(t), exact
+        window = padded[base[:, None] + taps[None, :] + half_width]
+        out[start:start + n.numel()] = (window * phase_weights[n * down % up]).sum(-1)
+    return out.numpy()
 
 
 # --- helpers ---------------------------------------------------------------
@@ -112,6 +216,49 @@ def write_video(path, frames: Sequence[Image.Image | np.ndarray], fps: int = 4) 
 
 class _BadVideo(Exception):
     """A readable container that still holds no usable video."""
+
+
+class _BadAudio(Exception):
+    """A file that yields no audio; the message is the reason shown to the user."""
+
+
+def _make_parent(path) -> None:
+    parent = os.path.dirname(os.fspath(path))
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+
+
+def _read_sound_file(path: str) -> tuple[np.ndarray, int]:
+    """(mono float32 waveform, sample rate) via soundfile, else via PyAV."""
+    try:
+        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)   # (frames, channels)
+        return samples.mean(axis=1), rate
+    except soundfile.LibsndfileError as exc:
+        soundfile_reason = str(exc)
+    try:
+        return _decode_audio_track(path)
+    except av.FFmpegError as exc:
+        pyav_reason = getattr(exc, "strerror", None) or str(exc)
+        raise _BadAudio(f"not a decodable audio file (soundfile: {soundfile_reason}; "
+                        f"PyAV: {pyav_reason})") from None
+
+
+def _decode_audio_track(path: str) -> tuple[np.ndarray, int]:
+    """First audio stream of any container PyAV opens, channels averaged."""
+    with av.open(path) as container:
+        if not container.streams.audio:
+            raise _BadAudio("no audio stream (a video without sound, or not a media file)")
+        stream = container.streams.audio[0]
+        # Float planar at the stream's own rate and layout; rate conversion is ours.
+        converter = av.AudioResampler(format="fltp")
+        chunks, rate = [], stream.rate
+        for frame in container.decode(stream):
+            rate = frame.sample_rate
+            chunks += [out.to_ndarray() for out in converter.resample(frame)]
+        chunks += [out.to_ndarray() for out in converter.resample(None)]
+    if not chunks:
+        return np.zeros(0, dtype=np.float32), rate or AUDIO_SAMPLE_RATE
+    return np.concatenate(chunks, axis=1).mean(axis=0).astype(np.float32), rate
 
 
 def _check_file(path, record_id) -> None:

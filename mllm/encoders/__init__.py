@@ -32,6 +32,6 @@ def build_encoder(cfg) -> MediaEncoder:
 
 
 # Registration happens on import of each encoder module.
-from mllm.encoders import clip  # noqa: E402,F401
+from mllm.encoders import beats, clip, whisper  # noqa: E402,F401
 
 __all__ = ["ENCODER_REGISTRY", "MediaEncoder", "build_encoder", "register_encoder"]

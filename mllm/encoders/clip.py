@@ -38,7 +38,8 @@ class CLIPVisualEncoder(MediaEncoder):
         dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
         model = CLIPVisionModel.from_pretrained(cfg.path, dtype=dtype)
         processor = CLIPImageProcessor.from_pretrained(cfg.path)
-        return cls(model, processor, select_layer=cfg.select_layer, drop_cls=cfg.drop_cls)
+        select_layer = -2 if cfg.select_layer is None else cfg.select_layer  # LLaVA default
+        return cls(model, processor, select_layer=select_layer, drop_cls=cfg.drop_cls)
 
     @property
     def num_patches(self) -> int:

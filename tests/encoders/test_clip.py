@@ -36,7 +36,7 @@ def test_encoder_is_frozen_and_stays_in_eval_mode(tiny_assets):
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match="unknown encoder type 'nope'; registered: clip"):
+    with pytest.raises(ValueError, match="unknown encoder type 'nope'; registered: beats, clip, whisper"):
         build_encoder(EncoderConfig(type="nope"))
     with pytest.raises(ValueError, match="already registered"):
         register_encoder("clip")(type("Other", (), {}))
