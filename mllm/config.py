@@ -31,6 +31,11 @@ class EncoderConfig:
     select_layer: int | None = None
     drop_cls: bool = True       # CLIP only (LLaVA: patch tokens, no CLS)
     dtype: str | None = None    # defaults to float32; frozen encoders can run in bfloat16 on GPU
+    # Audio / speech: each clip is cut into `num_windows` windows of `window_seconds`, spread
+    # evenly over the clip (zero-padded when it is shorter), each encoded as one item.
+    # MokA: MUSIC-AVQA 10 x 2 s, AVE 10 x 1 s. None = the whole clip as one window.
+    num_windows: int = 1
+    window_seconds: float | None = None
 
 
 @dataclass

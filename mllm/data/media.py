@@ -139,6 +139,20 @@ def select_audio_paths(media: Mapping[str, Sequence[str]]) -> list[str]:
     return list(media.get("audio") or media.get("video") or [])
 
 
+def split_audio_windows(waveform: np.ndarray, num_windows: int, window_samples: int | None) -> list[np.ndarray]:
+    """``num_windows`` windows of ``window_samples`` spread evenly over the clip (first at the
+    start, last at the end), zero-padded when the clip is shorter than a window. With
+    ``window_samples=None`` the whole clip is the one window."""
+    if window_samples is None:
+        if num_windows != 1:
+            raise ValueError("several audio windows need a window length (window_seconds)")
+        return [waveform]
+    if len(waveform) < window_samples:
+        waveform = np.pad(waveform, (0, window_samples - len(waveform)))
+    starts = np.round(np.linspace(0, len(waveform) - window_samples, num_windows)).astype(int)
+    return [waveform[s: s + window_samples] for s in starts]
+
+
 def load_audio(path, sample_rate: int = AUDIO_SAMPLE_RATE, record_id=None) -> np.ndarray:
     """Decode an audio file, or the audio track of a video, to a mono float32 waveform at
     ``sample_rate`` (channels averaged, resampled when the file has another rate).

@@ -92,10 +92,23 @@ def parse_record(where: str, raw: Any) -> Record:
         if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
             raise RecordError(here, f"'{media_field}' must be a path or a list of paths")
         media[media_field] = paths
+    media = _sound_from_video(messages, media)
     check_placeholder_counts(here, messages, media)
     known = {"id", "conversations", *MEDIA_FIELDS}
     extra = {k: v for k, v in raw.items() if k not in known}
     return Record(id=record_id, messages=messages, media=media, where=where, extra=extra)
+
+
+def _sound_from_video(messages: list[dict], media: dict[str, list[str]]) -> dict[str, list[str]]:
+    """A record that names only videos can use their sound: ``<audio>`` then reads the audio
+    tracks of the ``video`` files (an explicit ``audio`` field always wins)."""
+    text = "".join(m["content"] for m in messages)
+    if "audio" in media or "video" not in media or text.count("<audio>") != len(media["video"]):
+        return media
+    media = {**media, "audio": list(media["video"])}
+    if "<video>" not in text:  # the video serves only its sound
+        del media["video"]
+    return media
 
 
 def check_placeholder_counts(here: str, messages: list[dict], media: dict[str, list[str]]) -> None:

@@ -31,6 +31,11 @@ class MediaEncoder(nn.Module):
     def preprocess(self, items: list[Any]) -> torch.Tensor:
         raise NotImplementedError
 
+    def output_length(self, num_samples: int | None = None) -> int:
+        """Feature rows ``forward`` returns for one item (of ``num_samples`` samples, for
+        encoders whose output length depends on the input)."""
+        raise NotImplementedError
+
     def freeze(self) -> "MediaEncoder":
         self.requires_grad_(False)
         self.eval()

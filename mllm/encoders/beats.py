@@ -491,6 +491,12 @@ class BEATsAudioEncoder(MediaEncoder):
         frames = num_fbank_frames(max(num_samples, self.min_samples))
         return frames // self.model.config.input_patch_size * self.model.tokens_per_patch_column
 
+    def output_length(self, num_samples: int | None = None) -> int:
+        if num_samples is None:
+            raise ValueError("BEATs output length depends on the clip: set the audio encoder's "
+                             "window_seconds so every item has the same length")
+        return self.num_tokens(num_samples)
+
     # --- preprocessing (data pipeline; never touches parameters)
     def fbank(self, waveform) -> torch.Tensor:
         """Normalised fbank (frames, 128) of one 16 kHz waveform."""

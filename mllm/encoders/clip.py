@@ -46,6 +46,9 @@ class CLIPVisualEncoder(MediaEncoder):
         cfg = self.vision_model.config
         return (cfg.image_size // cfg.patch_size) ** 2
 
+    def output_length(self, num_samples: int | None = None) -> int:
+        return self.num_patches + (0 if self.drop_cls else 1)
+
     def preprocess(self, items) -> torch.Tensor:
         """PIL images -> pixel values (N, 3, H, W) with CLIP's resize, crop and normalisation."""
         return self.processor(images=list(items), return_tensors="pt")["pixel_values"]

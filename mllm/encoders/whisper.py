@@ -103,6 +103,9 @@ class WhisperSpeechEncoder(MediaEncoder):
         """Encoder positions per item (1500 for 30 s)."""
         return self.audio_encoder.positional_embedding.shape[0]
 
+    def output_length(self, num_samples: int | None = None) -> int:
+        return self.num_positions  # always padded or trimmed to 30 s
+
     @staticmethod
     def num_valid_positions(num_samples: int) -> int:
         """Positions (20 ms each) that hold real audio for a clip of ``num_samples``."""

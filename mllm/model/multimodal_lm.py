@@ -20,6 +20,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mllm.config import EncoderConfig, ModelConfig, TunerConfig
+from mllm.data.media import (
+    AUDIO_SAMPLE_RATE, load_audio, load_image, load_video_frames, split_audio_windows,
+)
 from mllm.encoders import MediaEncoder, build_encoder
 from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS
 from mllm.model.modality_context import attach_modality_context
@@ -106,34 +109,55 @@ class MultimodalLM(nn.Module):
         self.llm.requires_grad_(False)
 
     # ------------------------------------------------------------------ media
+    # Media whose items have several parts, each encoded like one item: video frames,
+    # audio / speech windows. Their tensors are (N, parts, ...).
+    MULTI_PART_FIELDS = ("video", "audio", "speech")
+
+    def _parts_per_item(self, placeholder: str) -> int:
+        field = PLACEHOLDERS[placeholder][1]
+        if field == "video":
+            return self.config.video_frames
+        if field in ("audio", "speech"):
+            return self.config.encoders[PLACEHOLDERS[placeholder][0].name.lower()].num_windows
+        return 1
+
+    def _window_samples(self, placeholder: str) -> int | None:
+        cfg = self.config.encoders[PLACEHOLDERS[placeholder][0].name.lower()]
+        if cfg.window_seconds is None:
+            return None
+        return int(round(cfg.window_seconds * AUDIO_SAMPLE_RATE))
+
     def num_media_tokens(self, placeholder: str) -> int:
         """How many sequence positions one item of this placeholder occupies."""
-        modality, field = PLACEHOLDERS[placeholder]
-        projector = self.projectors[modality.name.lower()]
-        if field == "video":
-            return self.config.video_frames * projector.num_queries
-        return projector.num_queries
+        encoder = self.encoder_for(placeholder)
+        projector = self.projectors[PLACEHOLDERS[placeholder][0].name.lower()]
+        length = encoder.output_length(self._window_samples(placeholder))
+        return self._parts_per_item(placeholder) * projector.num_output_tokens(length)
 
     def media_specs(self) -> dict:
         """Placeholder -> ``MediaSpec`` for the data pipeline, for every modality with an encoder."""
         from mllm.data.dataset import MediaSpec
-        from mllm.data.media import load_image, load_video_frames
 
-        frames = self.config.video_frames
-        loaders = {
-            "image": lambda encoder: lambda path, rid: encoder.preprocess([load_image(path, rid)])[0],
-            "video": lambda encoder: lambda path, rid: encoder.preprocess(load_video_frames(path, frames, rid)),
-        }
         specs = {}
         for placeholder in self.supported_placeholders:
             media_field = PLACEHOLDERS[placeholder][1]
-            if media_field not in loaders:
-                continue  # audio / speech loaders arrive with their encoders
             specs[placeholder] = MediaSpec(
                 placeholder=placeholder, field=media_field, token_id=self.placeholder_ids[placeholder],
-                num_tokens=self.num_media_tokens(placeholder),
-                load_item=loaders[media_field](self.encoder_for(placeholder)))
+                num_tokens=self.num_media_tokens(placeholder), load_item=self._item_loader(placeholder))
         return specs
+
+    def _item_loader(self, placeholder: str):
+        """(path, record_id) -> the preprocessed tensor of one item."""
+        encoder = self.encoder_for(placeholder)
+        media_field = PLACEHOLDERS[placeholder][1]
+        if media_field == "image":
+            return lambda path, rid: encoder.preprocess([load_image(path, rid)])[0]
+        if media_field == "video":
+            frames = self.config.video_frames
+            return lambda path, rid: encoder.preprocess(load_video_frames(path, frames, rid))
+        windows, window_samples = self._parts_per_item(placeholder), self._window_samples(placeholder)
+        return lambda path, rid: encoder.preprocess(
+            split_audio_windows(load_audio(path, record_id=rid), windows, window_samples))
 
     def encoder_for(self, placeholder: str) -> MediaEncoder:
         name = PLACEHOLDERS[placeholder][0].name.lower()
@@ -146,15 +170,13 @@ class MultimodalLM(nn.Module):
         modality, field = PLACEHOLDERS[placeholder]
         encoder = self.encoder_for(placeholder)
         projector = self.projectors[modality.name.lower()]
-        if field == "video":  # (N, F, ...) -> frames encoded like images -> (N, F * Q, D)
-            num_videos, num_frames = inputs.shape[:2]
-            with torch.no_grad():
-                features = encoder(inputs.flatten(0, 1))
-            projected = projector(features)
-            return projected.reshape(num_videos, num_frames * projected.shape[1], -1)
-        with torch.no_grad():
+        num_items = inputs.shape[0]
+        if field in self.MULTI_PART_FIELDS:  # (N, P, ...) -> parts encoded as items
+            inputs = inputs.flatten(0, 1)
+        with torch.no_grad():  # frozen encoders
             features = encoder(inputs)
-        return projector(features)
+        projected = projector(features)
+        return projected.reshape(num_items, -1, projected.shape[-1])
 
     # ------------------------------------------------------------------ forward
     def modality_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

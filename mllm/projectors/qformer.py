@@ -31,6 +31,11 @@ class ProjectorConfig:
     # Std of the Q-Former's weight init (BLIP-2: 0.02). Tiny widths learn faster with more:
     # at 0.02 their cross-attention starts almost uniform and averages the patches away.
     initializer_range: float = 0.02
+    # Window-level Q-Former (SALMONN): the queries attend to windows of `window_size` encoder
+    # positions every `window_stride` positions, num_queries tokens per window. None = one
+    # window over all positions.
+    window_size: int | None = None
+    window_stride: int | None = None
     encoder_hidden_size: int | None = None
     llm_hidden_size: int | None = None
 
@@ -70,13 +75,32 @@ class QFormerProjector(nn.Module):
     def num_queries(self) -> int:
         return self.config.num_queries
 
+    def _num_windows(self, length: int) -> int:
+        size, stride = self.config.window_size, self.config.window_stride or self.config.window_size
+        if size is None:
+            return 1
+        if length < size:
+            raise ValueError(f"window_size {size} is longer than the {length} encoder positions")
+        return (length - size) // stride + 1
+
+    def num_output_tokens(self, length: int) -> int:
+        """Tokens emitted for ``length`` encoder positions."""
+        return self._num_windows(length) * self.num_queries
+
     def forward(self, features: torch.Tensor, feature_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, L, encoder_hidden) -> (N, num_queries, llm_hidden)."""
+        """(N, L, encoder_hidden) -> (N, num_output_tokens(L), llm_hidden)."""
         features = self.encoder_norm(features.to(self.encoder_norm.weight.dtype))
+        num_items, num_windows = features.shape[0], self._num_windows(features.shape[1])
+        if self.config.window_size is not None:
+            size, stride = self.config.window_size, self.config.window_stride or self.config.window_size
+            # (N, L, C) -> (N * windows, size, C): each window is its own Q-Former input.
+            features = features.unfold(1, size, stride).permute(0, 1, 3, 2).flatten(0, 1)
+            if feature_mask is not None:
+                feature_mask = feature_mask.unfold(1, size, stride).flatten(0, 1)
         queries = self.query_tokens.expand(features.shape[0], -1, -1)
         hidden = self.qformer(
             query_embeds=queries,
             encoder_hidden_states=features,
             encoder_attention_mask=feature_mask,
         ).last_hidden_state
-        return self.mlp(hidden)
+        return self.mlp(hidden.reshape(num_items, num_windows * self.num_queries, -1))
