@@ -1,6 +1,7 @@
 """mllm: instruction-tune multimodal LLMs with frozen encoders, Q-Former projectors and peft tuners.
 
-Importing the package is cheap and downloads nothing; heavy modules load on first use.
+Importing the package downloads nothing; it registers the project's peft methods (which imports
+peft), other heavy modules load on first use.
 """
 
 from mllm.modality import Modality
@@ -8,8 +9,20 @@ from mllm.modality import Modality
 __version__ = "0.1.0"
 
 
+def _register_peft_methods() -> None:
+    # DESIGN contract 3: `import mllm` makes the project's tuners known to peft, so adapters saved
+    # by this project load with `PeftModel.from_pretrained` in any process that imports mllm.
+    # This imports peft (and with it transformers); nothing is downloaded.
+    from mllm.tuners.registration import register_peft_methods
+
+    register_peft_methods()
+
+
+_register_peft_methods()
+
+
 def __getattr__(name):
-    # Lazy: `import mllm` must not pull in transformers for the CLI's --help.
+    # Lazy: the model assembly (encoders, projectors) loads on first use.
     if name == "MultimodalLM":
         from mllm.model import MultimodalLM
 

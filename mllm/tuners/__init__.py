@@ -1,7 +1,7 @@
 """Tuners inside the LLM, one registry: ``tuner.type`` in the config -> a peft config builder.
 
-peft's LoRA and DoRA are here as they are; MokA, MoRA and DeLo register their own peft
-methods and add an entry.
+peft's LoRA and DoRA are here as they are; MokA (``moka``), MoRA and DeLo register their own
+peft methods (``mllm.tuners.registration``) and add an entry.
 """
 
 from __future__ import annotations
@@ -45,6 +45,22 @@ def lora_config(cfg) -> LoraConfig:
 @register_tuner("dora")
 def dora_config(cfg) -> LoraConfig:
     return _lora_config(cfg, use_dora=True)
+
+
+@register_tuner("moka")
+def moka_config(cfg):
+    """MokA (``mllm.tuners.moka``). ``options`` holds the method's own fields, e.g.
+    ``modalities``, ``modality_ranks``, ``strengths``, ``cross_attention``, ``variant``, ``num_loras``."""
+    from mllm.tuners.moka import MokaConfig
+
+    return MokaConfig(
+        r=cfg.r,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        target_modules=cfg.target_modules,   # None: the family's attention + MLP projections
+        task_type="CAUSAL_LM",
+        **cfg.options,
+    )
 
 
 def build_peft_config(cfg) -> PeftConfig | None:

@@ -1,0 +1,200 @@
+"""The MokA-adapted Linear (paper eqs 4-13).
+
+For a frozen W0 and a token x_t of modality m(t) (eq 13):
+
+    h_t = W0 x_t + s * B (A_{m(t)} x_t + delta_t),     s = alpha / r
+
+where delta_t = lambda_{m(t)} * Attn(A_{m(t)} x_t, A_text X_Q, A_text X_Q) for a non-text token
+(eqs 5-8; X_Q = the question-text tokens of the same sample, softmax over keys with 1/sqrt(r)
+temperature, no extra projections) and delta_t = 0 for a text token (the 0_t of eq 12). Pad tokens
+get no adapter output.
+
+All modality A matrices live in one parameter ``moka_A[adapter]`` of shape (sum of ranks, in),
+rows grouped by modality in ``config.modalities`` order, so one matmul computes every modality's
+projection and the token's own block is selected with a one-hot weight (no boolean indexing, no
+loop over samples or tokens). Dropout is applied to the layer input, as LoRA does.
+
+Deviations from the reference implementation (moka_reference.md), all following the paper:
+the scaling s multiplies B's output (LoRA's convention; the AVT code scales before attention),
+keys are the masked question tokens (not a contiguous first-to-last slice), and routing comes from
+the published modality ids, not from the sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from peft.utils import resolve_quantization_backend
+
+from mllm.tuners.moka.routing import AdapterLayout, ModalityRouter, Routes
+
+MERGE_ERROR = (
+    "MokA cannot be merged into the base weights: each token is projected by its own modality's A "
+    "and non-text tokens attend to the question tokens, so the update is not one weight matrix. "
+    "Keep the adapter unmerged (or call unload() to drop it)."
+)
+
+
+class MokaLayer(BaseTunerLayer):
+    # Trainable containers keyed by adapter name (every name carries the "moka_" prefix).
+    adapter_layer_names = ("moka_A", "moka_B", "moka_gate", "moka_query", "moka_key", "moka_value")
+    other_param_names = ("r", "scaling", "moka_dropout", "moka_layout")
+
+    def __init__(self, base_layer: nn.Module, router: ModalityRouter, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.quantization_backend = resolve_quantization_backend(self.get_base_layer())
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.moka_layout: dict[str, AdapterLayout] = {}
+        self.moka_dropout = nn.ModuleDict({})
+        self.moka_A = nn.ParameterDict({})       # (rows, in): modality blocks [+ multimodal LoRA]
+        self.moka_B = nn.ParameterDict({})       # (out, r) shared, or (out, rows) for per-block B
+        self.moka_gate = nn.ParameterDict({})    # (1, in)  variant uni_mm_lora_gate
+        self.moka_query = nn.ParameterDict({})   # (non-text modalities, r, r)  cross_attention=projected
+        self.moka_key = nn.ParameterDict({})     # (r, r)
+        self.moka_value = nn.ParameterDict({})   # (r, r)
+        self._disable_adapters = False
+        self.merged_adapters = []
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None or out_features is None:
+            raise TypeError(f"MokA supports Linear layers, not {type(self.get_base_layer()).__name__}")
+        self.in_features, self.out_features = in_features, out_features
+        # A plain reference (not a submodule): one router serves every layer of the model.
+        self.router = router
+        self.kwargs = kwargs
+
+    def update_layer(self, adapter_name: str, config, inference_mode: bool = False, **kwargs) -> None:
+        layout = AdapterLayout.from_config(config)
+        self.r[adapter_name] = config.r
+        self.scaling[adapter_name] = config.alpha / config.r
+        self.moka_layout[adapter_name] = layout
+        self.moka_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.moka_A[adapter_name] = nn.Parameter(torch.empty(layout.a_rows, self.in_features))
+        self.moka_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, layout.b_cols))
+        if layout.variant == "uni_mm_lora_gate":
+            self.moka_gate[adapter_name] = nn.Parameter(torch.empty(1, self.in_features))
+        if layout.cross_attention == "projected":
+            r = layout.r
+            self.moka_query[adapter_name] = nn.Parameter(torch.empty(len(layout.nontext_slots), r, r))
+            self.moka_key[adapter_name] = nn.Parameter(torch.empty(r, r))
+            self.moka_value[adapter_name] = nn.Parameter(torch.empty(r, r))
+        self.reset_moka_parameters(adapter_name, config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_moka_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        # A: Kaiming-uniform as LoRA (the bound depends on fan_in only, so initialising the stacked
+        # parameter equals initialising each modality's A separately). B: zero -> identity at start.
+        nn.init.kaiming_uniform_(self.moka_A[adapter_name], a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(self.moka_B[adapter_name])
+        else:
+            nn.init.normal_(self.moka_B[adapter_name], std=0.1)  # tests: a non-identity adapter
+        if adapter_name in self.moka_gate:
+            # The paper gives no gate formula; zero weights start as an even 0.5 / 0.5 mix.
+            nn.init.zeros_(self.moka_gate[adapter_name])
+        if adapter_name in self.moka_query:
+            # Appendix B does not say how W_q, W_k, W_v start; identity starts at plain MokA.
+            for name in ("moka_query", "moka_key", "moka_value"):
+                param = getattr(self, name)[adapter_name]
+                param.copy_(torch.eye(param.shape[-1]).expand_as(param))
+
+
+class Linear(nn.Module, MokaLayer):
+    """A frozen Linear plus the MokA low-rank path."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config, router: ModalityRouter, **kwargs) -> None:
+        super().__init__()
+        MokaLayer.__init__(self, base_layer, router, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+
+    # -- merging ------------------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        raise NotImplementedError(MERGE_ERROR)
+
+    def unmerge(self) -> None:
+        raise NotImplementedError(MERGE_ERROR)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        raise NotImplementedError(MERGE_ERROR)
+
+    # -- forward --------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        active = [name for name in self.active_adapters if name in self.moka_A]
+        if not active:
+            return result
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for name in active:
+            weight_A = self.moka_A[name]
+            routes = self.router.routes(self.moka_layout[name], weight_A.dtype, weight_A.device)
+            if routes.shape != tuple(x.shape[:2]):
+                raise RuntimeError(f"published modality ids {routes.shape} do not match this forward's tokens "
+                                   f"{tuple(x.shape[:2])}; set them for every forward (set_modality_ids)")
+            h = self.moka_dropout[name](self._cast_input_dtype(x, weight_A.dtype))
+            delta = self._low_rank_path(name, h, routes)
+            result = result + (delta * self.scaling[name]).to(result.dtype)
+        return result
+
+    def _low_rank_path(self, name: str, h: torch.Tensor, routes: Routes) -> torch.Tensor:
+        """B applied to the routed rank-space codes, before the scaling s."""
+        layout = self.moka_layout[name]
+        weight_A, weight_B = self.moka_A[name], self.moka_B[name]
+        if layout.variant in ("moka", "unimodal_lora") and routes.text_only:
+            # Every token is text (decode steps, text-only batches): exactly LoRA with A_text.
+            block = layout.block(layout.text_slot)
+            text_B = weight_B[:, : block.stop - block.start] if layout.variant == "moka" else weight_B[:, block]
+            return F.linear(F.linear(h, weight_A[block]), text_B)
+        codes = F.linear(h, weight_A)                               # every block's A x_t
+        if layout.variant != "moka":
+            weights = routes.column_weights
+            if layout.variant == "uni_mm_lora_gate":
+                # Gate g_t in (0, 1) mixes the uni-modal (g) and the multimodal (1 - g) branch.
+                gate = torch.sigmoid(F.linear(h, self.moka_gate[name]))
+                uni = layout.modality_rank_total
+                weights = weights * torch.cat([gate.expand(*gate.shape[:-1], uni),
+                                               (1 - gate).expand(*gate.shape[:-1], layout.r)], dim=-1)
+            return F.linear(codes * weights, weight_B)
+        # Eq 4: A_{m(t)} x_t for each token, in the shared rank space.
+        if routes.placement is None:
+            batch, length = codes.shape[:2]
+            codes = codes.view(batch, length, len(layout.modalities), layout.r)
+            codes = (codes * routes.modality_weights.unsqueeze(-1)).sum(-2)
+        else:
+            codes = F.linear(codes * routes.column_weights, routes.placement)
+        if routes.query_strength is not None:
+            codes = codes + routes.query_strength * self._interaction(name, layout, codes, routes)
+        return F.linear(codes, weight_B)                           # eq 10: the shared B
+
+    def _interaction(self, name: str, layout: AdapterLayout, codes: torch.Tensor, routes: Routes) -> torch.Tensor:
+        """The cross-modal term before its strength lambda (eqs 5-6 and the ablation variants)."""
+        mode = layout.cross_attention
+        if mode == "naive":
+            # Uniform mapping: every query receives the mean code of its sample's question tokens.
+            return routes.key_mean @ codes
+        if mode == "projected":
+            # Appendix B, eqs 16-17: W_q per query modality, W_k and W_v on the text keys.
+            queries = self.moka_query[name]
+            batch, length, r = codes.shape
+            per_modality = F.linear(codes, queries.reshape(-1, r)).view(batch, length, -1, r)
+            nontext = routes.modality_weights[..., list(layout.nontext_slots)]
+            query = (per_modality * nontext.unsqueeze(-1)).sum(-2)
+            key, value = F.linear(codes, self.moka_key[name]), F.linear(codes, self.moka_value[name])
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=routes.key_bias)
+        # task_centric (eqs 5-6) and text_queries: the codes are queries, keys and values; the key
+        # mask picks the question tokens (or the non-text tokens); softmax temperature 1/sqrt(r).
+        return F.scaled_dot_product_attention(codes, codes, codes, attn_mask=routes.key_bias)
+
+    def __repr__(self) -> str:
+        return "moka." + super().__repr__()
