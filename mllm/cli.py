@@ -1,4 +1,4 @@
-"""The ``mllm`` command: ``mllm demo``, ``mllm pretrain``, ``mllm instruct``.
+"""The ``mllm`` command: ``mllm demo``, ``mllm pretrain``, ``mllm instruct``, ``mllm eval``.
 
 ``stages/pretrain.py`` and ``stages/instruct.py`` call the same entry points, so
 ``accelerate launch stages/instruct.py --config ...`` and ``mllm instruct --config ...`` are
@@ -73,6 +73,16 @@ def demo_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def eval_main(argv: list[str] | None = None) -> int:
+    try:
+        from eval_suites.runner import eval_main as run_eval
+    except ImportError as e:
+        print(f"mllm eval: cannot import the evaluation suites ({e}); install from a clone of the repository "
+              f"with `pip install -e .`", file=sys.stderr)
+        return 2
+    return run_eval(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
@@ -80,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                  "data, on a CPU, in minutes.", demo_main),
         "pretrain": (STAGE_HELP["pretrain"], lambda a: stage_main("pretrain", a)),
         "instruct": (STAGE_HELP["instruct"], lambda a: stage_main("instruct", a)),
+        "eval": ("Generate a benchmark's answers with a checkpoint and score them as the official scripts do "
+                 "(suites: pope, mme, mmbench, seed_bench, mmau, air_bench, music_avqa, ave).", eval_main),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: mllm <command> [options]\n\ncommands:")

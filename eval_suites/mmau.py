@@ -1,0 +1,120 @@
+"""MMAU test-mini, speech subset (``task == "speech"``; ``subset="all"`` keeps sound and music).
+
+Annotations: ``mmau-test-mini.json`` (a JSON list; ``answer`` is the option *text*, ``choices``
+holds 2-5 strings; audio at ``<media-root>/<audio_id>``). Reported: accuracy overall and per
+task, category, sub-category and difficulty. State the file version you score (v05.15.25
+revised about a quarter of the questions).
+
+The official ``evaluation.py`` reads option text in ``model_output``. The model is prompted for
+a letter, so the harness submits the chosen option's text when the output is just a letter
+("B", "(B)", "B.") and the output verbatim otherwise -- the conversion the official numbers
+need (a bare letter scores 0 %).
+``official`` reproduces ``string_match``: lower-case word sets (``\\b\\w+\\b``); right iff every
+answer word is in the output and the output has no word that belongs to a wrong choice but
+not to the answer ("The answer is <text>" can fail on filler words); an empty output is
+wrong; **records without an output are skipped** (left out of the denominator).
+``strict`` picks the option with ``parsing.strict_choice`` and compares it with the answer;
+records without an output or without a recognisable choice count as wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+
+from eval_suites.base import (EvalSample, Suite, check_mode, iter_json_items, mean_of, require_fields,
+                              results_header)
+from eval_suites.parsing import normalize_text, strict_choice
+
+BREAKDOWNS = ("task", "category", "sub-category", "difficulty")
+
+
+def word_set(text: str) -> set[str]:
+    return set(re.findall(r"\b\w+\b", text.lower()))
+
+
+def official_string_match(answer: str, prediction: str, choices: list[str]) -> bool:
+    prediction_words, answer_words = word_set(prediction), word_set(answer)
+    if not prediction_words:
+        return False
+    wrong_words = set()
+    for choice in choices:
+        choice_words = word_set(choice)
+        if choice_words != answer_words:
+            wrong_words |= choice_words - answer_words
+    return answer_words <= prediction_words and not (prediction_words & wrong_words)
+
+
+def submitted_text(output: str, choices: list[str]) -> str:
+    """The option text for a bare-letter output, else the output itself."""
+    letters = string.ascii_uppercase[:len(choices)]
+    bare = output.strip().strip(" .()[]:*")
+    return choices[letters.index(bare)] if len(bare) == 1 and bare in letters else output
+
+
+class Mmau(Suite):
+    name = "mmau"
+    media_fields = ("speech",)
+    max_new_tokens = 128  # lmms-eval's mmau_test_mini
+    prompt_suffix = "\nAnswer with the option's letter from the given choices directly."
+
+    def __init__(self, subset: str = "speech"):
+        self.subset = subset
+        if subset != "speech":
+            self.media_fields = ("audio", "speech")
+
+    def load(self, path: str) -> list[EvalSample]:
+        samples = []
+        for where, item in iter_json_items(path):
+            require_fields(where, item, ("id", "audio_id", "question", "answer", "choices", "task"))
+            if self.subset != "all" and item["task"] != self.subset:
+                continue
+            choices = item["choices"]
+            if isinstance(choices, str):  # lmms-lab's copy stores the list as a JSON string
+                choices = json.loads(choices)
+            options = dict(zip(string.ascii_uppercase, choices))
+            question = item["question"] + "".join(f"\n{letter}. {text}" for letter, text in options.items())
+            media_field = "speech" if item["task"] == "speech" else "audio"
+            samples.append(EvalSample(
+                id=str(item["id"]), question=question, media={media_field: [item["audio_id"]]},
+                target=item["answer"], meta={"options": options, "choices": choices, "record": item,
+                                             **{k: item.get(k) for k in BREAKDOWNS}}))
+        return samples
+
+    def score(self, samples, predictions, mode="official"):
+        check_mode(mode)
+        hits_by: dict[str, dict[str, list]] = {key: {} for key in BREAKDOWNS}
+        overall, failures = [], 0
+        for sample in samples:
+            output = predictions.get(sample.id)
+            if output is None and mode == "official":
+                continue  # evaluation.py skips records without model_output
+            if mode == "official":
+                hit = official_string_match(sample.target, submitted_text(output, sample.meta["choices"]),
+                                            sample.meta["choices"])
+            else:
+                letter = strict_choice(output or "", sample.meta["options"])
+                failures += letter is None
+                hit = letter is not None and (normalize_text(sample.meta["options"][letter])
+                                              == normalize_text(sample.target))
+            overall.append(hit)
+            for key, table in hits_by.items():
+                table.setdefault(str(sample.meta.get(key)), []).append(hit)
+        out = results_header(self, mode, samples, predictions, failures, len(overall))
+        out["metrics"] = {"accuracy": mean_of(overall),
+                          **{key: {k: mean_of(v) for k, v in sorted(t.items())} for key, t in hits_by.items()}}
+        out["score"] = out["metrics"]["accuracy"]
+        return out
+
+    def write_official_files(self, samples, predictions, out_dir):
+        """``mmau_predictions.json`` for ``evaluation.py --input``: the records that have an
+        output, each with ``model_output`` (the key the code reads, not the README's)."""
+        rows = [dict(s.meta["record"], model_output=submitted_text(predictions[s.id], s.meta["choices"]))
+                for s in samples if s.id in predictions]
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, "mmau_predictions.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(rows, f, ensure_ascii=False, indent=1)
+        return [path]

@@ -1,0 +1,114 @@
+"""POPE (object hallucination on COCO val2014): yes/no questions in three splits.
+
+Annotations: the official label files ``coco_pope_{random,popular,adversarial}.json`` (JSON
+lines despite the name: ``{question_id, image, text, label}``); pass one file or the folder
+holding them. Each split is scored separately (accuracy, precision, recall, F1 with "yes" as
+the positive class, and the model's yes-ratio), plus the mean over splits.
+
+``official`` reproduces RUCAIBox/POPE ``evaluate.py``: keep the text before the first '.',
+delete commas, split on single spaces; the tokens ``No``, ``no`` or ``not`` (case-sensitive)
+mean "no", anything else -- "NO", "Nope", an empty answer -- means "yes". Every answer
+parses, so nothing is dropped; a sample with no answer at all is left out (the official
+script zips answers with labels by position and has no notion of a missing one).
+``strict`` reads yes/no case-insensitively from the first word (see ``parsing.strict_yes_no``);
+an answer that is neither, or missing, counts against accuracy and recall.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+from eval_suites.base import (AnnotationError, EvalSample, Suite, check_mode, iter_json_lines, mean_of, ratio,
+                              require_fields, results_header, write_json_lines)
+from eval_suites.parsing import strict_yes_no
+
+SPLITS = ("random", "popular", "adversarial")
+
+
+def official_pope_answer(text: str) -> str:
+    """``evaluate.py``'s parse: case-sensitive 'No' / 'no' / 'not' tokens in the first sentence."""
+    first_sentence = text.split(".")[0]
+    tokens = first_sentence.replace(",", "").split(" ")
+    return "no" if ("No" in tokens or "no" in tokens or "not" in tokens) else "yes"
+
+
+def split_name(path: str) -> str:
+    match = re.search(r"pope_([A-Za-z]+)\.jsonl?$", os.path.basename(path))
+    return match.group(1) if match else os.path.splitext(os.path.basename(path))[0]
+
+
+def label_files(path: str) -> list[str]:
+    if not os.path.isdir(path):
+        return [path]
+    found = {split_name(p): p for p in glob.glob(os.path.join(path, "*pope_*.json*"))}
+    files = [found.pop(s) for s in SPLITS if s in found] + [found[k] for k in sorted(found)]
+    if not files:
+        raise FileNotFoundError(f"{path}: no POPE label files (coco_pope_<split>.json) in this folder")
+    return files
+
+
+def split_metrics(pairs: list[tuple[str, str | None]]) -> dict:
+    """pairs of (label, predicted 'yes' / 'no' / None for unparsed)."""
+    tp = sum(1 for label, pred in pairs if label == "yes" and pred == "yes")
+    fp = sum(1 for label, pred in pairs if label == "no" and pred == "yes")
+    tn = sum(1 for label, pred in pairs if label == "no" and pred == "no")
+    fn = sum(1 for label, pred in pairs if label == "yes" and pred != "yes")
+    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    f1 = (2 * precision * recall / (precision + recall)
+          if precision is not None and recall is not None and precision + recall else None)
+    return {"TP": tp, "FP": fp, "TN": tn, "FN": fn, "unparsed": sum(1 for _, p in pairs if p is None),
+            "num_questions": len(pairs), "accuracy": ratio(tp + tn, len(pairs)), "precision": precision,
+            "recall": recall, "f1": f1, "yes_ratio": ratio(sum(1 for _, p in pairs if p == "yes"), len(pairs))}
+
+
+class Pope(Suite):
+    name = "pope"
+    media_fields = ("image",)
+    max_new_tokens = 128  # lmms-eval's pope and LLaVA-1.5's model_vqa_loader
+    prompt_suffix = "\nAnswer the question using a single word or phrase."
+
+    def load(self, path: str) -> list[EvalSample]:
+        samples = []
+        for file in label_files(path):
+            split = split_name(file)
+            for position, (where, item) in enumerate(iter_json_lines(file)):
+                require_fields(where, item, ("question_id", "image", "text", "label"))
+                if item["label"] not in ("yes", "no"):
+                    raise AnnotationError(where, f"label must be 'yes' or 'no', got {item['label']!r}")
+                samples.append(EvalSample(
+                    id=f"{split}/{item['question_id']}", question=item["text"], media={"image": [item["image"]]},
+                    target=item["label"], meta={"split": split, "position": position}))
+        return samples
+
+    def score(self, samples, predictions, mode="official"):
+        check_mode(mode)
+        by_split: dict[str, list] = {}
+        failures = scored = 0
+        for sample in samples:
+            answer = predictions.get(sample.id)
+            if answer is None and mode == "official":
+                continue
+            pred = official_pope_answer(answer) if mode == "official" else strict_yes_no(answer or "")
+            failures += pred is None
+            scored += 1
+            by_split.setdefault(sample.meta["split"], []).append((sample.target, pred))
+        splits = {name: split_metrics(pairs) for name, pairs in by_split.items()}
+        keys = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+        mean = {k: mean_of([m[k] for m in splits.values()]) if all(m[k] is not None for m in splits.values())
+                else None for k in keys}
+        out = results_header(self, mode, samples, predictions, failures, scored)
+        out["metrics"] = {"mean_over_splits": mean, "splits": splits}
+        out["score"] = mean["f1"]
+        return out
+
+    def write_official_files(self, samples, predictions, out_dir):
+        """One answer file per split for ``evaluate.py``: ``{question, answer}`` lines in
+        label-file order (it zips answers with labels by position)."""
+        paths = []
+        for split in dict.fromkeys(s.meta["split"] for s in samples):
+            rows = [{"question": s.question, "answer": predictions.get(s.id, "")}
+                    for s in samples if s.meta["split"] == split]
+            paths.append(write_json_lines(os.path.join(out_dir, f"pope_{split}_answers.jsonl"), rows))
+        return paths
