@@ -19,8 +19,8 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, 
 @dataclass
 class TinySizes:
     image_size: int = 32
-    patch_size: int = 8
-    vision_hidden: int = 64
+    patch_size: int = 4
+    vision_hidden: int = 128
     vision_layers: int = 2
     llm_hidden: int = 128
     llm_layers: int = 2
