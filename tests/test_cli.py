@@ -44,3 +44,12 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     assert set(results["results"]) == {"with image", "image tokens removed"}
     assert os.path.isfile(tmp_path / "runs" / "instruct" / "adapter" / "adapter_model.safetensors")
     assert os.path.isfile(tmp_path / "runs" / "pretrain" / "projectors.safetensors")
+
+
+def test_quick_audio_visual_demo_runs_end_to_end(tmp_path):
+    """The audio-visual variant: tiny BEATs in its official file format, sound and image removed."""
+    out = _run("-m", "mllm.cli", "demo", "--audio", "--quick", "--output-dir", str(tmp_path), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.load(open(tmp_path / "results.json"))
+    assert set(results["results"]) == {"with image and sound", "sound removed", "image removed"}
+    assert {"beeps", "pitch", "loudness", "match", "color"} <= set(results["results"]["sound removed"]["per_type"])

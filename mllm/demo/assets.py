@@ -110,3 +110,20 @@ def build_tiny_assets(output_dir: str, corpus: list[str], sizes: TinySizes = Tin
         tokenizer = build_tiny_tokenizer(corpus, style=tokenizer_style, vocab_size=sizes.vocab_size)
         build_tiny_llama(llm_dir, tokenizer, sizes, seed)
     return {"clip": clip_dir, "llm": llm_dir}
+
+
+def build_tiny_beats(path: str, seed: int = 0) -> str:
+    """A tiny random BEATs saved exactly like the official ``.pt`` files (``{'cfg', 'model'}``),
+    so the demo loads it through the same path as ``BEATs_iter3_plus_AS2M.pt``."""
+    from dataclasses import asdict
+
+    from mllm.encoders.beats import BEATsConfig, BEATsModel
+
+    torch.manual_seed(seed)
+    config = BEATsConfig(embed_dim=32, encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128,
+                         encoder_attention_heads=4, conv_pos=16, conv_pos_groups=4, num_buckets=32,
+                         max_distance=64)
+    model = BEATsModel(config)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"cfg": asdict(config), "model": model.state_dict()}, path)
+    return path

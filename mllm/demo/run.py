@@ -23,21 +23,28 @@ MARKER = "lm-text-pretrained"
 def demo_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mllm demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="mllm-demo",
-                        help="where data, tiny models, runs and results go (default: ./mllm-demo)")
+    parser.add_argument("--output-dir", default=None,
+                        help="where data, tiny models, runs and results go (default: ./mllm-demo, "
+                             "./mllm-demo-av with --audio)")
     parser.add_argument("--configs", default=None,
                         help="folder with pretrain.yaml and instruct.yaml (default: the repo's configs/demo)")
     parser.add_argument("--quick", action="store_true",
                         help="a smaller, faster run for smoke tests (accuracy is not meaningful)")
+    parser.add_argument("--audio", action="store_true",
+                        help="the audio-visual-text variant: shapes paired with beeps, a tiny BEATs encoder, "
+                             "questions that need the sound, the image or both (configs/demo/av/)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="overrides applied to both stage configs, e.g. training.num_train_epochs=1")
     return parser
 
 
-def _default_configs_dir() -> str:
+PLACEHOLDER_PATTERN = re.compile(r"<(image|video|audio|speech)>\n?")
+
+
+def _default_configs_dir(audio: bool = False) -> str:
     repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.path.join(repo_root, "configs", "demo")
+    path = os.path.join(repo_root, "configs", "demo", *(["av"] if audio else []))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"demo configs not found at {path}; pass --configs DIR "
                                 f"(install from a clone with `pip install -e .`)")
@@ -49,10 +56,11 @@ def normalize_answer(text: str) -> str:
     return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
 
 
-def _strip_media(record: dict) -> dict:
-    """The same question with the image removed: no placeholder, no media field."""
-    out = {k: v for k, v in record.items() if k != "image"}
-    out["conversations"] = [dict(t, value=re.sub(r"<image>\n?", "", t["value"])) for t in record["conversations"]]
+def _strip_media(record: dict, fields: tuple[str, ...] = ("image", "video", "audio", "speech")) -> dict:
+    """The same question with some media removed: no placeholder, no media field."""
+    out = {k: v for k, v in record.items() if k not in fields}
+    pattern = re.compile("|".join(rf"<{f}>\n?" for f in fields))
+    out["conversations"] = [dict(t, value=pattern.sub("", t["value"])) for t in record["conversations"]]
     return out
 
 
@@ -62,7 +70,7 @@ def _text_corpus(paths: dict[str, str]) -> list[str]:
         with open(paths[name]) as f:
             for line in f:
                 record = json.loads(line)
-                texts.append(" ".join(re.sub(r"<image>\n?", "", t["value"]) for t in record["conversations"]))
+                texts.append(" ".join(PLACEHOLDER_PATTERN.sub("", t["value"]) for t in record["conversations"]))
     return texts
 
 
@@ -88,18 +96,22 @@ def _lm_pretraining_texts(tokenizer, paths: dict[str, str]) -> list[str]:
     return texts
 
 
-def prepare_demo_inputs(output_dir: str, quick: bool = False, seed: int = 0) -> dict[str, str]:
+def prepare_demo_inputs(output_dir: str, quick: bool = False, seed: int = 0, audio: bool = False) -> dict[str, str]:
     """Generate data and build the tiny models (reused when already there)."""
     from transformers import AutoTokenizer
 
     from mllm.data.synthetic import write_demo_dataset
-    from mllm.demo.assets import build_tiny_assets, pretrain_tiny_lm
+    from mllm.data.synthetic_av import write_av_demo_dataset
+    from mllm.demo.assets import build_tiny_assets, build_tiny_beats, pretrain_tiny_lm
 
     data_dir = os.path.join(output_dir, "data")
     sizes = dict(num_pretrain=400, num_instruct=600, num_eval=64) if quick else \
         dict(num_pretrain=2000, num_instruct=4000, num_eval=400)
-    paths = write_demo_dataset(data_dir, seed=seed, **sizes)
+    paths = (write_av_demo_dataset if audio else write_demo_dataset)(data_dir, seed=seed, **sizes)
     assets = build_tiny_assets(os.path.join(output_dir, "assets"), _text_corpus(paths), seed=seed)
+    if audio:
+        beats = os.path.join(output_dir, "assets", "tiny-beats.pt")
+        assets["beats"] = beats if os.path.isfile(beats) else build_tiny_beats(beats, seed)
     if not os.path.exists(os.path.join(assets["llm"], MARKER)):
         tokenizer = AutoTokenizer.from_pretrained(assets["llm"])
         pretrain_tiny_lm(assets["llm"], _lm_pretraining_texts(tokenizer, paths),
@@ -108,8 +120,14 @@ def prepare_demo_inputs(output_dir: str, quick: bool = False, seed: int = 0) -> 
     return {**paths, **assets}
 
 
-def evaluate_exact_match(checkpoint: str, eval_path: str, media_root: str, batch_size: int = 32) -> dict:
-    """Accuracy overall and per question type, with and without the image tokens."""
+#: Demo evaluation settings: name -> media removed from every eval record.
+VISUAL_SETTINGS = {"with image": (), "image tokens removed": ("image",)}
+AV_SETTINGS = {"with image and sound": (), "sound removed": ("audio",), "image removed": ("image",)}
+
+
+def evaluate_exact_match(checkpoint: str, eval_path: str, media_root: str, batch_size: int = 32,
+                         settings: dict[str, tuple[str, ...]] = VISUAL_SETTINGS) -> dict:
+    """Accuracy overall and per question type, with all media and with some removed."""
     from mllm.data.dataset import MultimodalDataset
     from mllm.inference import generate_answers
     from mllm.model.multimodal_lm import MultimodalLM
@@ -117,12 +135,13 @@ def evaluate_exact_match(checkpoint: str, eval_path: str, media_root: str, batch
     model = MultimodalLM.from_pretrained(checkpoint)
     with open(eval_path) as f:
         records = [json.loads(line) for line in f]
-    no_image_path = eval_path.replace(".jsonl", ".no-image.jsonl")
-    with open(no_image_path, "w") as f:
-        for record in records:
-            f.write(json.dumps(_strip_media(record)) + "\n")
     results = {}
-    for name, path in (("with image", eval_path), ("image tokens removed", no_image_path)):
+    for name, removed in settings.items():
+        path = eval_path
+        if removed:
+            path = eval_path.replace(".jsonl", f".no-{'-'.join(removed)}.jsonl")
+            with open(path, "w") as f:
+                f.writelines(json.dumps(_strip_media(r, removed)) + "\n" for r in records)
         dataset = MultimodalDataset(path, model.tokenizer, model.media_specs(), media_root=media_root,
                                     for_generation=True, progress=False)
         answers = generate_answers(model, dataset, batch_size=batch_size, max_new_tokens=8)
@@ -157,12 +176,14 @@ def run_demo(args: argparse.Namespace) -> dict:
     from mllm.train.stages import run_instruct, run_pretrain
 
     start = time.time()
-    out = os.path.abspath(args.output_dir)
-    configs = args.configs or _default_configs_dir()
+    out = os.path.abspath(args.output_dir or ("mllm-demo-av" if args.audio else "mllm-demo"))
+    configs = args.configs or _default_configs_dir(args.audio)
     print(f"[demo] preparing data and tiny models in {out}", flush=True)
-    paths = prepare_demo_inputs(out, quick=args.quick, seed=args.seed)
+    paths = prepare_demo_inputs(out, quick=args.quick, seed=args.seed, audio=args.audio)
     common = [f"model.llm={paths['llm']}", f"model.encoders.visual.path={paths['clip']}",
               f"data.media_root={paths['media_root']}", f"training.seed={args.seed}"]
+    if args.audio:
+        common.append(f"model.encoders.audio.path={paths['beats']}")
     if args.quick:
         common += ["training.num_train_epochs=1", "training.save_steps=1000"]
     stage1_dir = os.path.join(out, "runs", "pretrain")
@@ -180,7 +201,8 @@ def run_demo(args: argparse.Namespace) -> dict:
         timings[stage] = time.time() - t0
     print("[demo] evaluating on held-out images ...", flush=True)
     t0 = time.time()
-    results = evaluate_exact_match(stage2_dir, paths["eval"], paths["media_root"])
+    results = evaluate_exact_match(stage2_dir, paths["eval"], paths["media_root"],
+                                   settings=AV_SETTINGS if args.audio else VISUAL_SETTINGS)
     timings["evaluate"] = time.time() - t0
     with open(paths["eval"]) as f:
         records = [json.loads(line) for line in f]
