@@ -35,9 +35,9 @@ def test_unknown_command_fails():
     assert out.returncode == 2 and "unknown command" in out.stderr
 
 
-def test_quick_demo_runs_end_to_end(tmp_path):
+def test_quick_visual_demo_runs_end_to_end(tmp_path):
     """Stage 1, stage 2 and the evaluation table, through the console entry point."""
-    out = _run("-m", "mllm.cli", "demo", "--quick", "--output-dir", str(tmp_path), timeout=600)
+    out = _run("-m", "mllm.cli", "demo", "--visual-only", "--quick", "--output-dir", str(tmp_path), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "majority-answer baseline" in out.stdout and "image tokens removed" in out.stdout
     results = json.load(open(tmp_path / "results.json"))
@@ -47,8 +47,8 @@ def test_quick_demo_runs_end_to_end(tmp_path):
 
 
 def test_quick_audio_visual_demo_runs_end_to_end(tmp_path):
-    """The audio-visual variant: tiny BEATs in its official file format, sound and image removed."""
-    out = _run("-m", "mllm.cli", "demo", "--audio", "--quick", "--output-dir", str(tmp_path), timeout=600)
+    """The default demo: tiny BEATs in its official file format; sound or image removed."""
+    out = _run("-m", "mllm.cli", "demo", "--quick", "--output-dir", str(tmp_path), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.load(open(tmp_path / "results.json"))
     assert set(results["results"]) == {"with image and sound", "sound removed", "image removed"}

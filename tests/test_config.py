@@ -70,7 +70,9 @@ def test_demo_configs_parse():
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for stage in ("pretrain", "instruct"):
-        cfg = load_config(os.path.join(root, "configs", "demo", f"{stage}.yaml"))
-        assert cfg.model.encoders["visual"].type == "clip"
-        assert cfg.training["output_dir"]
+    for folder in ("demo", "demo/visual"):
+        for stage in ("pretrain", "instruct"):
+            cfg = load_config(os.path.join(root, "configs", folder, f"{stage}.yaml"))
+            assert cfg.model.encoders["visual"].type == "clip"
+            assert ("audio" in cfg.model.encoders) == (folder == "demo")
+            assert cfg.training["output_dir"]

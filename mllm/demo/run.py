@@ -1,10 +1,13 @@
 """``mllm demo``: the whole pipeline on a tiny model and generated data, on a CPU, in minutes.
 
-1. generate coloured-shape images with captions and questions (``mllm.data.synthetic``);
-2. build and save a tiny CLIP tower, tokenizer and LLaMA LM, and give the LM some text first;
+1. generate coloured-shape images paired with beeps, captions of both, and questions that need
+   the sound, the image or both (``mllm.data.synthetic_av``; ``--visual-only``: images alone,
+   ``mllm.data.synthetic``);
+2. build and save a tiny CLIP tower, a tiny BEATs (official file format), a tokenizer and a tiny
+   LLaMA LM, and give the LM some text first;
 3. stage 1 (``configs/demo/pretrain.yaml``) and stage 2 (``configs/demo/instruct.yaml``);
-4. exact-match evaluation on held-out images, with and without the image tokens, against the
-   majority-answer baseline; prints the table.
+4. exact-match evaluation on held-out samples with all media, with the sound removed and with
+   the image removed, against the majority-answer baseline; prints the table.
 """
 
 from __future__ import annotations
@@ -25,14 +28,14 @@ def demo_parser() -> argparse.ArgumentParser:
         prog="mllm demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default=None,
                         help="where data, tiny models, runs and results go (default: ./mllm-demo, "
-                             "./mllm-demo-av with --audio)")
+                             "./mllm-demo-visual with --visual-only)")
     parser.add_argument("--configs", default=None,
-                        help="folder with pretrain.yaml and instruct.yaml (default: the repo's configs/demo)")
+                        help="folder with pretrain.yaml and instruct.yaml (default: the repo's configs/demo, "
+                             "configs/demo/visual with --visual-only)")
     parser.add_argument("--quick", action="store_true",
                         help="a smaller, faster run for smoke tests (accuracy is not meaningful)")
-    parser.add_argument("--audio", action="store_true",
-                        help="the audio-visual-text variant: shapes paired with beeps, a tiny BEATs encoder, "
-                             "questions that need the sound, the image or both (configs/demo/av/)")
+    parser.add_argument("--visual-only", action="store_true",
+                        help="the visual-text variant: shapes without sounds, no audio encoder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="overrides applied to both stage configs, e.g. training.num_train_epochs=1")
@@ -42,9 +45,9 @@ def demo_parser() -> argparse.ArgumentParser:
 PLACEHOLDER_PATTERN = re.compile(r"<(image|video|audio|speech)>\n?")
 
 
-def _default_configs_dir(audio: bool = False) -> str:
+def _default_configs_dir(audio: bool = True) -> str:
     repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.path.join(repo_root, "configs", "demo", *(["av"] if audio else []))
+    path = os.path.join(repo_root, "configs", "demo", *([] if audio else ["visual"]))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"demo configs not found at {path}; pass --configs DIR "
                                 f"(install from a clone with `pip install -e .`)")
@@ -176,13 +179,14 @@ def run_demo(args: argparse.Namespace) -> dict:
     from mllm.train.stages import run_instruct, run_pretrain
 
     start = time.time()
-    out = os.path.abspath(args.output_dir or ("mllm-demo-av" if args.audio else "mllm-demo"))
-    configs = args.configs or _default_configs_dir(args.audio)
+    audio = not args.visual_only
+    out = os.path.abspath(args.output_dir or ("mllm-demo" if audio else "mllm-demo-visual"))
+    configs = args.configs or _default_configs_dir(audio)
     print(f"[demo] preparing data and tiny models in {out}", flush=True)
-    paths = prepare_demo_inputs(out, quick=args.quick, seed=args.seed, audio=args.audio)
+    paths = prepare_demo_inputs(out, quick=args.quick, seed=args.seed, audio=audio)
     common = [f"model.llm={paths['llm']}", f"model.encoders.visual.path={paths['clip']}",
               f"data.media_root={paths['media_root']}", f"training.seed={args.seed}"]
-    if args.audio:
+    if audio:
         common.append(f"model.encoders.audio.path={paths['beats']}")
     if args.quick:
         common += ["training.num_train_epochs=1", "training.save_steps=1000"]
@@ -202,7 +206,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     print("[demo] evaluating on held-out images ...", flush=True)
     t0 = time.time()
     results = evaluate_exact_match(stage2_dir, paths["eval"], paths["media_root"],
-                                   settings=AV_SETTINGS if args.audio else VISUAL_SETTINGS)
+                                   settings=AV_SETTINGS if audio else VISUAL_SETTINGS)
     timings["evaluate"] = time.time() - t0
     with open(paths["eval"]) as f:
         records = [json.loads(line) for line in f]
