@@ -36,6 +36,10 @@ class EncoderConfig:
     # MokA: MUSIC-AVQA 10 x 2 s, AVE 10 x 1 s. None = the whole clip as one window.
     num_windows: int = 1
     window_seconds: float | None = None
+    # Fixed placement instead: window i starts at window_offset_seconds + i * window_hop_seconds
+    # (MUSIC-AVQA in MokA: 10 x 2 s windows, offset -0.5, hop 6; AVE: 10 x 1 s, offset 0, hop 1).
+    window_hop_seconds: float | None = None
+    window_offset_seconds: float = 0.0
 
 
 @dataclass

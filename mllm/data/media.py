@@ -139,18 +139,29 @@ def select_audio_paths(media: Mapping[str, Sequence[str]]) -> list[str]:
     return list(media.get("audio") or media.get("video") or [])
 
 
-def split_audio_windows(waveform: np.ndarray, num_windows: int, window_samples: int | None) -> list[np.ndarray]:
-    """``num_windows`` windows of ``window_samples`` spread evenly over the clip (first at the
-    start, last at the end), zero-padded when the clip is shorter than a window. With
-    ``window_samples=None`` the whole clip is the one window."""
+def split_audio_windows(waveform: np.ndarray, num_windows: int, window_samples: int | None,
+                        hop_samples: int | None = None, offset_samples: int = 0) -> list[np.ndarray]:
+    """``num_windows`` windows of ``window_samples``.
+
+    Without ``hop_samples`` they are spread evenly over the clip (first at the start, last at
+    the end). With it, window i starts at ``offset_samples + i * hop_samples`` — MokA's
+    MUSIC-AVQA windows are [t - 0.5 s, t + 1.5 s] for t = 0, 6, ..., 54 s: offset -0.5 s, hop 6 s.
+    Samples outside the clip are zeros. ``window_samples=None``: the whole clip is one window.
+    """
     if window_samples is None:
         if num_windows != 1:
             raise ValueError("several audio windows need a window length (window_seconds)")
         return [waveform]
-    if len(waveform) < window_samples:
-        waveform = np.pad(waveform, (0, window_samples - len(waveform)))
-    starts = np.round(np.linspace(0, len(waveform) - window_samples, num_windows)).astype(int)
-    return [waveform[s: s + window_samples] for s in starts]
+    if hop_samples is None:
+        last_start = max(len(waveform) - window_samples, 0)
+        starts = np.round(np.linspace(0, last_start, num_windows)).astype(int)
+    else:
+        starts = offset_samples + hop_samples * np.arange(num_windows)
+    # Pad so every window lies inside the array, then shift the starts by the left padding.
+    left = max(0, -int(starts.min()))
+    right = max(0, int(starts.max()) + window_samples - len(waveform))
+    padded = np.pad(waveform, (left, right))
+    return [padded[s + left: s + left + window_samples] for s in starts]
 
 
 def load_audio(path, sample_rate: int = AUDIO_SAMPLE_RATE, record_id=None) -> np.ndarray:

@@ -155,9 +155,12 @@ class MultimodalLM(nn.Module):
         if media_field == "video":
             frames = self.config.video_frames
             return lambda path, rid: encoder.preprocess(load_video_frames(path, frames, rid))
+        cfg = self.config.encoders[PLACEHOLDERS[placeholder][0].name.lower()]
         windows, window_samples = self._parts_per_item(placeholder), self._window_samples(placeholder)
+        hop = None if cfg.window_hop_seconds is None else int(round(cfg.window_hop_seconds * AUDIO_SAMPLE_RATE))
+        offset = int(round(cfg.window_offset_seconds * AUDIO_SAMPLE_RATE))
         return lambda path, rid: encoder.preprocess(
-            split_audio_windows(load_audio(path, record_id=rid), windows, window_samples))
+            split_audio_windows(load_audio(path, record_id=rid), windows, window_samples, hop, offset))
 
     def encoder_for(self, placeholder: str) -> MediaEncoder:
         name = PLACEHOLDERS[placeholder][0].name.lower()

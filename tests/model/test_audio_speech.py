@@ -51,6 +51,17 @@ def test_windows_spread_over_the_clip():
         split_audio_windows(clip, num_windows=2, window_samples=None)
 
 
+def test_fixed_window_placement_as_mokas_music_avqa():
+    """[t - 0.5 s, t + 1.5 s] for t = 0, 6, ..., 54 s of a 60 s clip (here 1 sample = 0.5 s)."""
+    clip = np.arange(1, 121, dtype=np.float32)  # 60 s at 2 samples/s, values 1..120
+    windows = split_audio_windows(clip, num_windows=10, window_samples=4, hop_samples=12, offset_samples=-1)
+    assert windows[0].tolist() == [0, 1, 2, 3]          # the first half second lies before the clip
+    assert windows[1].tolist() == [12, 13, 14, 15]      # [5.5 s, 7.5 s)
+    assert windows[9].tolist() == [108, 109, 110, 111]  # [53.5 s, 55.5 s)
+    past_end = split_audio_windows(clip[:20], num_windows=3, window_samples=4, hop_samples=12, offset_samples=-1)
+    assert past_end[2].tolist() == [0, 0, 0, 0]
+
+
 def test_token_counts_per_window(av_model):
     # BEATs: 3 windows x 4 queries; Whisper: 1500 positions in windows of 100 -> 15 x 1 query.
     assert av_model.num_media_tokens("<audio>") == 3 * 4
