@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from mllm.modality import Modality
+
+
+def as_mono_waveform(item) -> torch.Tensor:
+    """A 1-D float32 waveform from a numpy array or tensor (audio encoders' items)."""
+    waveform = torch.as_tensor(np.asarray(item) if not torch.is_tensor(item) else item, dtype=torch.float32)
+    if waveform.ndim != 1:
+        raise ValueError(f"expected a 1-D mono waveform, got shape {tuple(waveform.shape)}")
+    return waveform
 
 
 class MediaEncoder(nn.Module):

@@ -29,13 +29,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mllm.encoders import register_encoder
-from mllm.encoders.base import MediaEncoder
+from mllm.encoders.base import MediaEncoder, as_mono_waveform
 from mllm.modality import Modality
 
 SAMPLE_RATE = 16000
@@ -442,13 +441,6 @@ def load_beats_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> tupl
 # --------------------------------------------------------------------------- media encoder
 
 
-def _as_waveform(item) -> torch.Tensor:
-    waveform = torch.as_tensor(np.asarray(item) if not torch.is_tensor(item) else item, dtype=torch.float32)
-    if waveform.ndim != 1:
-        raise ValueError(f"expected a 1-D mono waveform, got shape {tuple(waveform.shape)}")
-    return waveform
-
-
 @register_encoder("beats")
 class BEATsAudioEncoder(MediaEncoder):
     """Frozen BEATs for general audio. ``cfg.path`` is an official ``.pt`` checkpoint.
@@ -500,7 +492,7 @@ class BEATsAudioEncoder(MediaEncoder):
     # --- preprocessing (data pipeline; never touches parameters)
     def fbank(self, waveform) -> torch.Tensor:
         """Normalised fbank (frames, 128) of one 16 kHz waveform."""
-        fbank = kaldi_fbank(_as_waveform(waveform) * WAVEFORM_SCALE)
+        fbank = kaldi_fbank(as_mono_waveform(waveform) * WAVEFORM_SCALE)
         return (fbank - FBANK_MEAN) / (2 * FBANK_STD)
 
     def preprocess_with_padding_mask(self, items: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,7 +501,7 @@ class BEATsAudioEncoder(MediaEncoder):
         Each item's fbank is computed on its own samples and padded to the longest with the
         value silence gives, so a padded batch matches per-item results on the real frames.
         """
-        waveforms = [_as_waveform(item) for item in items]
+        waveforms = [as_mono_waveform(item) for item in items]
         if not waveforms:
             raise ValueError("preprocess needs at least one waveform")
         fbanks, valid_frames = [], []

@@ -15,11 +15,10 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from mllm.encoders import register_encoder
-from mllm.encoders.base import MediaEncoder
+from mllm.encoders.base import MediaEncoder, as_mono_waveform
 from mllm.modality import Modality
 
 # Constants of whisper.audio, repeated so that lengths can be computed without importing
@@ -60,13 +59,6 @@ def load_whisper_checkpoint(path: str, dtype: torch.dtype = torch.float32):
         raise ValueError(f"{path}: encoder weights do not match the checkpoint's dims; "
                          f"missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
     return encoder.to(dtype), dims
-
-
-def _as_waveform(item) -> torch.Tensor:
-    waveform = torch.as_tensor(np.asarray(item) if not torch.is_tensor(item) else item, dtype=torch.float32)
-    if waveform.ndim != 1:
-        raise ValueError(f"expected a 1-D mono waveform, got shape {tuple(waveform.shape)}")
-    return waveform
 
 
 @register_encoder("whisper")
@@ -116,14 +108,14 @@ class WhisperSpeechEncoder(MediaEncoder):
         """Whisper log-mel (n_mels, 3000) of one 16 kHz waveform, padded or trimmed to 30 s."""
         from whisper.audio import log_mel_spectrogram, pad_or_trim
 
-        return log_mel_spectrogram(pad_or_trim(_as_waveform(waveform), NUM_SAMPLES), n_mels=self.n_mels)
+        return log_mel_spectrogram(pad_or_trim(as_mono_waveform(waveform), NUM_SAMPLES), n_mels=self.n_mels)
 
     def preprocess_with_padding_mask(self, items: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
         """Waveforms -> (log-mel (N, n_mels, 3000), frame_padding_mask (N, 3000), True = padding).
 
         A mel frame is padding when its centre lies past the end of the clip.
         """
-        waveforms = [_as_waveform(item) for item in items]
+        waveforms = [as_mono_waveform(item) for item in items]
         if not waveforms:
             raise ValueError("preprocess needs at least one waveform")
         mels = torch.stack([self.log_mel(w) for w in waveforms])
