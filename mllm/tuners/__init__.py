@@ -1,7 +1,7 @@
 """Tuners inside the LLM, one registry: ``tuner.type`` in the config -> a peft config builder.
 
-peft's LoRA and DoRA are here as they are; MokA (``moka``), MoRA and DeLo register their own
-peft methods (``mllm.tuners.registration``) and add an entry.
+peft's LoRA and DoRA are here as they are; MokA (``moka``), MoRA (``mora``) and DeLo register
+their own peft methods (``mllm.tuners.registration``) and add an entry.
 """
 
 from __future__ import annotations
@@ -61,6 +61,20 @@ def moka_config(cfg):
         task_type="CAUSAL_LM",
         **cfg.options,
     )
+
+
+@register_tuner("mora")
+def mora_config(cfg):
+    """MoRA (``mllm.tuners.mora``) for a two-tower model (vision and text layer lists). ``options``
+    holds the method's own fields, e.g. ``shared_r``, ``alpha`` (the low-rank strength eta; LoRA's
+    ``tuner.alpha`` means something else and is not passed on), ``num_paired_layers``,
+    ``layer_pairs``, ``vision_layers``, ``text_layers``."""
+    from mllm.tuners.mora import MoraConfig
+
+    fields = {"r": cfg.r, "dropout": cfg.dropout, **cfg.options}
+    if cfg.target_modules is not None:
+        fields["target_modules"] = cfg.target_modules
+    return MoraConfig(**fields)
 
 
 def build_peft_config(cfg) -> PeftConfig | None:

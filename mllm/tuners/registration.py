@@ -11,6 +11,7 @@ from __future__ import annotations
 from peft.utils.peft_types import PeftType
 
 MOKA = "moka"
+MORA = "mora"
 
 
 def extend_peft_type(name: str) -> PeftType:
@@ -32,6 +33,10 @@ def moka_peft_type() -> PeftType:
     return extend_peft_type(MOKA)
 
 
+def mora_peft_type() -> PeftType:
+    return extend_peft_type(MORA)
+
+
 def _register(name: str, config_cls, model_cls) -> None:
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
@@ -50,7 +55,9 @@ def _register(name: str, config_cls, model_cls) -> None:
 
 
 def register_peft_methods() -> None:
-    """Make ``moka`` known to peft (configs, tuners, checkpoints). Safe to call repeatedly."""
+    """Make ``moka`` and ``mora`` known to peft (configs, tuners, checkpoints). Safe to call repeatedly."""
     from mllm.tuners.moka import MokaConfig, MokaModel
+    from mllm.tuners.mora import MoraConfig, MoraModel
 
     _register(MOKA, MokaConfig, MokaModel)
+    _register(MORA, MoraConfig, MoraModel)
