@@ -77,6 +77,20 @@ def mora_config(cfg):
     return MoraConfig(**fields)
 
 
+@register_tuner("delo")
+def delo_config(cfg):
+    """DeLo (``mllm.tuners.delo``): ``tuner.r`` is the number of rank-one factors selected per
+    sample and modality; ``options`` holds the method's own fields, e.g. ``num_experts``,
+    ``num_tasks``, ``query_dim``. Inside an LLM the caller (or a ``MultimodalLM``'s modality
+    context) supplies per-token modality ids; see ``DeloModel``."""
+    from mllm.tuners.delo import DeloConfig
+
+    fields = {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, **cfg.options}
+    if cfg.target_modules is not None:
+        fields["target_modules"] = cfg.target_modules
+    return DeloConfig(**fields)
+
+
 def build_peft_config(cfg) -> PeftConfig | None:
     if cfg.type in (None, "none"):
         return None

@@ -12,6 +12,7 @@ from peft.utils.peft_types import PeftType
 
 MOKA = "moka"
 MORA = "mora"
+DELO = "delo"
 
 
 def extend_peft_type(name: str) -> PeftType:
@@ -37,6 +38,11 @@ def mora_peft_type() -> PeftType:
     return extend_peft_type(MORA)
 
 
+def delo_peft_type() -> PeftType:
+    # "DELO", distinct from peft's own DELORA (prefix "delora_"; ours is "delo_").
+    return extend_peft_type(DELO)
+
+
 def _register(name: str, config_cls, model_cls) -> None:
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
@@ -55,9 +61,13 @@ def _register(name: str, config_cls, model_cls) -> None:
 
 
 def register_peft_methods() -> None:
-    """Make ``moka`` and ``mora`` known to peft (configs, tuners, checkpoints). Safe to call repeatedly."""
+    """Make ``moka``, ``mora`` and ``delo`` known to peft (configs, tuners, checkpoints). Safe to call repeatedly."""
     from mllm.tuners.moka import MokaConfig, MokaModel
     from mllm.tuners.mora import MoraConfig, MoraModel
 
     _register(MOKA, MokaConfig, MokaModel)
     _register(MORA, MoraConfig, MoraModel)
+
+    from mllm.tuners.delo import DeloConfig, DeloModel
+
+    _register(DELO, DeloConfig, DeloModel)
