@@ -1,0 +1,148 @@
+"""Class-incremental CMML with DeLo (figure 2, left panel; RebQ's protocol).
+
+``DeloClassifier`` = a DeLo-adapted ViLT-style backbone (``PeftModel``) + one linear head per task
+over the backbone's pooled output. After training task t the model scores the classes of tasks
+0..t (logits concatenated in task order); at test time it is given no task id: the Task-Key Memory
+picks each sample's pools, and the argmax runs over every class seen so far.
+
+Task partitioning covers the heads too: ``set_task(t)`` leaves only head t and task t's pools,
+routers and query maps trainable. Training follows RebQ where the DeLo paper is silent: previous
+tasks' logits are set to -100 in the cross-entropy (``FREEZE_LOGITS``), a fresh AdamW per task;
+the loss adds ``align_weight`` x the q_v / q_t alignment loss (reference ``LAMBDA_ALIGN`` 0.1). The
+reference's extra KL consistency term is not in the paper's figures and is left out. Multilabel
+(MM-IMDb-CMML): BCE on the current task's label columns only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eval_suites.cmml import ResultMatrix, score_task
+
+HEADS_FILE = "cmml_heads.safetensors"
+META_FILE = "cmml_config.json"
+
+
+@dataclass
+class CmmlBatch:
+    inputs: dict                     # backbone kwargs (input_ids, attention_mask, pixel_values, ...)
+    labels: torch.Tensor             # (B,) global class ids, or (B, classes) multi-hot
+    missing: Optional[torch.Tensor] = None   # (B,) codes 0 complete / 1 text / 2 image missing
+
+
+class DeloClassifier(nn.Module):
+    def __init__(self, backbone: nn.Module, num_tasks: int, labels_per_task: int, multilabel: bool = False,
+                 align_weight: float = 0.1):
+        super().__init__()
+        self.backbone = backbone
+        hidden = backbone.get_base_model().config.hidden_size
+        self.heads = nn.ModuleList([nn.Linear(hidden, labels_per_task) for _ in range(num_tasks)])
+        self.num_tasks, self.labels_per_task = num_tasks, labels_per_task
+        self.multilabel, self.align_weight = multilabel, align_weight
+        self.task = 0
+        self.set_task(0)
+
+    @property
+    def tuner(self):
+        return self.backbone.base_model
+
+    def set_task(self, task: int) -> None:
+        self.tuner.set_task(task)
+        self.task = task
+        for t, head in enumerate(self.heads):
+            head.requires_grad_(t == task)
+
+    @property
+    def seen_classes(self) -> int:
+        return (self.task + 1) * self.labels_per_task
+
+    def forward(self, inputs: dict, missing: Optional[torch.Tensor] = None,
+                task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits over every class seen so far; ``task_ids`` None: the Task-Key Memory decides at
+        eval (training always routes to the current task)."""
+        self.tuner.set_missing(missing)
+        self.tuner.force_task(task_ids)
+        features = self.backbone(**inputs).pooler_output
+        return torch.cat([head(features) for head in self.heads[: self.task + 1]], dim=-1)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        start = self.task * self.labels_per_task
+        if self.multilabel:
+            current = slice(start, start + self.labels_per_task)
+            task_loss = F.binary_cross_entropy_with_logits(logits[:, current], labels[:, current].float())
+        else:
+            frozen = torch.zeros_like(logits, dtype=torch.bool)
+            frozen[:, :start] = True
+            task_loss = F.cross_entropy(logits.masked_fill(frozen, -100.0), labels)
+        return task_loss + self.align_weight * self.tuner.alignment_loss()
+
+    # -- checkpoint: the peft adapter (pools, routers, query maps, Task-Key Memory) + the heads --------
+    def save_pretrained(self, path: str) -> None:
+        from safetensors.torch import save_file
+
+        self.backbone.save_pretrained(path)
+        save_file({k: v.contiguous() for k, v in self.heads.state_dict().items()}, os.path.join(path, HEADS_FILE))
+        with open(os.path.join(path, META_FILE), "w") as f:
+            json.dump({"num_tasks": self.num_tasks, "labels_per_task": self.labels_per_task,
+                       "multilabel": self.multilabel, "align_weight": self.align_weight, "task": self.task}, f)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, path: str) -> "DeloClassifier":
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        with open(os.path.join(path, META_FILE)) as f:
+            meta = json.load(f)
+        task = meta.pop("task")
+        model = cls(PeftModel.from_pretrained(base_model, path), **meta)
+        model.heads.load_state_dict(load_file(os.path.join(path, HEADS_FILE)))
+        model.set_task(task)
+        return model.eval()
+
+
+def train_task(model: DeloClassifier, task: int, batches: Iterable[CmmlBatch], epochs: int = 1,
+               lr: float = 1e-4, weight_decay: float = 0.0) -> list[float]:
+    """Train task ``task`` (a fresh optimizer, as RebQ resets it per task); returns the losses."""
+    model.set_task(task)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    losses = []
+    for _ in range(epochs):
+        for batch in batches:
+            loss = model.loss(model(batch.inputs, batch.missing), batch.labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach().item())
+    return losses
+
+
+@torch.no_grad()
+def evaluate_task(model: DeloClassifier, batches: Iterable[CmmlBatch]) -> float:
+    """Task-agnostic score of one task's test set over every class seen so far."""
+    model.eval()
+    logits, labels = [], []
+    for batch in batches:
+        logits.append(model(batch.inputs, batch.missing))
+        labels.append(batch.labels)
+    return score_task(torch.cat(logits).float().numpy(), torch.cat(labels).numpy(), model.seen_classes,
+                      model.multilabel)
+
+
+def run_continual(model: DeloClassifier, tasks: Sequence[tuple[Iterable[CmmlBatch], Iterable[CmmlBatch]]],
+                  epochs: int = 1, lr: float = 1e-4, weight_decay: float = 0.0) -> ResultMatrix:
+    """Train the tasks in order; after each, score every task seen so far (row of the matrix)."""
+    matrix = ResultMatrix(len(tasks))
+    for i, (train_batches, _) in enumerate(tasks):
+        train_task(model, i, train_batches, epochs=epochs, lr=lr, weight_decay=weight_decay)
+        for j in range(i + 1):
+            matrix.record(i, j, evaluate_task(model, tasks[j][1]))
+    return matrix
