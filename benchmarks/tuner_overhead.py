@@ -101,7 +101,7 @@ def main() -> None:
         if name == "moka":
             set_modality_ids(model, modality_ids, question)
         with torch.no_grad():
-            caches[name] = model(input_ids=input_ids, use_cache=True).past_key_values
+            caches[name] = model(input_ids=input_ids, use_cache=True).cache
     next_token = torch.randint(3, 1000, (args.batch, 1))
     decode_ids = torch.full((args.batch, 1), int(Modality.TEXT))
 
@@ -111,9 +111,9 @@ def main() -> None:
 
         def run():
             model.eval()
-            set_modality_ids(model, decode_ids) if name == "moka" else None
+            set_modality_ids(model, decode_ids, decode_step=True) if name == "moka" else None
             with torch.no_grad():
-                model(input_ids=next_token, past_key_values=cache, use_cache=True,
+                model(input_ids=next_token, cache=cache, use_cache=True,
                       position_ids=torch.full((args.batch, 1), length))
             cache.crop(-1)  # drop the new token: the same cache length for every repeat
         return run

@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         "instruct": (STAGE_HELP["instruct"], lambda a: stage_main("instruct", a)),
         "eval": ("Generate a benchmark's answers with a checkpoint and score them as the official scripts do "
                  "(suites: pope, mme, mmbench, seed_bench, mmau, air_bench, music_avqa, ave).", eval_main),
+        "push": ("Publish a trained model (adapter, projectors, configs, model card) to the Hugging Face Hub.",
+                 lambda a: __import__("mllm.hub", fromlist=["push_main"]).push_main(a)),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: mllm <command> [options]\n\ncommands:")

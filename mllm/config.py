@@ -47,12 +47,22 @@ class ModelConfig:
     llm: str = ""                          # HF id or local path of any AutoModelForCausalLM
     tokenizer: str | None = None           # defaults to `llm`
     dtype: str = "float32"                 # LLM weights: float32 | bfloat16 | float16
+    # QLoRA: load the LLM's Linear weights as bitsandbytes 4-bit (nf4 | fp4), computing in `dtype`.
+    quantization: str | None = None
     attn_implementation: str | None = None
     trust_remote_code: bool = False        # never on unless asked for
     encoders: dict[str, EncoderConfig] = field(default_factory=dict)        # modality -> encoder
     projectors: dict[str, ProjectorConfig] = field(default_factory=dict)   # modality -> projector
     video_frames: int = 8                  # frames sampled uniformly from each video
     pretrained_projectors: str | None = None  # stage-1 output folder (stage 2 starts from it)
+    feature_cache: str | None = None       # folder caching the frozen encoders' outputs (None: off)
+
+    def __post_init__(self):
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"model.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+
+
+QUANTIZATIONS = (None, "nf4", "fp4")
 
 
 @dataclass
@@ -219,6 +229,7 @@ def _resolve_relative_paths(cfg: ExperimentConfig, base: str) -> None:
     cfg.model.llm = fix(cfg.model.llm)
     cfg.model.tokenizer = fix(cfg.model.tokenizer)
     cfg.model.pretrained_projectors = fix(cfg.model.pretrained_projectors)
+    cfg.model.feature_cache = fix(cfg.model.feature_cache)
     for enc in cfg.model.encoders.values():
         enc.path = fix(enc.path)
     for name in ("train", "eval", "media_root"):

@@ -14,16 +14,22 @@ import json
 import os
 from typing import Any
 
+import numpy as np
 import torch
-from peft import PeftModel
+from peft import (
+    PeftModel, PeftType, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training,
+    set_peft_model_state_dict,
+)
+from PIL import Image
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from mllm.config import EncoderConfig, ModelConfig, TunerConfig
 from mllm.data.media import (
     AUDIO_SAMPLE_RATE, load_audio, load_image, load_video_frames, split_audio_windows,
 )
 from mllm.encoders import MediaEncoder, build_encoder
+from mllm.encoders.cache import FeatureCache
 from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS
 from mllm.model.modality_context import attach_modality_context
 from mllm.model.splice import MediaCountError, compute_modality_ids, position_ids_from_attention_mask, splice_features
@@ -40,6 +46,15 @@ def add_placeholder_tokens(tokenizer) -> dict[str, int]:
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
     return {ph: tokenizer.convert_tokens_to_ids(ph) for ph in PLACEHOLDERS}
+
+
+def _local_device() -> str:
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+
+
+def _several_ranks() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
 
 
 def _torch_dtype(name: str | None) -> torch.dtype:
@@ -68,6 +83,10 @@ class MultimodalLM(nn.Module):
                                        if mod.name.lower() in self.encoders]
         self.placeholder_modalities = {self.placeholder_ids[ph]: PLACEHOLDERS[ph][0] for ph in PLACEHOLDERS}
         self.modality_context = attach_modality_context(self.base_llm)
+        self._dummy_media: dict[str, torch.Tensor] = {}
+        self.feature_caches = {
+            name: FeatureCache(os.path.join(config.feature_cache, name), encoder, config.encoders[name])
+            for name, encoder in self.encoders.items()} if config.feature_cache else {}
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -85,8 +104,20 @@ class MultimodalLM(nn.Module):
                                       "trust_remote_code": config.trust_remote_code}
         if config.attn_implementation:
             llm_kwargs["attn_implementation"] = config.attn_implementation
-        llm = AutoModelForCausalLM.from_pretrained(config.llm, **llm_kwargs)
-        encoders = {name: build_encoder(enc) for name, enc in config.encoders.items()}
+        if config.quantization:
+            llm_kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type=config.quantization, bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=llm_kwargs["dtype"])
+            # 4-bit weights are quantized where they load: load them onto this process's device.
+            llm_kwargs["device_map"] = {"": _local_device()}
+        # Loading draws random numbers only when ZeRO-3 creates the modules partitioned; keep
+        # it off the global generator so projector and adapter inits depend on the seed alone.
+        with torch.random.fork_rng(devices=[]):
+            llm = AutoModelForCausalLM.from_pretrained(config.llm, **llm_kwargs)
+            encoders = {name: build_encoder(enc) for name, enc in config.encoders.items()}
+        if config.quantization:
+            # QLoRA's recipe: base frozen, non-quantized weights (norms, embeddings) kept in fp32.
+            llm = prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
         llm_hidden = llm.config.get_text_config().hidden_size
         for name, proj in config.projectors.items():
             proj.encoder_hidden_size = encoders[name].hidden_size
@@ -104,6 +135,33 @@ class MultimodalLM(nn.Module):
     def apply_tuner(self, tuner: TunerConfig) -> None:
         self.tuner_config = tuner
         self.llm = apply_tuner(self.llm, tuner)
+
+    def merge_tuner(self) -> None:
+        """Fold the adapter into the LLM's weights (peft ``merge_and_unload``); ``self.llm`` becomes
+        the plain LLM. A 4-bit LLM is dequantized to ``model.dtype`` first: the merged LLM is full
+        precision and computes what the QLoRA model computed, since the adapter learned on top of
+        the dequantized weights (merging into 4-bit weights would re-quantize W + BA, and a trained
+        update is mostly smaller than one NF4 step). Only LoRA / DoRA merge into a quantized LLM;
+        tuners whose update depends on the token (MokA, DeLo) never merge and raise."""
+        if not isinstance(self.llm, PeftModel):
+            raise ValueError("the LLM has no adapter to merge")
+        if self.config.quantization:
+            peft_config = self.llm.peft_config[self.llm.active_adapter]
+            if peft_config.peft_type != PeftType.LORA:
+                raise NotImplementedError(f"{peft_config.peft_type.value} adapters do not merge into a 4-bit LLM "
+                                          f"(only LoRA / DoRA do); keep the adapter unmerged")
+            adapter_state = get_peft_model_state_dict(self.llm)
+            base = self.llm.unload()
+            # bitsandbytes may keep CPU-repacked 4-bit weights; a state_dict call restores the
+            # standard layout that dequantization reads.
+            base.state_dict()
+            base.dequantize(dtype=_torch_dtype(self.config.dtype))
+            self.config.quantization = None
+            with torch.random.fork_rng(devices=[]):  # the re-created adapter is overwritten below
+                self.llm = get_peft_model(base, peft_config)
+            set_peft_model_state_dict(self.llm, adapter_state)
+        self.llm = self.llm.merge_and_unload()
+        self.tuner_config = None
 
     def freeze_llm(self) -> None:
         self.llm.requires_grad_(False)
@@ -148,19 +206,37 @@ class MultimodalLM(nn.Module):
 
     def _item_loader(self, placeholder: str):
         """(path, record_id) -> the preprocessed tensor of one item."""
+        media_field = PLACEHOLDERS[placeholder][1]
+        if media_field == "image":
+            return lambda path, rid: self._preprocess_item(placeholder, load_image(path, rid))
+        if media_field == "video":
+            frames = self.config.video_frames
+            return lambda path, rid: self._preprocess_item(placeholder, load_video_frames(path, frames, rid))
+        return lambda path, rid: self._preprocess_item(placeholder, load_audio(path, record_id=rid))
+
+    def _preprocess_item(self, placeholder: str, decoded) -> torch.Tensor:
+        """A decoded item (image, list of frames, waveform) -> its preprocessed tensor."""
         encoder = self.encoder_for(placeholder)
         media_field = PLACEHOLDERS[placeholder][1]
         if media_field == "image":
-            return lambda path, rid: encoder.preprocess([load_image(path, rid)])[0]
+            return encoder.preprocess([decoded])[0]
         if media_field == "video":
-            frames = self.config.video_frames
-            return lambda path, rid: encoder.preprocess(load_video_frames(path, frames, rid))
+            return encoder.preprocess(decoded)
         cfg = self.config.encoders[PLACEHOLDERS[placeholder][0].name.lower()]
-        windows, window_samples = self._parts_per_item(placeholder), self._window_samples(placeholder)
         hop = None if cfg.window_hop_seconds is None else int(round(cfg.window_hop_seconds * AUDIO_SAMPLE_RATE))
         offset = int(round(cfg.window_offset_seconds * AUDIO_SAMPLE_RATE))
-        return lambda path, rid: encoder.preprocess(
-            split_audio_windows(load_audio(path, record_id=rid), windows, window_samples, hop, offset))
+        return encoder.preprocess(split_audio_windows(
+            decoded, self._parts_per_item(placeholder), self._window_samples(placeholder), hop, offset))
+
+    def dummy_media(self, placeholder: str) -> torch.Tensor:
+        """One blank item (white image or frames, one second of silence) as a batch of one."""
+        if placeholder not in self._dummy_media:
+            media_field = PLACEHOLDERS[placeholder][1]
+            white = Image.new("RGB", (64, 64), "white")
+            decoded = {"image": white, "video": [white] * self.config.video_frames}.get(
+                media_field, np.zeros(AUDIO_SAMPLE_RATE, dtype=np.float32))
+            self._dummy_media[placeholder] = self._preprocess_item(placeholder, decoded)[None]
+        return self._dummy_media[placeholder]
 
     def encoder_for(self, placeholder: str) -> MediaEncoder:
         name = PLACEHOLDERS[placeholder][0].name.lower()
@@ -176,8 +252,9 @@ class MultimodalLM(nn.Module):
         num_items = inputs.shape[0]
         if field in self.MULTI_PART_FIELDS:  # (N, P, ...) -> parts encoded as items
             inputs = inputs.flatten(0, 1)
+        cache = self.feature_caches.get(modality.name.lower())
         with torch.no_grad():  # frozen encoders
-            features = encoder(inputs)
+            features = cache.encode(inputs) if cache else encoder(inputs)
         projected = projector(features)
         return projected.reshape(num_items, -1, projected.shape[-1])
 
@@ -196,6 +273,12 @@ class MultimodalLM(nn.Module):
             if inputs is None or inputs.shape[0] == 0:
                 if bool((input_ids == token_id).any()):
                     raise MediaCountError(f"the batch has {placeholder} positions but no {MEDIA_INPUT_KEYS[field]}")
+                if placeholder in self.supported_placeholders and _several_ranks():
+                    # Every rank runs every encoder and projector on every step, so ZeRO-3's
+                    # parameter gathers line up when one rank's batch lacks this media (as LLaVA
+                    # and LLaMA-Factory do); a blank item, added times 0, changes nothing.
+                    features = self.encode_media(placeholder, self.dummy_media(placeholder).to(embeds.device))
+                    embeds = embeds + 0.0 * features.sum()
                 continue
             features = self.encode_media(placeholder, inputs)
             embeds = splice_features(embeds, input_ids, token_id, features, what=placeholder)
@@ -262,6 +345,7 @@ class MultimodalLM(nn.Module):
         self.tokenizer.save_pretrained(output_dir)
         model_cfg = dataclasses.asdict(self.config)
         model_cfg["pretrained_projectors"] = None
+        model_cfg["feature_cache"] = None  # a folder of this machine
         model_cfg["tokenizer"] = None
         tuner = getattr(self, "tuner_config", None)
         with open(os.path.join(output_dir, MLLM_CONFIG), "w") as f:
@@ -269,8 +353,13 @@ class MultimodalLM(nn.Module):
                        "tuner": dataclasses.asdict(tuner) if tuner else None}, f, indent=2)
 
     @classmethod
-    def from_pretrained(cls, checkpoint_dir: str, is_trainable: bool = False, **overrides) -> "MultimodalLM":
-        """Load a stage-1 or stage-2 output folder (or a Trainer checkpoint inside it)."""
+    def from_pretrained(cls, checkpoint_dir: str, is_trainable: bool = False, revision: str | None = None,
+                        **overrides) -> "MultimodalLM":
+        """Load a stage-1 or stage-2 output folder (or a Trainer checkpoint inside it), or a model
+        published with ``mllm push`` by its Hub id."""
+        from mllm.hub import resolve_checkpoint
+
+        checkpoint_dir = resolve_checkpoint(checkpoint_dir, revision=revision)
         config_path = os.path.join(checkpoint_dir, MLLM_CONFIG)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"{checkpoint_dir}: no {MLLM_CONFIG}; not an mllm checkpoint")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 
+import torch
+from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from mllm.config import ConfigError, ExperimentConfig, config_to_dict
@@ -25,11 +27,29 @@ def training_arguments(cfg: ExperimentConfig) -> MllmTrainingArguments:
     values = dict(cfg.training)
     if not values.get("output_dir"):
         raise ConfigError("training.output_dir is required")
+    if values.get("hub_token"):
+        raise ConfigError("training.hub_token: keep tokens out of configs (they are saved with the run); "
+                          "use HF_TOKEN or `hf auth login`")
+    # mllm publishes the final model itself (push_to_hub below), never the Trainer's way.
+    if values.pop("push_to_hub", False) and not values.get("hub_model_id"):
+        raise ConfigError("training.push_to_hub needs training.hub_model_id (e.g. my-org/my-model)")
+    if _uses_deepspeed(values):
+        if values.pop("use_cpu", False):  # it would switch DeepSpeed off; DeepSpeed finds the CPU itself
+            logger.warning("training.use_cpu is ignored under DeepSpeed")
+        if not torch.cuda.is_available():
+            # Without CUDA, accelerate picks no backend for DeepSpeed and records a world of 1
+            # while DeepSpeed runs on all ranks (wrong batch sizes, unsharded data); gloo fixes it.
+            values.setdefault("ddp_backend", "gloo")
     try:
         return MllmTrainingArguments(**values)
     except TypeError as e:
         raise ConfigError(f"training: {e} (fields are those of transformers.TrainingArguments "
                           f"plus projector_lr)") from None
+
+
+def _uses_deepspeed(training: dict) -> bool:
+    """``training.deepspeed`` set, or launched with ``accelerate launch --use_deepspeed``."""
+    return bool(training.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
 
 
 def build_dataset(cfg: ExperimentConfig, model: MultimodalLM, path: str, template: str,
@@ -55,10 +75,9 @@ def _resume_point(args: MllmTrainingArguments) -> str | None:
     return resume
 
 
-def _train(cfg: ExperimentConfig, model: MultimodalLM, template: str) -> MultimodalLM:
+def _train(cfg: ExperimentConfig, args: MllmTrainingArguments, model: MultimodalLM, template: str) -> MultimodalLM:
     if not cfg.data.train:
         raise ConfigError("data.train is required")
-    args = training_arguments(cfg)
     train_dataset = build_dataset(cfg, model, cfg.data.train, template)
     eval_dataset = build_dataset(cfg, model, cfg.data.eval, template) if cfg.data.eval else None
     trainer = MultimodalTrainer(
@@ -72,6 +91,10 @@ def _train(cfg: ExperimentConfig, model: MultimodalLM, template: str) -> Multimo
             import yaml
 
             yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    if cfg.training.get("push_to_hub") and trainer.is_world_process_zero():
+        from mllm.hub import push_checkpoint
+
+        push_checkpoint(args.output_dir, args.hub_model_id, private=args.hub_private_repo, revision=args.hub_revision)
     skipped = sum(train_dataset.skipped.values()) + sum(train_dataset.media_skipped.values())
     if skipped:
         logger.warning("skipped %d bad training sample(s): %s; unreadable media: %s", skipped,
@@ -79,25 +102,38 @@ def _train(cfg: ExperimentConfig, model: MultimodalLM, template: str) -> Multimo
     return model
 
 
+def _arguments_and_seed(cfg: ExperimentConfig) -> MllmTrainingArguments:
+    """Training arguments first: with ZeRO-3 and ``zero3_init_flag`` they make the LLM load
+    partitioned. Seeding before the model is built gives every rank the same projector and
+    adapter initialisation (ZeRO-3 assembles parameters from each rank's slice)."""
+    args = training_arguments(cfg)
+    set_seed(args.seed)
+    return args
+
+
 def run_pretrain(cfg: ExperimentConfig, model: MultimodalLM | None = None) -> MultimodalLM:
     """Stage 1: train projectors only, on captioning data. ``model`` defaults to one built
     from ``cfg.model``."""
+    args = _arguments_and_seed(cfg)
     model = model or MultimodalLM.from_config(cfg.model)
     model.freeze_llm()
     template = cfg.data.template if cfg.data.template != "auto" else "plain"
-    return _train(cfg, model, template)
+    return _train(cfg, args, model, template)
 
 
 def run_instruct(cfg: ExperimentConfig, model: MultimodalLM | None = None) -> MultimodalLM:
     """Stage 2: projectors (from stage 1) + a peft tuner inside the LLM. ``model`` defaults
-    to one built from ``cfg.model``; the tuner is added here."""
+    to one built from ``cfg.model``; the tuner is added here. The stage-1 projectors are loaded
+    while the model is built, before DeepSpeed partitions anything (projectors are plain
+    modules, never created partitioned)."""
     if not cfg.model.pretrained_projectors:
         logger.warning("model.pretrained_projectors is not set: stage 2 starts from random projectors")
+    args = _arguments_and_seed(cfg)
     model = model or MultimodalLM.from_config(cfg.model)
     model.freeze_llm()
     if cfg.tuner.type not in (None, "none"):
         model.apply_tuner(cfg.tuner)
-    return _train(cfg, model, cfg.data.template)
+    return _train(cfg, args, model, cfg.data.template)
 
 
 STAGES = {"pretrain": run_pretrain, "instruct": run_instruct}

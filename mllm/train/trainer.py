@@ -1,8 +1,14 @@
 """HF Trainer glue: training arguments with a projector learning rate, and a Trainer that
-saves and resumes exactly what trains (projectors + peft adapter), never the frozen LLM."""
+saves and resumes exactly what trains (projectors + peft adapter), never the frozen LLM.
+
+Under DeepSpeed the Trainer's own machinery does the rest: the engine checkpoint
+(``global_step*/``) carries optimizer and module state for resuming, and ZeRO-3 partitions
+are gathered here, on every rank, before the main process writes projectors and adapter.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -29,6 +35,12 @@ class MllmTrainingArguments(TrainingArguments):
 
 
 class MultimodalTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled:
+            _fill_hidden_size_autos(self.accelerator.state.deepspeed_plugin.hf_ds_config,
+                                    self._mllm().base_llm.config.get_text_config().hidden_size)
+
     def _mllm(self) -> MultimodalLM:
         model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
         return model
@@ -56,13 +68,60 @@ class MultimodalTrainer(Trainer):
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Every rank gathers the trainable weights (a collective under ZeRO-3); the main
+        process writes them. Replaces the Trainer's DeepSpeed path, which would gather the
+        whole frozen LLM too."""
+        self._save(output_dir, state_dict=trainable_state_dict(self._mllm()))
+
     def _save(self, output_dir: str | None = None, state_dict=None):
+        if not self.args.should_save:
+            return
         output_dir = output_dir or self.args.output_dir
-        self._mllm().save_pretrained(output_dir)
+        model = self._mllm()
+        if state_dict is None:  # only reached without ZeRO-3 partitioning
+            state_dict = trainable_state_dict(model)
+        model.save_pretrained(output_dir, projector_state=_strip(state_dict, "projectors."),
+                              adapter_state=_strip(state_dict, "llm."))
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         load_trainable_weights(self._mllm(), resume_from_checkpoint)
+
+
+def trainable_state_dict(model: MultimodalLM) -> dict[str, torch.Tensor]:
+    """Projector and adapter tensors (keys as in ``model.state_dict()``), as full CPU copies.
+
+    Under ZeRO-3 these parameters are partitioned (0-sized on each rank); they are gathered
+    here, so every rank must call this. Only the trainable parts are gathered, never the LLM."""
+    adapter_prefix = model.llm.base_model.prefix if isinstance(model.llm, PeftModel) else None
+    entries = {name: value for name, value in model.state_dict(keep_vars=True).items()
+               if name.startswith("projectors.")
+               or (adapter_prefix and name.startswith("llm.") and adapter_prefix in name)}
+    partitioned = [v for v in entries.values() if hasattr(v, "ds_id")]
+    with _gathered(partitioned):
+        return {name: value.detach().to("cpu", copy=True) for name, value in entries.items()}
+
+
+def _gathered(params):
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
+def _strip(state_dict: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _fill_hidden_size_autos(ds_config, hidden_size: int) -> None:
+    """DeepSpeed's hidden-size "auto" values, with the formulas transformers uses. transformers
+    reads ``model.config.hidden_size``; ours is the LLM's, so they are filled here first."""
+    ds_config.fill_only("zero_optimization.reduce_bucket_size", hidden_size * hidden_size)
+    if ds_config.is_zero3():
+        ds_config.fill_only("zero_optimization.stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size))
+        ds_config.fill_only("zero_optimization.stage3_param_persistence_threshold", 10 * hidden_size)
 
 
 def load_trainable_weights(model: MultimodalLM, checkpoint_dir: str) -> None:

@@ -120,3 +120,25 @@ def test_plain_model_with_caller_supplied_ids():
     model(torch.randn(1, 4, 4))
     assert torch.equal(context.modality_ids, ids)
     assert not context.question_mask.any()
+
+
+def test_decode_step_flag_follows_the_kv_cache(tiny_model):
+    """``decode_step`` is set only for forwards that extend a non-empty KV cache: not for training
+    forwards or the prompt pass of generate. With caller-supplied ids the caller states it."""
+    model = tiny_model.eval()
+    batch = _batch(model, "left")
+    context = get_modality_context(model.llm)
+    seen = []
+    layer = model.base_llm.model.layers[0].self_attn.q_proj
+    handle = layer.register_forward_hook(lambda *_: seen.append(context.decode_step))
+    model(**batch)
+    model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    handle.remove()
+    assert seen == [False, False, True, True]
+
+    plain = nn.Sequential(nn.Linear(4, 4))
+    set_modality_ids(plain, torch.zeros(1, 1, dtype=torch.long), decode_step=True)
+    assert get_modality_context(plain).decode_step
+    set_modality_ids(plain, torch.zeros(1, 3, dtype=torch.long))
+    assert not get_modality_context(plain).decode_step
+    assert not plain._forward_pre_hooks, "caller-supplied contexts install no hook"

@@ -87,6 +87,48 @@ def test_cross_attention_matches_per_token_oracle(ranks):
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("ranks", [None, {"visual": 2, "audio": 3}])
+def test_gradients_match_the_per_token_oracle(ranks):
+    torch.manual_seed(10)
+    strengths = {"visual": 0.7, "audio": 1.3}
+    model = _moka(OneLinear(), r=4, alpha=8, modalities=["text", "visual", "audio"], modality_ranks=ranks,
+                  strengths=strengths)
+    layer = _layer(model)
+    ids, question = sample_ids()
+    x = torch.randn(2, 10, 12)
+    target = torch.randn(2, 10, 10)
+    set_modality_ids(model, ids, question)
+    weight_A, weight_B = layer.moka_A["default"], layer.moka_B["default"]
+    (model(x) * target).sum().backward()
+    got = weight_A.grad.clone(), weight_B.grad.clone()
+    layout = layer.moka_layout["default"]
+    blocks = {m: weight_A[layout.block(i)] for i, m in enumerate(layout.modalities)}
+    expected = torch.autograd.grad((moka_oracle(x, ids, question, blocks, weight_B, 2.0, strengths, r=4) * target).sum(),
+                                   (weight_A, weight_B))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_when_one_sample_has_no_question_tokens():
+    # The compact key set is padded to the largest count; a sample without keys gets no term and
+    # no NaN from an all-masked softmax row.
+    torch.manual_seed(9)
+    strengths = {"visual": 0.7, "audio": 1.3}
+    model = _moka(OneLinear(), r=4, alpha=8, modalities=["text", "visual", "audio"], strengths=strengths)
+    layer = _layer(model)
+    ids, question = sample_ids()
+    question[1] = False
+    x = torch.randn(2, 10, 12)
+    set_modality_ids(model, ids, question)
+    out = model(x)
+    expected = layer.base_layer(x) + moka_oracle(x, ids, question, _blocks(layer), layer.moka_B["default"],
+                                                 2.0, strengths, r=4)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
 def test_pad_positions_get_no_adapter_output_and_no_question_means_no_attention():
     torch.manual_seed(3)
     model = _moka(OneLinear(), r=4, modalities=["text", "visual", "audio"])

@@ -13,6 +13,7 @@ import torch
 
 from mllm.config import TunerConfig
 from mllm.model import MultimodalLM
+from mllm.model.splice import position_ids_from_attention_mask
 from mllm.modality import Modality
 from tests.model.test_modality_context import _batch, _expected
 
@@ -124,3 +125,77 @@ def test_stage2_checkpoint_reloads_in_a_fresh_process_with_identical_logits(tiny
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
+
+
+class _LayerRecorder:
+    """Records the input, output and published ids of one MokA Linear at every call."""
+
+    def __init__(self, model):
+        self.layer = model.base_llm.model.layers[0].self_attn.q_proj
+        self.context = model.modality_context
+        self.calls = []
+        self.handle = self.layer.register_forward_hook(self._record)
+
+    def _record(self, module, args, output):
+        self.calls.append((args[0].detach(), output.detach(), self.context.modality_ids.clone(),
+                           self.context.decode_step))
+
+    def remove(self):
+        self.handle.remove()
+
+
+def test_partial_modality_restricts_only_the_prompt_pass(tiny_model):
+    """Section 4.3: only visual tokens go through the adapter on the prompt pass; the decode
+    steps' text tokens get the usual text-A output (not the base output)."""
+    model = _tuned(tiny_model).eval()
+    batch = _batch(model, "left")
+    recorder = _LayerRecorder(model)
+    with model.llm.base_model.partial_modality("visual"):
+        _generate(model, batch, max_new_tokens=3, min_new_tokens=3)
+    recorder.remove()
+    layer = recorder.layer
+    layout, scaling = layer.moka_layout["default"], layer.scaling["default"]
+    weight_A, weight_B = layer.moka_A["default"].detach(), layer.moka_B["default"].detach()
+    A_text, A_visual = (weight_A[layout.block(layout.modalities.index(m))] for m in ("text", "visual"))
+
+    (x, out, ids, decode), *steps = recorder.calls
+    assert not decode and (ids == Modality.VISUAL).any() and (ids == Modality.TEXT).any()
+    visual = (ids == Modality.VISUAL).unsqueeze(-1)
+    # Visual tokens: s * B A_visual x, without the cross-modal term; every other token: none.
+    expected = layer.base_layer(x) + torch.where(visual, scaling * (x @ A_visual.T) @ weight_B.T, 0.0)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+    assert len(steps) == 2
+    for x, out, ids, decode in steps:
+        assert decode and x.shape[1] == 1 and bool((ids == Modality.TEXT).all())
+        base = layer.base_layer(x)
+        torch.testing.assert_close(out, base + scaling * (x @ A_text.T) @ weight_B.T, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(out, base, atol=1e-4), "decode steps must keep the text adapter output"
+
+
+def test_partial_modality_generation_equals_a_hand_written_greedy_loop(tiny_model):
+    """generate() under partial_modality == a loop whose prompt pass alone runs partial routing."""
+    from transformers import DynamicCache
+
+    model = _tuned(tiny_model).eval()
+    batch = _batch(model, "left")
+    moka = model.llm.base_model
+    new_tokens = 4
+    with moka.partial_modality("visual"):
+        generated = _generate(model, batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+    mask = batch["attention_mask"]
+    embeds = model.embed_inputs(batch["input_ids"], {"image_inputs": batch["image_inputs"]})
+    model.modality_context.set_pending(model.modality_ids(batch["input_ids"], mask), batch["question_mask"])
+    cache, tokens = DynamicCache(), []
+    with torch.no_grad():
+        with moka.partial_modality("visual"):
+            logits = model.llm(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True,
+                               position_ids=position_ids_from_attention_mask(mask)).logits
+        for _ in range(new_tokens):
+            tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+            position = mask.sum(-1, keepdim=True)          # the new token follows the real ones
+            mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=-1)
+            logits = model.llm(input_ids=tokens[-1], attention_mask=mask, cache=cache, use_cache=True,
+                               position_ids=position).logits
+    assert torch.equal(generated, torch.cat(tokens, dim=-1))

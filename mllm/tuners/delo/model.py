@@ -233,13 +233,15 @@ class DeloModel(BaseTuner):
             # Adapters disabled (e.g. PeftModel.disable_adapter()): no query pass, no memory update.
             state.routes, state.align_pairs, state.task_ids = [], [], None
             return
-        cache = kwargs.get("past_key_values")
-        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        from mllm.model.modality_context import cached_length, kv_cache
+
+        cache = kv_cache(kwargs)
+        if cached_length(cache) > 0:
             # A KV-cache decode step sees only the new tokens; routing is per sample, so the
             # prompt pass's routing (sticky in the state) holds for the whole generation.
             return
         # The query pass must not touch a cache the real pass will fill, nor compute a loss.
-        query_kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "labels")}
+        query_kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "labels")}
         if "use_cache" in query_kwargs or cache is not None:
             query_kwargs["use_cache"] = False
         with torch.no_grad(), state.bypassing():

@@ -11,8 +11,10 @@ get no adapter output.
 
 All modality A matrices live in one parameter ``moka_A[adapter]`` of shape (sum of ranks, in),
 rows grouped by modality in ``config.modalities`` order, so one matmul computes every modality's
-projection and the token's own block is selected with a one-hot weight (no boolean indexing, no
-loop over samples or tokens). Dropout is applied to the layer input, as LoRA does.
+projection and a gather keeps the token's own block (no boolean indexing, no loop over samples or
+tokens). The cross-modal term attends each sample's question tokens, gathered into a compact
+(B, Nk, r) key set, so its cost is (B, T, Nk), not (B, T, T). All index tensors come from the
+router, once per forward. Dropout is applied to the layer input, as LoRA does.
 
 Deviations from the reference implementation (moka_reference.md), all following the paper:
 the scaling s multiplies B's output (LoRA's convention; the AVT code scales before attention),
@@ -32,7 +34,7 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import resolve_quantization_backend
 
-from mllm.tuners.moka.routing import AdapterLayout, ModalityRouter, Routes
+from mllm.tuners.moka.routing import AdapterLayout, Interaction, ModalityRouter, Routes
 
 MERGE_ERROR = (
     "MokA cannot be merged into the base weights: each token is projected by its own modality's A "
@@ -154,7 +156,12 @@ class Linear(nn.Module, MokaLayer):
         if layout.variant in ("moka", "unimodal_lora") and routes.text_only:
             # Every token is text (decode steps, text-only batches): exactly LoRA with A_text.
             block = layout.block(layout.text_slot)
-            text_B = weight_B[:, : block.stop - block.start] if layout.variant == "moka" else weight_B[:, block]
+            if layout.variant == "unimodal_lora":
+                text_B = weight_B[:, block]
+            elif block.stop - block.start < layout.r:
+                text_B = weight_B[:, : block.stop - block.start]   # text uses the first coordinates
+            else:
+                text_B = weight_B    # no slice op: this path runs at every decode step
             return F.linear(F.linear(h, weight_A[block]), text_B)
         codes = F.linear(h, weight_A)                               # every block's A x_t
         if layout.variant != "moka":
@@ -166,35 +173,47 @@ class Linear(nn.Module, MokaLayer):
                 weights = weights * torch.cat([gate.expand(*gate.shape[:-1], uni),
                                                (1 - gate).expand(*gate.shape[:-1], layout.r)], dim=-1)
             return F.linear(codes * weights, weight_B)
-        # Eq 4: A_{m(t)} x_t for each token, in the shared rank space.
-        if routes.placement is None:
-            batch, length = codes.shape[:2]
-            codes = codes.view(batch, length, len(layout.modalities), layout.r)
-            codes = (codes * routes.modality_weights.unsqueeze(-1)).sum(-2)
-        else:
-            codes = F.linear(codes * routes.column_weights, routes.placement)
-        if routes.query_strength is not None:
-            codes = codes + routes.query_strength * self._interaction(name, layout, codes, routes)
+        # Eq 4: A_{m(t)} x_t for each token, in the shared rank space (pads and coordinates past a
+        # smaller modality rank are zeroed by the mask).
+        codes = torch.gather(codes, -1, routes.rank_columns)
+        if routes.rank_mask is not None:
+            codes = codes * routes.rank_mask
+        if routes.interaction is not None:
+            codes = self._add_interaction(name, layout, codes, routes.interaction)
         return F.linear(codes, weight_B)                           # eq 10: the shared B
 
-    def _interaction(self, name: str, layout: AdapterLayout, codes: torch.Tensor, routes: Routes) -> torch.Tensor:
-        """The cross-modal term before its strength lambda (eqs 5-6 and the ablation variants)."""
+    def _add_interaction(self, name: str, layout: AdapterLayout, codes: torch.Tensor,
+                         interaction: Interaction) -> torch.Tensor:
+        """codes + lambda * (the cross-modal term) (eqs 7-8 and the ablation variants)."""
+        keys = torch.gather(codes, 1, interaction.key_index)       # (B, Nk, r) each sample's key codes
         mode = layout.cross_attention
         if mode == "naive":
             # Uniform mapping: every query receives the mean code of its sample's question tokens.
-            return routes.key_mean @ codes
-        if mode == "projected":
+            term = interaction.key_mean @ keys
+        elif mode == "projected":
             # Appendix B, eqs 16-17: W_q per query modality, W_k and W_v on the text keys.
-            queries = self.moka_query[name]
             batch, length, r = codes.shape
-            per_modality = F.linear(codes, queries.reshape(-1, r)).view(batch, length, -1, r)
-            nontext = routes.modality_weights[..., list(layout.nontext_slots)]
-            query = (per_modality * nontext.unsqueeze(-1)).sum(-2)
-            key, value = F.linear(codes, self.moka_key[name]), F.linear(codes, self.moka_value[name])
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=routes.key_bias)
-        # task_centric (eqs 5-6) and text_queries: the codes are queries, keys and values; the key
-        # mask picks the question tokens (or the non-text tokens); softmax temperature 1/sqrt(r).
-        return F.scaled_dot_product_attention(codes, codes, codes, attn_mask=routes.key_bias)
+            per_modality = F.linear(codes, self.moka_query[name].reshape(-1, r)).view(batch, length, -1, r)
+            queries = (per_modality * interaction.query_modality.unsqueeze(-1)).sum(-2)
+            term = _attention(queries, F.linear(keys, self.moka_key[name]), F.linear(keys, self.moka_value[name]),
+                              interaction.key_bias)
+        else:
+            # task_centric (eqs 5-6) and text_queries: the codes are queries, keys and values.
+            term = _attention(codes, keys, keys, interaction.key_bias)
+        return torch.addcmul(codes, interaction.strength, term)
 
     def __repr__(self) -> str:
         return "moka." + super().__repr__()
+
+
+def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(r) + bias) v for (B, T, r) queries and (B, Nk, r) keys and values.
+
+    Written out rather than scaled_dot_product_attention: at rank-sized heads (r ~ 4..16) the
+    three batched matmul/softmax kernels are cheaper than the fused kernel's set-up, in both
+    directions. Half-precision scores are normalised in float32.
+    """
+    scores = torch.baddbmm(bias, query, key.transpose(1, 2), alpha=1.0 / math.sqrt(query.shape[-1]))
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        return torch.bmm(scores.softmax(-1, dtype=torch.float32).to(value.dtype), value)
+    return torch.bmm(scores.softmax(-1), value)

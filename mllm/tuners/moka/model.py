@@ -71,10 +71,11 @@ class MokaModel(BaseTuner):
 
     # -- partial-modality inference (paper section 4.3, figures 1 and 5) ----------------------------
     def set_partial_modality(self, modality: Optional[str]) -> None:
-        """Let only ``modality``'s tokens through the adapter path (None: all tokens). Cross-modal
-        interaction is off meanwhile, as in the paper's evaluation of MokA w/o cross-attention.
-        Meant for the prompt pass; decode-step tokens are text, so they keep adapter output only
-        for ``modality="text"``."""
+        """On the prompt pass ("the first generation", section 4.3), let only ``modality``'s tokens
+        through the adapter path (None: all tokens); cross-modal interaction is off meanwhile, as
+        in the paper's evaluation of MokA w/o cross-attention. KV-cache decode steps
+        (``ModalityContext.decode_step``) are not affected: generated tokens take the text A as
+        usual. Every forward without a filled KV cache counts as a prompt pass."""
         from mllm.modality import modality_from_name
 
         self.router.partial_modality = None if modality is None else modality_from_name(modality).name.lower()
