@@ -86,6 +86,7 @@ def _train(cfg: ExperimentConfig, args: MllmTrainingArguments, model: Multimodal
     )
     trainer.train(resume_from_checkpoint=_resume_point(args))
     trainer.save_model(args.output_dir)
+    trainer.save_state()  # trainer_state.json: the log history (losses, train_runtime) beside the model
     if trainer.is_world_process_zero():
         with open(os.path.join(args.output_dir, "experiment.yaml"), "w") as f:
             import yaml

@@ -7,14 +7,14 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+import whisper
+from whisper.model import ModelDimensions, Whisper
 
 from mllm.config import EncoderConfig
 from mllm.encoders import build_encoder
 from mllm.encoders.whisper import WhisperSpeechEncoder
 from mllm.modality import Modality
 
-whisper = pytest.importorskip("whisper")
-from whisper.model import ModelDimensions, Whisper  # noqa: E402
 
 
 def write_checkpoint(path, n_mels: int, seed: int = 0):

@@ -18,8 +18,6 @@ from tests.conftest import TINY_PROJECTOR, model_section
 from tests.encoders.test_beats import random_model, save_official
 from tests.encoders.test_whisper import write_checkpoint
 
-pytest.importorskip("whisper")
-
 
 @pytest.fixture(scope="module")
 def audio_model_section(tiny_assets, tmp_path_factory):

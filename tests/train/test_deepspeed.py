@@ -36,6 +36,7 @@ TUNERS = {
     "lora": {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
     "moka": {"type": "moka", "r": 2, "alpha": 4, "dropout": 0.0,
              "options": {"modalities": ["text", "visual"], "strengths": {"visual": 0.8}}},
+    "delo": {"type": "delo", "r": 2, "alpha": 4, "dropout": 0.0, "options": {"num_experts": 4, "num_tasks": 2}},
 }
 
 
@@ -43,6 +44,13 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _launch_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
+            # DeepSpeed JIT-builds its CPU comm op once (minutes); later runs reuse the build.
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                   os.path.expanduser("~/.cache/mllm-torch-extensions"))}
 
 
 def launch_deepspeed(stage: str, config_path: str, ds_config: str, *overrides: str) -> subprocess.CompletedProcess:
@@ -53,13 +61,31 @@ def launch_deepspeed(stage: str, config_path: str, ds_config: str, *overrides: s
                "--deepspeed_config_file", os.path.join(ROOT, "deepspeed_configs", ds_config),
                "--zero3_init_flag", "true" if ds_config.startswith("zero3") else "false",
                os.path.join(ROOT, "stages", f"{stage}.py"), "--config", config_path, *overrides]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1",
-           # DeepSpeed JIT-builds its CPU comm op once (minutes); later runs reuse the build.
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                  os.path.expanduser("~/.cache/mllm-torch-extensions"))}
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=_launch_env(), timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result
+
+
+def launch_two_machines(stage: str, config_path: str, *overrides: str) -> None:
+    """The shipped multi-node example (configs/accelerate/multi_node_zero3.yaml) as two "machines"
+    of one process each on this host: the command the README gives, run once per machine rank."""
+    port = str(_free_port())
+    machines = []
+    for rank in range(2):
+        command = [sys.executable, "-m", "accelerate.commands.launch",
+                   "--config_file", os.path.join(ROOT, "configs", "accelerate", "multi_node_zero3.yaml"),
+                   "--num_processes", "2", "--machine_rank", str(rank),
+                   "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                   os.path.join(ROOT, "stages", f"{stage}.py"), "--config", config_path, *overrides]
+        machines.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                         cwd=ROOT, env=_launch_env()))
+    try:
+        outputs = [machine.communicate(timeout=900)[0] for machine in machines]
+    finally:
+        for machine in machines:
+            machine.kill()
+    for rank, (machine, output) in enumerate(zip(machines, outputs)):
+        assert machine.returncode == 0, f"machine {rank}:\n{output[-4000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +171,7 @@ def test_stage1_under_zero3_saves_what_one_process_saves(stage1):
 
 
 STAGE2_RUNS = [("zero2.json", "lora"), ("zero3.json", "lora"), ("zero2_offload.json", "moka"),
-               ("zero3_offload.json", "moka")]
+               ("zero3_offload.json", "moka"), ("zero3.json", "delo")]
 
 
 @pytest.fixture(scope="module")
@@ -178,8 +204,9 @@ def test_stage2_two_processes_save_what_one_process_saves(stage2, ds_config, tun
     assert_same_saves(os.path.join(run["multi"], "checkpoint-2"), os.path.join(run["single"], "checkpoint-2"))
     adapter_config = json.load(open(os.path.join(run["multi"], "adapter", "adapter_config.json")))
     assert adapter_config["peft_type"].lower() == tuner
-    # Training moved the adapter far beyond the tolerance (lora_B / moka_B start at 0).
-    b = [t for k, t in _saved(run["multi"]).items() if "_B" in k]
+    # Training moved the adapter far beyond the tolerance (lora_B / moka_B / DeLo's b start at 0;
+    # DeLo trains only the current task's pools, task 0).
+    b = [t for k, t in _saved(run["multi"]).items() if "_B" in k or (".b_" in k and k.endswith(".0"))]
     assert b and all(bool(t.abs().sum() > 0) for t in b) and max(float(t.abs().max()) for t in b) > 1e-2
 
 
@@ -195,3 +222,15 @@ def test_resume_under_zero_reaches_the_same_weights(stage2, ds_config, tmp_path)
     state = json.load(open(resumed / "checkpoint-3" / "trainer_state.json"))
     assert state["global_step"] == 3
     assert_same_saves(resumed, run["multi"])
+
+
+def test_stage2_on_two_machines_saves_what_one_process_saves(stage2, tmp_path):
+    """Multi-node: two machine ranks meeting at a main address, ZeRO-3, MokA."""
+    run = stage2("zero3_offload.json", "moka")  # its single-process reference
+    path = tmp_path / "two-machines.yaml"
+    path.write_text(yaml.safe_dump(run["experiment"]))
+    out = tmp_path / "two-machines"
+    launch_two_machines("instruct", str(path), f"training.output_dir={out}",
+                        f"training.per_device_train_batch_size={MICRO_BATCH}")
+    _assert_ran_under_deepspeed(out)
+    assert_same_saves(out, run["single"])

@@ -50,6 +50,13 @@ class TaskQueries(nn.Module):
         weight = available.to(pooled.dtype)
         added = weight.sum(0)                                            # (2,)
         total = (pooled * weight[..., None]).sum(0)                      # (2, d)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            # Data parallel: every rank adds the whole global batch, so the memory stays the same on
+            # all ranks and equals a single-process run's (every rank trains on every step).
+            sums = torch.cat([added[:, None], total], dim=1).float()
+            torch.distributed.all_reduce(sums)
+            added, total = sums[:, 0].to(added.dtype), sums[:, 1:].to(total.dtype)
         count = self.counts[task] + added
         mean = self.keys[task] + (total - added[:, None] * self.keys[task]) / count.clamp(min=1)[:, None]
         self.keys[task] = torch.where(added[:, None] > 0, mean.to(self.keys.dtype), self.keys[task])
