@@ -175,3 +175,67 @@ def test_resume_reaches_the_same_weights(tiny_assets, demo_data, stage1_dir, tmp
             trained += 1
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert trained > 0
+
+
+class _KilledAfterCheckpoint(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "instruct"])
+def test_run_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_assets, demo_data, stage1_dir, tmp_path,
+                                                                   monkeypatch, stage):
+    """A run dies right after writing checkpoint-2; `resume_from_checkpoint: true` picks that
+    checkpoint up and ends with the weights of a run that never stopped. Random data order and
+    dropout, so the data position and the RNG states must be restored too."""
+    import mllm.train.stages as stages
+    from transformers import TrainerCallback
+
+    run = {"pretrain": run_pretrain, "instruct": run_instruct}[stage]
+    extra = {"pretrained_projectors": stage1_dir} if stage == "instruct" else {}
+
+    def config(output_dir):
+        cfg = _config(tiny_assets, demo_data, output_dir, stage, max_steps=4, save_steps=2,
+                      train_sampling_strategy="random", **extra)
+        cfg.tuner.dropout = 0.2
+        for projector in cfg.model.projectors.values():
+            projector.dropout = 0.2
+        return cfg
+
+    straight = run(config(tmp_path / "straight"))
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise _KilledAfterCheckpoint
+
+    class DyingTrainer(stages.MultimodalTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, callbacks=[Kill()], **kwargs)
+
+    interrupted = config(tmp_path / "interrupted")
+    with monkeypatch.context() as patch:
+        patch.setattr(stages, "MultimodalTrainer", DyingTrainer)
+        with pytest.raises(_KilledAfterCheckpoint):
+            run(interrupted)
+    assert sorted(os.listdir(tmp_path / "interrupted")) == ["checkpoint-2"]
+    steps_taken = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps_taken.append(state.global_step)
+
+    class CountingTrainer(stages.MultimodalTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, callbacks=[Count()], **kwargs)
+
+    interrupted.training["resume_from_checkpoint"] = True   # the newest checkpoint in output_dir
+    with monkeypatch.context() as patch:
+        patch.setattr(stages, "MultimodalTrainer", CountingTrainer)
+        resumed = run(interrupted)
+    assert steps_taken == [3, 4]   # it went on from checkpoint-2 rather than starting again
+    trained = 0
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        if a.requires_grad:
+            trained += 1
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert trained > 0
