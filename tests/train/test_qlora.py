@@ -21,6 +21,16 @@ from tests.model.test_modality_context import _batch, _expected
 LORA = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
 MOKA = {"type": "moka", "r": 2, "alpha": 4, "dropout": 0.0,
         "options": {"modalities": ["text", "visual"], "strengths": {"visual": 0.8}}}
+DORA = {**LORA, "type": "dora"}
+DELO = {"type": "delo", "r": 2, "alpha": 4, "dropout": 0.0, "options": {"num_experts": 4, "num_tasks": 2}}
+TUNERS = [LORA, DORA, MOKA, DELO]
+TUNER_IDS = [t["type"] for t in TUNERS]
+PARAM_PREFIX = {"lora": "lora_", "dora": "lora_", "moka": "moka_", "delo": "delo_"}
+
+
+def _is_b(name: str) -> bool:
+    """The zero-initialised up-projections: lora_B / moka_B, DeLo's b pools."""
+    return "_B" in name or ".b_" in name
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +67,7 @@ def test_quantization_field_is_validated():
         config_from_dict({"model": {"llm": "x", "quantization": "int3"}})
 
 
-@pytest.mark.parametrize("tuner", [LORA, MOKA], ids=["lora", "moka"])
+@pytest.mark.parametrize("tuner", TUNERS, ids=TUNER_IDS)
 def test_gradients_reach_the_tuner_through_4bit_layers(tiny_assets, llm64, tuner):
     model = _qlora_model(tiny_assets, llm64, tuner).train()
     assert "Linear4bit" in _linear_types(model)
@@ -66,15 +76,15 @@ def test_gradients_reach_the_tuner_through_4bit_layers(tiny_assets, llm64, tuner
     model(**batch, labels=labels).loss.backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     adapter = {n: p for n, p in trainable.items() if n.startswith("llm.")}
-    assert adapter and all(f"{tuner['type']}_" in n for n in adapter)
+    assert adapter and all(PARAM_PREFIX[tuner["type"]] in n for n in adapter)
     # Every A and the B matrices get a gradient (B starts at 0, so A's first gradient is 0 too).
     assert all(p.grad is not None for p in adapter.values())
-    assert any(bool(p.grad.abs().sum() > 0) for n, p in adapter.items() if "_B" in n)
+    assert any(bool(p.grad.abs().sum() > 0) for n, p in adapter.items() if _is_b(n))
     # The 4-bit base weights are frozen (uint8 storage, no gradient).
     assert all(not p.requires_grad for n, p in model.base_llm.named_parameters() if p.dtype == torch.uint8)
 
 
-@pytest.mark.parametrize("tuner", [LORA, MOKA], ids=["lora", "moka"])
+@pytest.mark.parametrize("tuner", TUNERS, ids=TUNER_IDS)
 def test_stage2_on_a_4bit_llm_saves_and_reloads(tiny_assets, demo_data, llm64, tmp_path, tuner):
     cfg = config_from_dict({
         "model": _model_section(tiny_assets, llm64), "tuner": tuner,
@@ -83,7 +93,7 @@ def test_stage2_on_a_4bit_llm_saves_and_reloads(tiny_assets, demo_data, llm64, t
                      "learning_rate": 1e-2, "use_cpu": True, "disable_tqdm": True, "save_steps": 1000,
                      "report_to": "none"}})
     model = run_instruct(cfg)
-    b = [p for n, p in model.llm.named_parameters() if "_B" in n]
+    b = [p for n, p in model.llm.named_parameters() if _is_b(n)]
     assert b and any(bool(p.abs().sum() > 0) for p in b)  # trained away from the zero init
     reloaded = MultimodalLM.from_pretrained(str(tmp_path))
     assert reloaded.config.quantization == "nf4" and "Linear4bit" in _linear_types(reloaded)
@@ -94,8 +104,9 @@ def test_stage2_on_a_4bit_llm_saves_and_reloads(tiny_assets, demo_data, llm64, t
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_merging_lora_dequantizes_the_llm_and_keeps_its_outputs(tiny_assets, llm64):
-    model = _qlora_model(tiny_assets, llm64, {**LORA, "options": {"init_lora_weights": False}})
+@pytest.mark.parametrize("tuner", [LORA, DORA], ids=["lora", "dora"])
+def test_merging_lora_dequantizes_the_llm_and_keeps_its_outputs(tiny_assets, llm64, tuner):
+    model = _qlora_model(tiny_assets, llm64, {**tuner, "options": {"init_lora_weights": False}})
     batch = _batch(model, "right")
     # Train mode: bitsandbytes' CPU inference path would compute with bf16 block scales.
     with torch.no_grad():
@@ -107,8 +118,9 @@ def test_merging_lora_dequantizes_the_llm_and_keeps_its_outputs(tiny_assets, llm
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
-def test_moka_on_a_4bit_llm_does_not_merge(tiny_assets, llm64):
-    model = _qlora_model(tiny_assets, llm64, MOKA)
+@pytest.mark.parametrize("tuner", [MOKA, DELO], ids=["moka", "delo"])
+def test_token_routed_tuners_on_a_4bit_llm_do_not_merge(tiny_assets, llm64, tuner):
+    model = _qlora_model(tiny_assets, llm64, tuner)
     with pytest.raises(NotImplementedError, match="4-bit"):
         model.merge_tuner()
     assert model.config.quantization == "nf4" and "Linear4bit" in _linear_types(model)  # untouched
