@@ -6,6 +6,8 @@ runner (``eval_suites.runner``) generates answers with a ``MultimodalLM`` and sc
 
 from __future__ import annotations
 
+import inspect
+
 from eval_suites.air_bench import AirBench
 from eval_suites.ave import Ave
 from eval_suites.base import MODES, AnnotationError, EvalSample, Suite
@@ -20,11 +22,29 @@ SUITES: dict[str, type[Suite]] = {cls.name: cls for cls in (
     Pope, Mme, Mmbench, SeedBench, Mmau, AirBench, MusicAvqa, Ave)}
 
 
+def suite_options(name: str) -> dict[str, object]:
+    """The options suite ``name`` takes (its constructor's keyword arguments) and their defaults."""
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; available: {', '.join(SUITES)}")
+    init = SUITES[name].__init__
+    if init is object.__init__:
+        return {}
+    return {p.name: p.default for p in inspect.signature(init).parameters.values()
+            if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def get_suite(name: str, **options) -> Suite:
-    try:
-        return SUITES[name](**options)
-    except KeyError:
-        raise ValueError(f"unknown suite {name!r}; available: {', '.join(SUITES)}") from None
+    """Build suite ``name`` with ``options`` (see ``suite_options``); an unknown option is an
+    error that lists the valid ones. The options given are kept in ``suite.options``."""
+    valid = suite_options(name)
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        listed = (", ".join(f"{k} (default {v!r})" for k, v in valid.items()) if valid
+                  else "none, this suite takes no options")
+        raise ValueError(f"suite {name!r} has no option {', '.join(map(repr, unknown))}; valid options: {listed}")
+    suite = SUITES[name](**options)
+    suite.options = dict(options)
+    return suite
 
 
-__all__ = ["MODES", "SUITES", "AnnotationError", "EvalSample", "Suite", "get_suite"]
+__all__ = ["MODES", "SUITES", "AnnotationError", "EvalSample", "Suite", "get_suite", "suite_options"]

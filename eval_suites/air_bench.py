@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import os
 
-from eval_suites.base import (AnnotationError, EvalSample, Suite, check_mode, iter_json_items, mean_of, ratio,
-                              require_fields, results_header, write_json_lines)
+from eval_suites.base import (AnnotationError, EvalSample, Suite, check_mode, check_option_choice, iter_json_items,
+                              mean_of, ratio, require_fields, results_header, write_json_lines)
 from eval_suites.parsing import strict_choice
 
 SPEECH_TASKS = ("Speech_Grounding", "Spoken_Language_Identification", "Speaker_Gender_Recognition",
@@ -49,6 +49,8 @@ class AirBench(Suite):
     prompt_suffix = ""  # the instruction comes first, as in the official prompt
 
     def __init__(self, subset: str = "speech"):
+        """``subset``: speech (the 9 speech tasks, default) or all (every Foundation task)."""
+        check_option_choice(self.name, "subset", subset, ("speech", "all"))
         self.subset = subset
         if subset != "speech":
             self.media_fields = ("audio", "speech")

@@ -19,6 +19,21 @@ which count as correct.**
 ``strict`` uses AVE's own convention (segments ``start <= i < end``) for the reference and the
 predicted ranges, matches event names case-insensitively, and counts all ten segments of an
 unparseable or missing answer as wrong.
+
+Prompt and length differ from MokA's inference (``unified_dataset.py`` / ``inference_cut.py``),
+which asks "Please describe the events and time range that occurred in the video." and
+generates up to 500 new tokens. MokA's models were fine-tuned on AVE training targets written in
+the ``<event>``/``<range>`` format, so they need no format instruction. A checkpoint tuned on
+other data has never seen that format, so the default prompt spells it out and, since one
+short tagged answer is asked for, stops at 48 new tokens. To score a checkpoint trained the
+MokA way, use ``protocol="moka"`` (``--option protocol=moka``): MokA's instruction, 500 new
+tokens. Its prompt framing ("This is a video: <video_start>...") is tied to MokA's own model
+and is not reproduced: the media placeholders are this project's. ``--max-new-tokens`` and
+``--prompt-suffix`` still override either protocol.
+
+Options: ``vocabulary_path`` (see above), ``video_path`` / ``audio_path`` (templates with
+``{video_id}``, relative to the media root; defaults ``videos/{video_id}.mp4`` and
+``audios/{video_id}.wav``), ``protocol`` (``default`` or ``moka``).
 """
 
 from __future__ import annotations
@@ -26,13 +41,17 @@ from __future__ import annotations
 import os
 import re
 
-from eval_suites.base import AnnotationError, EvalSample, Suite, check_mode, ratio, results_header, write_json_lines
+from eval_suites.base import (AnnotationError, EvalSample, Suite, check_media_template, check_mode,
+                              check_option_choice, ratio, results_header, write_json_lines)
 from eval_suites.parsing import normalize_text
 
 SEGMENTS = 10
 BACKGROUND = "none"
 RANGE_TAG = re.compile(r"<range>(.*?)</range>")
 PAREN_RANGE = re.compile(r"\(\s*(\d+)\s+(\d+)\s*\)")
+PROTOCOLS = ("default", "moka")
+MOKA_INSTRUCTION = "Please describe the events and time range that occurred in the video."  # unified_dataset.py
+MOKA_MAX_NEW_TOKENS = 500                                                                   # inference_cut.py
 
 
 def read_annotation_lines(path: str) -> list[dict]:
@@ -107,9 +126,17 @@ class Ave(Suite):
                      "<event>event name</event><range>start,end</range>.")
 
     def __init__(self, vocabulary_path: str | None = None, video_path: str = "videos/{video_id}.mp4",
-                 audio_path: str = "audios/{video_id}.wav"):
+                 audio_path: str = "audios/{video_id}.wav", protocol: str = "default"):
+        if vocabulary_path is not None and not isinstance(vocabulary_path, str):
+            raise ValueError(f"ave option vocabulary_path must be a file path, got {vocabulary_path!r}")
         self.vocabulary_path = vocabulary_path
-        self.video_path, self.audio_path = video_path, audio_path
+        self.video_path = check_media_template(self.name, "video_path", video_path)
+        self.audio_path = check_media_template(self.name, "audio_path", audio_path)
+        check_option_choice(self.name, "protocol", protocol, PROTOCOLS)
+        self.protocol = protocol
+        if protocol == "moka":
+            self.prompt_suffix = MOKA_INSTRUCTION
+            self.max_new_tokens = MOKA_MAX_NEW_TOKENS
 
     def load(self, path: str) -> list[EvalSample]:
         rows = read_annotation_lines(path)

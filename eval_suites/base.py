@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -43,7 +44,12 @@ class EvalSample:
 
 
 class Suite:
-    """One benchmark. Subclasses set the class attributes and implement the three methods."""
+    """One benchmark. Subclasses set the class attributes and implement the three methods.
+
+    Constructor keyword arguments are the suite's options (``get_suite(name, **options)``,
+    ``mllm eval --option KEY=VALUE``); ``get_suite`` keeps the ones given in ``self.options``,
+    which the runner records in the results.
+    """
 
     name: str = ""
     #: record fields the model must be able to encode ("image", "video", "audio", "speech")
@@ -68,6 +74,25 @@ class Suite:
         suffix = self.prompt_suffix if prompt_suffix is None else prompt_suffix
         lines = [MEDIA_FIELDS[f] for f, paths in sample.media.items() for _ in paths]
         return "\n".join(lines + [sample.question + suffix])
+
+
+def check_option_choice(suite: str, option: str, value, allowed: tuple) -> None:
+    """A suite option that takes one of a few values."""
+    if value not in allowed:
+        raise ValueError(f"{suite} option {option} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def check_media_template(suite: str, option: str, value) -> str:
+    """A media path template such as ``videos/{video_id}.mp4``."""
+    hint = (f"a path template with {{video_id}}, such as 'videos/{{video_id}}.mp4' (on the command line, quote "
+            f"a value that starts with '{{': --option '{option}=\"{{video_id}}.mp4\"')")
+    if not isinstance(value, str) or "{video_id}" not in value:
+        raise ValueError(f"{suite} option {option} must be {hint}; got {value!r}")
+    try:
+        value.format(video_id="x")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"{suite} option {option}: {value!r} may use only the field {{video_id}} ({e!r})") from None
+    return value
 
 
 def check_mode(mode: str) -> None:
@@ -123,15 +148,130 @@ def iter_json_lines(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def iter_json_items(path: str) -> Iterator[tuple[str, Any]]:
-    """Yield ``("file[index]", object)`` for a JSON list, or ``("file:line", object)`` for
-    JSON lines (several benchmarks ship JSON lines under a ``.json`` name)."""
-    with open(path, encoding="utf-8") as f:
-        head = f.read(1024).lstrip()
+    """Yield ``(where, object)`` for each record of a JSON list -- ``where`` is
+    ``"file:line (record i of the JSON list, 0-based)"``, the line being the one the record
+    starts on -- or ``("file:line", object)`` for JSON lines (several benchmarks ship JSON
+    lines under a ``.json`` name)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            head = f.read(1024).lstrip()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file not found: {path}") from None
     if head.startswith("["):
-        for index, item in enumerate(read_json(path)):
-            yield f"{path}[{index}]", item
+        for index, (line, item) in enumerate(read_json_list(path)):
+            yield f"{path}:{line} (record {index} of the JSON list, 0-based)", item
     else:
         yield from iter_json_lines(path)
+
+
+# A JSON list read record by record with ``json.JSONDecoder.raw_decode``, so that each record's
+# line number is known (``json.load`` forgets where things were).
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+class _LineCounter:
+    """Line number of a text offset; offsets must be asked in increasing order."""
+
+    def __init__(self, text: str):
+        self.text, self.offset, self.line = text, 0, 1
+
+    def __call__(self, offset: int) -> int:
+        self.line += self.text.count("\n", self.offset, offset)
+        self.offset = offset
+        return self.line
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file not found: {path}") from None
+
+
+def _decode(decoder: json.JSONDecoder, text: str, pos: int, path: str) -> tuple[Any, int]:
+    try:
+        return decoder.raw_decode(text, pos)
+    except json.JSONDecodeError as e:
+        raise AnnotationError(f"{path}:{e.lineno}", f"invalid JSON at column {e.colno}: {e.msg}") from None
+
+
+def _list_with_lines(text: str, pos: int, path: str, lines: _LineCounter) -> tuple[list[tuple[int, Any]], int]:
+    """Parse the JSON list starting at ``text[pos] == "["``: ``([(line, item), ...], end offset)``."""
+    decoder, items = json.JSONDecoder(), []
+    pos = _WHITESPACE.match(text, pos + 1).end()
+    if text.startswith("]", pos):
+        return items, pos + 1
+    while True:
+        line = lines(pos)
+        item, pos = _decode(decoder, text, pos, path)
+        items.append((line, item))
+        pos = _WHITESPACE.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = _WHITESPACE.match(text, pos + 1).end()
+        elif text.startswith("]", pos):
+            return items, pos + 1
+        else:
+            raise AnnotationError(f"{path}:{lines(pos)}", "invalid JSON: expected ',' or ']' after a list item")
+
+
+def _expect_end(text: str, pos: int, path: str, lines: _LineCounter) -> None:
+    pos = _WHITESPACE.match(text, pos).end()
+    if pos != len(text):
+        raise AnnotationError(f"{path}:{lines(pos)}", "invalid JSON: extra data after the top-level value")
+
+
+def read_json_list(path: str) -> list[tuple[int, Any]]:
+    """A file holding one JSON list: ``[(line the record starts on, record), ...]``."""
+    text = _read_text(path)
+    lines = _LineCounter(text)
+    pos = _WHITESPACE.match(text).end()
+    if not text.startswith("[", pos):
+        raise AnnotationError(f"{path}:{lines(pos)}", "expected a JSON list")
+    items, pos = _list_with_lines(text, pos, path, lines)
+    _expect_end(text, pos, path, lines)
+    return items
+
+
+def read_json_object_with_list(path: str, key: str) -> tuple[dict, list[tuple[int, Any]]]:
+    """A file holding one JSON object whose ``key`` member is a list (SEED-Bench's
+    ``{"questions": [...], ...}``): ``(the object, [(line, item), ...] of that list)``; the
+    object's ``key`` holds the plain items."""
+    text = _read_text(path)
+    lines = _LineCounter(text)
+    decoder, data, tracked = json.JSONDecoder(), {}, None
+    pos = _WHITESPACE.match(text).end()
+    if not text.startswith("{", pos):
+        raise AnnotationError(f"{path}:{lines(pos)}", "expected a JSON object")
+    pos = _WHITESPACE.match(text, pos + 1).end()
+    closed = text.startswith("}", pos)
+    pos += closed
+    while not closed:
+        if not text.startswith('"', pos):
+            raise AnnotationError(f"{path}:{lines(pos)}", "invalid JSON: expected a member name in double quotes")
+        name, pos = _decode(decoder, text, pos, path)
+        pos = _WHITESPACE.match(text, pos).end()
+        if not text.startswith(":", pos):
+            raise AnnotationError(f"{path}:{lines(pos)}", "invalid JSON: expected ':' after a member name")
+        pos = _WHITESPACE.match(text, pos + 1).end()
+        if name == key and text.startswith("[", pos):
+            tracked, pos = _list_with_lines(text, pos, path, lines)
+            data[name] = [item for _, item in tracked]
+        else:
+            lines(pos)
+            data[name], pos = _decode(decoder, text, pos, path)
+        pos = _WHITESPACE.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = _WHITESPACE.match(text, pos + 1).end()
+        elif text.startswith("}", pos):
+            pos, closed = pos + 1, True
+        else:
+            raise AnnotationError(f"{path}:{lines(pos)}", "invalid JSON: expected ',' or '}' after a member")
+    _expect_end(text, pos, path, lines)
+    if tracked is None or not isinstance(data.get(key), list):
+        tracked = None
+    return data, tracked or []
 
 
 def require_fields(where: str, item: Any, fields: tuple[str, ...]) -> dict:

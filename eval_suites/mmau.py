@@ -1,4 +1,4 @@
-"""MMAU test-mini, speech subset (``task == "speech"``; ``subset="all"`` keeps sound and music).
+"""MMAU test-mini, speech subset (``task == "speech"``; option ``subset``: sound, music, or all).
 
 Annotations: ``mmau-test-mini.json`` (a JSON list; ``answer`` is the option *text*, ``choices``
 holds 2-5 strings; audio at ``<media-root>/<audio_id>``). Reported: accuracy overall and per
@@ -24,11 +24,12 @@ import os
 import re
 import string
 
-from eval_suites.base import (EvalSample, Suite, check_mode, iter_json_items, mean_of, require_fields,
-                              results_header)
+from eval_suites.base import (EvalSample, Suite, check_mode, check_option_choice, iter_json_items, mean_of,
+                              require_fields, results_header)
 from eval_suites.parsing import normalize_text, strict_choice
 
 BREAKDOWNS = ("task", "category", "sub-category", "difficulty")
+SUBSETS = ("speech", "sound", "music", "all")
 
 
 def word_set(text: str) -> set[str]:
@@ -61,6 +62,8 @@ class Mmau(Suite):
     prompt_suffix = "\nAnswer with the option's letter from the given choices directly."
 
     def __init__(self, subset: str = "speech"):
+        """``subset``: the ``task`` to keep -- speech (default), sound, music -- or all."""
+        check_option_choice(self.name, "subset", subset, SUBSETS)
         self.subset = subset
         if subset != "speech":
             self.media_fields = ("audio", "speech")

@@ -16,7 +16,13 @@ that letter; if no letter but a ``Z`` token, "Z" (a refusal, always wrong); else
 the answer is at most twice the total option length and exactly one option's text (lower
 case) is a substring of it, that option. Anything else is a miss, which sinks the whole
 circular group. A judge model can be plugged in for what the rules cannot match (off by
-default).
+default): as in VLMEvalKit it is asked only when the rules extract nothing -- a rule-based "Z"
+(refusal) is a final answer, and wrong.
+
+Options (``get_suite("mmbench", ...)``, ``mllm eval --option KEY=VALUE``): ``circular``
+(default true; false asks each question once, on the main rows only) and ``judge`` (a callable
+``judge(question, options, output) -> letter | "Z" | None``, or from the command line its
+import path ``package.module:function``).
 ``strict`` first applies ``parsing.strict_choice`` (bare or leading letters anywhere in the
 answer's shape, "the answer is X", whole-word option text), then the official rules.
 """
@@ -24,6 +30,7 @@ answer's shape, "the answer is X", whole-word option text), then the official ru
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 import re
 import string
@@ -40,6 +47,22 @@ ANSWER_IS = re.compile(r"(?:correct\s+)?answer\s+is\s+\**([ABCD])\**", re.IGNORE
 
 #: judge(question_text, {letter: option_text}, model_output) -> letter or None
 Judge = Callable[[str, dict, str], "str | None"]
+
+
+def load_judge(path: str) -> Judge:
+    """The judge function named ``package.module:function`` (or ``package.module.function``)."""
+    module_name, sep, attribute = path.partition(":")
+    if not sep:
+        module_name, _, attribute = path.rpartition(".")
+    if not module_name or not attribute:
+        raise ValueError(f"mmbench option judge: expected 'package.module:function', got {path!r}")
+    try:
+        judge = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"mmbench option judge: cannot load {path!r} ({e})") from None
+    if not callable(judge):
+        raise ValueError(f"mmbench option judge: {path!r} is not callable")
+    return judge
 
 
 def official_option_letter(answer: str, options: dict[str, str]) -> str | None:
@@ -92,9 +115,13 @@ class Mmbench(Suite):
     max_new_tokens = 128
     prompt_suffix = "Please select the correct answer from the options above. \n"
 
-    def __init__(self, circular: bool = True, judge: Judge | None = None):
+    def __init__(self, circular: bool = True, judge: Judge | str | None = None):
+        if not isinstance(circular, bool):
+            raise ValueError(f"mmbench option circular must be true or false, got {circular!r}")
         self.circular = circular
-        self.judge = judge
+        self.judge = load_judge(judge) if isinstance(judge, str) else judge
+        if self.judge is not None and not callable(self.judge):
+            raise ValueError(f"mmbench option judge must be a callable or 'package.module:function', got {judge!r}")
 
     # ------------------------------------------------------------------ reading
     def load(self, path: str) -> list[EvalSample]:
@@ -178,12 +205,17 @@ class Mmbench(Suite):
 
     # ------------------------------------------------------------------ scoring
     def choose(self, sample: EvalSample, answer: str, mode: str) -> tuple[str | None, bool]:
-        """(letter or None, whether the judge was asked)."""
+        """(letter, "Z" or None; whether the judge was asked).
+
+        As in VLMEvalKit, what the rules extract is final -- a refusal ("Z") included -- and the
+        judge is asked only when they extract nothing. A judge's reply that is neither an
+        option letter nor "Z" counts as no answer."""
         options = sample.meta["options"]
         letter = strict_choice(answer, options) if mode == "strict" else None
         letter = letter or official_choice(answer, options)
-        if letter in (None, "Z") and self.judge is not None:
-            return self.judge(sample.question, options, answer), True
+        if letter is None and self.judge is not None:
+            judged = self.judge(sample.question, options, answer)
+            return (judged if judged in options or judged == "Z" else None), True
         return letter, False
 
     def score(self, samples, predictions, mode="official"):

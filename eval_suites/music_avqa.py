@@ -15,6 +15,23 @@ every denominator); right iff the reference is a substring of it ("ten" is insid
 ten"). Questions without an answer are skipped too.
 ``strict`` counts every question: the tagged answer (or the whole output), normalised
 (digits to words, "acoustic guitar" to ``acoustic_guitar``), must equal the reference.
+
+Prompt and length differ from MokA's inference (``unified_dataset.py`` / ``inference_cut.py``),
+which asks "Please answer this question: {question}" with no answer-format instruction and
+generates up to 500 new tokens. MokA's models were fine-tuned on MUSIC-AVQA training targets
+that carry the ``<answer>`` tag (after some reasoning text), so they learn the format the
+scorer parses and may need many tokens before the tag. A checkpoint tuned on other data has
+never seen that format, so the default here states it in the prompt
+("... written as <answer>word</answer>") and, since one tagged word is asked for, stops at 32
+new tokens. To score a checkpoint trained the MokA way, use ``protocol="moka"``
+(``--option protocol=moka``): MokA's question wording, no suffix, 500 new tokens. Its
+prompt framing ("This is a video: <video_start>...") is tied to MokA's own model and is not
+reproduced: the media placeholders are this project's. ``--max-new-tokens`` and
+``--prompt-suffix`` still override either protocol.
+
+Options: ``video_path`` / ``audio_path`` (templates with ``{video_id}``, relative to the media
+root; defaults ``videos/{video_id}.mp4`` and ``audios/{video_id}.wav``), ``protocol``
+(``default`` or ``moka``).
 """
 
 from __future__ import annotations
@@ -23,8 +40,9 @@ import ast
 import os
 import re
 
-from eval_suites.base import (AnnotationError, EvalSample, Suite, check_mode, iter_json_items, mean_of,
-                              require_fields, results_header, write_json_lines)
+from eval_suites.base import (AnnotationError, EvalSample, Suite, check_media_template, check_mode,
+                              check_option_choice, iter_json_items, mean_of, require_fields, results_header,
+                              write_json_lines)
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 INSTRUMENTS = ("accordion", "acoustic_guitar", "bagpipe", "banjo", "bassoon", "cello", "clarinet", "congas",
@@ -35,6 +53,9 @@ VOCABULARY = frozenset(("yes", "no", *NUMBERS, "more than ten", "left", "middle"
 SUBTYPES = {"Audio": ("Counting", "Comparative"), "Visual": ("Counting", "Location"),
             "Audio-Visual": ("Existential", "Counting", "Location", "Comparative", "Temporal")}
 ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>")
+PROTOCOLS = ("default", "moka")
+MOKA_QUESTION_PREFIX = "Please answer this question: "  # MokA's unified_dataset.py
+MOKA_MAX_NEW_TOKENS = 500                                 # MokA's inference_cut.py
 
 
 def official_avqa_answer(output: str) -> str | None:
@@ -85,8 +106,17 @@ class MusicAvqa(Suite):
     max_new_tokens = 32
     prompt_suffix = "\nAnswer with a single word, written as <answer>word</answer>."
 
-    def __init__(self, video_path: str = "videos/{video_id}.mp4", audio_path: str = "audios/{video_id}.wav"):
-        self.video_path, self.audio_path = video_path, audio_path
+    def __init__(self, video_path: str = "videos/{video_id}.mp4", audio_path: str = "audios/{video_id}.wav",
+                 protocol: str = "default"):
+        self.video_path = check_media_template(self.name, "video_path", video_path)
+        self.audio_path = check_media_template(self.name, "audio_path", audio_path)
+        check_option_choice(self.name, "protocol", protocol, PROTOCOLS)
+        self.protocol = protocol
+        self.question_prefix = ""
+        if protocol == "moka":
+            self.question_prefix = MOKA_QUESTION_PREFIX
+            self.prompt_suffix = ""
+            self.max_new_tokens = MOKA_MAX_NEW_TOKENS
 
     def load(self, path: str) -> list[EvalSample]:
         samples = []
@@ -103,7 +133,7 @@ class MusicAvqa(Suite):
                 raise AnnotationError(where, f"answer {item['anser']!r} is not in the 42-word vocabulary")
             media = {"video": [self.video_path.format(video_id=item["video_id"])],
                      "audio": [self.audio_path.format(video_id=item["video_id"])]}
-            samples.append(EvalSample(id=str(item["question_id"]), question=question, media=media, target=answer,
+            samples.append(EvalSample(id=str(item["question_id"]), question=self.question_prefix + question, media=media, target=answer,
                                       meta={"type": question_type, "video_id": item["video_id"]}))
         return samples
 

@@ -9,7 +9,13 @@ the positive class, and the model's yes-ratio), plus the mean over splits.
 delete commas, split on single spaces; the tokens ``No``, ``no`` or ``not`` (case-sensitive)
 mean "no", anything else -- "NO", "Nope", an empty answer -- means "yes". Every answer
 parses, so nothing is dropped; a sample with no answer at all is left out (the official
-script zips answers with labels by position and has no notion of a missing one).
+script zips answers with labels by position and has no notion of a missing one; given an
+empty answer it would read "yes"). The files written for it agree with this: per split,
+``pope_<split>_answers.jsonl`` holds the answered questions only and
+``pope_<split>_labels.json`` the matching label records, in the same order (the official
+file's records when every question has an answer) -- ``evaluate.py`` run on the pair
+prints the numbers of ``results_official.json``; each split's ``unanswered`` count says how
+many were left out.
 ``strict`` reads yes/no case-insensitively from the first word (see ``parsing.strict_yes_no``);
 an answer that is neither, or missing, counts against accuracy and recall.
 """
@@ -79,22 +85,26 @@ class Pope(Suite):
                     raise AnnotationError(where, f"label must be 'yes' or 'no', got {item['label']!r}")
                 samples.append(EvalSample(
                     id=f"{split}/{item['question_id']}", question=item["text"], media={"image": [item["image"]]},
-                    target=item["label"], meta={"split": split, "position": position}))
+                    target=item["label"], meta={"split": split, "position": position, "record": item}))
         return samples
 
     def score(self, samples, predictions, mode="official"):
         check_mode(mode)
         by_split: dict[str, list] = {}
+        unanswered: dict[str, int] = {}
         failures = scored = 0
         for sample in samples:
             answer = predictions.get(sample.id)
+            if answer is None:
+                unanswered[sample.meta["split"]] = unanswered.get(sample.meta["split"], 0) + 1
             if answer is None and mode == "official":
                 continue
             pred = official_pope_answer(answer) if mode == "official" else strict_yes_no(answer or "")
             failures += pred is None
             scored += 1
             by_split.setdefault(sample.meta["split"], []).append((sample.target, pred))
-        splits = {name: split_metrics(pairs) for name, pairs in by_split.items()}
+        splits = {name: dict(split_metrics(pairs), unanswered=unanswered.get(name, 0))
+                  for name, pairs in by_split.items()}
         keys = ("accuracy", "precision", "recall", "f1", "yes_ratio")
         mean = {k: mean_of([m[k] for m in splits.values()]) if all(m[k] is not None for m in splits.values())
                 else None for k in keys}
@@ -104,11 +114,18 @@ class Pope(Suite):
         return out
 
     def write_official_files(self, samples, predictions, out_dir):
-        """One answer file per split for ``evaluate.py``: ``{question, answer}`` lines in
-        label-file order (it zips answers with labels by position)."""
+        """Per split with at least one answer, the pair to give ``evaluate.py`` (it zips answers
+        with labels by position): ``pope_<split>_answers.jsonl`` (``{question, answer}`` lines in
+        label-file order) and ``pope_<split>_labels.json`` (the label records of those same
+        questions, verbatim). Questions without an answer are left out of both files -- written
+        as "" they would be read as "yes" -- so the pair scores exactly as ``official`` does."""
         paths = []
         for split in dict.fromkeys(s.meta["split"] for s in samples):
-            rows = [{"question": s.question, "answer": predictions.get(s.id, "")}
-                    for s in samples if s.meta["split"] == split]
-            paths.append(write_json_lines(os.path.join(out_dir, f"pope_{split}_answers.jsonl"), rows))
+            answered = [s for s in samples if s.meta["split"] == split and s.id in predictions]
+            if not answered:
+                continue  # nothing to score; evaluate.py would divide by zero
+            answers = [{"question": s.question, "answer": predictions[s.id]} for s in answered]
+            paths.append(write_json_lines(os.path.join(out_dir, f"pope_{split}_answers.jsonl"), answers))
+            paths.append(write_json_lines(os.path.join(out_dir, f"pope_{split}_labels.json"),
+                                          [s.meta["record"] for s in answered]))
         return paths

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import os
 
-from eval_suites.base import (AnnotationError, EvalSample, Suite, check_mode, mean_of, read_json, require_fields,
-                              results_header, write_json_lines)
+from eval_suites.base import (AnnotationError, EvalSample, Suite, check_mode, mean_of, read_json_object_with_list,
+                              require_fields, results_header, write_json_lines)
 from eval_suites.parsing import strict_choice
 
 LETTERS = ("A", "B", "C", "D")
@@ -30,15 +30,23 @@ class SeedBench(Suite):
     max_new_tokens = 128
     prompt_suffix = "\nAnswer with the option's letter from the given choices directly."
 
+    def __init__(self):
+        #: every ``question_id`` of the last loaded annotation file (video questions too), as the
+        #: file holds it, in file order -- the converter wants an answer line for each of them
+        self.question_ids: list = []
+
     def load(self, path: str) -> list[EvalSample]:
-        data = read_json(path)
-        if not isinstance(data, dict) or "questions" not in data or "question_type" not in data:
-            raise AnnotationError(path, "expected an object with 'questions' and 'question_type'")
+        data, questions = read_json_object_with_list(path, "questions")
+        if "questions" not in data or "question_type" not in data:
+            raise AnnotationError(f"{path}:1", "expected an object with 'questions' and 'question_type'")
+        if not isinstance(data["questions"], list) or not isinstance(data["question_type"], dict):
+            raise AnnotationError(f"{path}:1", "'questions' must be a list and 'question_type' an object")
         dimension_names = {int(v): k for k, v in data["question_type"].items()}
-        samples = []
-        for index, item in enumerate(data["questions"]):
-            where = f"{path}: questions[{index}]"
+        samples, self.question_ids = [], []
+        for index, (line, item) in enumerate(questions):
+            where = f"{path}:{line} (questions[{index}])"
             require_fields(where, item, ("question_id", "data_type", "question", "answer", "question_type_id"))
+            self.question_ids.append(item["question_id"])
             if item["data_type"] != "image":
                 continue
             require_fields(where, item, ("data_id", "choice_a", "choice_b", "choice_c", "choice_d"))
@@ -51,7 +59,7 @@ class SeedBench(Suite):
                 id=str(item["question_id"]), question=question, media={"image": [item["data_id"]]},
                 target=item["answer"],
                 meta={"dimension": dimension_names.get(dimension, str(dimension)), "dimension_id": dimension,
-                      "options": options}))
+                      "options": options, "question_id": item["question_id"]}))
         return samples
 
     def parse(self, answer: str, sample: EvalSample, mode: str) -> str | None:
@@ -78,12 +86,33 @@ class SeedBench(Suite):
         return out
 
     def write_official_files(self, samples, predictions, out_dir):
-        """``seed_bench_answers.jsonl`` (``{question_id, text}``, the input of LLaVA's converter)
-        and ``seed_bench_submission.jsonl`` (``{question_id, prediction}`` for the leaderboard,
-        the letter extracted robustly)."""
-        answers = [{"question_id": s.id, "text": predictions.get(s.id, "")} for s in samples]
-        upload = [{"question_id": s.id,
+        """``seed_bench_answers.jsonl`` for LLaVA's ``convert_seed_for_submission.py
+        --result-file`` and ``seed_bench_submission.jsonl`` (``{question_id, prediction}`` for
+        the leaderboard, the letter extracted robustly).
+
+        The converter looks each annotation question up under ``int(question_id)`` (the
+        question id itself when that fails, e.g. "v1738"), so the answers file writes
+        ``question_id`` as that key -- a number for the numeric ids the annotation stores as
+        strings -- and ``text`` = the raw output. Its upload step then needs a line for *every*
+        question of the annotation file, video ones included, or it stops with an error; the
+        questions not evaluated here (video questions, those cut by ``--limit``) get
+        ``text: ""``, which it counts as wrong. Compare our score with its "image accuracy"
+        line (equal when every image question was evaluated), not with "Total accuracy".
+        """
+        by_id = {s.id: s for s in samples}
+        question_ids = self.question_ids or [s.meta.get("question_id", s.id) for s in samples]
+        answers = [{"question_id": converter_key(qid), "text": predictions.get(str(qid), "")
+                    if str(qid) in by_id else ""} for qid in question_ids]
+        upload = [{"question_id": s.meta.get("question_id", s.id),
                    "prediction": self.parse(predictions.get(s.id, ""), s, "strict") or ""} for s in samples]
         return [write_json_lines(os.path.join(out_dir, "seed_bench_answers.jsonl"), answers),
                 write_json_lines(os.path.join(out_dir, "seed_bench_submission.jsonl"), upload)]
 
+
+def converter_key(question_id):
+    """The key LLaVA's ``convert_seed_for_submission.py`` looks an answer up under: the question
+    id as a number when ``int()`` accepts it, else the id unchanged."""
+    try:
+        return int(question_id)
+    except (TypeError, ValueError):
+        return question_id

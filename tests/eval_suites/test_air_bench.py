@@ -91,6 +91,6 @@ def test_official_file(meta_file, tmp_path):
 
 def test_answer_matching_no_choice_is_an_error(tmp_path):
     path = tmp_path / "meta.json"
-    path.write_text(json.dumps([_item(1, GENDER, "child")]))
-    with pytest.raises(AnnotationError, match=r"meta\.json\[0\]: answer_gt"):
+    path.write_text("[" + json.dumps(_item(1, GENDER, "child")) + "]")
+    with pytest.raises(AnnotationError, match=r"meta\.json:1 \(record 0 of the JSON list, 0-based\): answer_gt"):
         get_suite("air_bench").load(str(path))

@@ -69,6 +69,7 @@ def test_official_file_has_model_output_text(mmau_file, tmp_path):
 
 def test_malformed_record_names_file(tmp_path):
     path = tmp_path / "mmau.json"
-    path.write_text(json.dumps([{"id": "x", "question": "q"}]))
-    with pytest.raises(AnnotationError, match=r"mmau\.json\[0\]: missing field"):
+    path.write_text('[\n  {"id": "ok", "audio_id": "a.wav", "question": "q", "answer": "x", "choices": ["x", "y"],\n'
+                    '   "task": "speech"},\n  {"id": "x", "question": "q"}\n]\n')
+    with pytest.raises(AnnotationError, match=r"mmau\.json:4 \(record 1 of the JSON list, 0-based\): missing field"):
         get_suite("mmau").load(str(path))

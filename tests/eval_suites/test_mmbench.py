@@ -107,6 +107,33 @@ def test_judge_hook_is_asked_only_for_unmatched(mmbench_tsv):
     assert result["metrics"]["overall"] == 0.5
 
 
+def test_rule_based_refusal_is_final_and_the_judge_is_not_asked(mmbench_tsv):
+    """VLMEvalKit: a "Z" from the rules (refusal) is an answer -- wrong -- not a reason to ask the judge."""
+    asked = []
+
+    def judge(question, options, prediction):
+        asked.append(prediction)
+        return "A"
+
+    suite = Mmbench(judge=judge)
+    samples = suite.load(mmbench_tsv)
+    by_id = {s.id: s for s in samples}
+    for refusal in ("Z", "Cannot determine the answer", "I'm sorry, but without the image provided I can't say"):
+        assert suite.choose(by_id["1"], refusal, "official") == ("Z", False)
+        assert suite.choose(by_id["1"], refusal, "strict") == ("Z", False)
+    assert asked == []
+    assert suite.choose(by_id["1"], "no idea", "official") == ("A", True) and asked == ["no idea"]
+    answers = dict(ANSWERS, **{"1": "Z"})  # main pass of question 1 refuses: its group misses
+    result = suite.score(samples, answers, "official")
+    assert "Z" not in asked and result["judge_calls"] == 2 and result["metrics"]["overall"] == 0.0
+
+
+def test_judge_reply_outside_the_options_is_no_answer(mmbench_tsv):
+    suite = Mmbench(judge=lambda question, options, prediction: "maybe B")
+    sample = suite.load(mmbench_tsv)[0]
+    assert suite.choose(sample, "no idea", "official") == (None, True)
+
+
 def test_missing_pass_sinks_the_group(mmbench_tsv):
     suite = get_suite("mmbench")
     answers = {k: v for k, v in ANSWERS.items() if k != "1000001"}

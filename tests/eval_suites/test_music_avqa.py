@@ -85,8 +85,11 @@ def test_official_file(avqa_file, tmp_path):
     assert (row["output"], row["predict"], row["question_type"]) == ("two", ANSWERS["1"], ["Audio", "Counting"])
 
 
-def test_bad_record_names_file_and_index(tmp_path):
+def test_bad_record_names_file_line_and_index(tmp_path):
     path = tmp_path / "avqa.json"
-    path.write_text(json.dumps([_item(1, "Audio", "Counting", "two"), _item(2, "Audio", "Counting", "lots")]))
-    with pytest.raises(AnnotationError, match=r"avqa\.json\[1\]: answer"):
+    # json.dump(indent=...) layout: "[", then each record over several lines; record 1 starts on line 11
+    path.write_text(json.dumps([_item(1, "Audio", "Counting", "two"), _item(2, "Audio", "Counting", "lots")],
+                               indent=1))
+    with pytest.raises(AnnotationError,
+                       match=r"avqa\.json:11 \(record 1 of the JSON list, 0-based\): answer 'lots'"):
         get_suite("music_avqa").load(str(path))

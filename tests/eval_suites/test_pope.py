@@ -93,14 +93,61 @@ def test_missing_answers(pope_dir):
     assert strict["num_scored"] == 8 and strict["metrics"]["splits"]["random"]["accuracy"] == pytest.approx(1 / 6)
 
 
+def _as_evaluate_py_scores(answers_path, labels_path):
+    """RUCAIBox/POPE evaluate.py, restated: answers and labels zipped by position, the official
+    parse on each answer, yes = positive. Returns (accuracy, precision, recall, f1, yes_ratio)."""
+    with open(answers_path) as f:
+        preds = [official_pope_answer(json.loads(line)["answer"]) for line in f]
+    with open(labels_path) as f:
+        labels = [json.loads(line)["label"] for line in f]
+    pairs = list(zip(preds, labels))
+    tp = sum(p == "yes" and g == "yes" for p, g in pairs)
+    fp = sum(p == "yes" and g == "no" for p, g in pairs)
+    tn = sum(p == "no" and g == "no" for p, g in pairs)
+    fn = sum(p == "no" and g == "yes" for p, g in pairs)
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    return ((tp + tn) / len(pairs), precision, recall, 2 * precision * recall / (precision + recall),
+            preds.count("yes") / len(preds))
+
+
 def test_official_answer_files_keep_label_order(pope_dir, tmp_path):
     suite = get_suite("pope")
     samples = suite.load(pope_dir)
     paths = suite.write_official_files(samples, ANSWERS, str(tmp_path / "out"))
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["pope_random_answers.jsonl", "pope_random_labels.json",
+                                                    "pope_adversarial_answers.jsonl",
+                                                    "pope_adversarial_labels.json"]
     with open(paths[0]) as f:
         rows = [json.loads(line) for line in f]
     assert [r["answer"] for r in rows] == [ANSWERS[f"random/{i}"] for i in range(1, 7)]
     assert rows[0]["question"] == "Is there a thing 1 in the image?"
+    with open(paths[1]) as f, open(tmp_path / "coco_pope_random.json") as g:
+        assert [json.loads(line) for line in f] == [json.loads(line) for line in g]
+
+
+def test_official_files_leave_out_unanswered_questions(pope_dir, tmp_path):
+    """A missing answer is skipped by official scoring; the files evaluate.py reads must agree
+    (an "" answer would be read as "yes", and a dropped line would shift every later label)."""
+    suite = get_suite("pope")
+    samples = suite.load(pope_dir)
+    answers = {k: v for k, v in ANSWERS.items() if k not in ("random/2", "random/3")}
+    answers["random/4"] = "no"
+    result = suite.score(samples, answers, "official")
+    random = result["metrics"]["splits"]["random"]
+    assert random["num_questions"] == 4 and random["unanswered"] == 2
+    assert result["metrics"]["splits"]["adversarial"]["unanswered"] == 0
+    # labels of 1, 4, 5, 6: yes no no no; parsed answers: yes no no yes
+    assert (random["TP"], random["FP"], random["TN"], random["FN"]) == (1, 1, 2, 0)
+    answers_path, labels_path = suite.write_official_files(samples, answers, str(tmp_path / "out"))[:2]
+    with open(answers_path) as f:
+        assert [json.loads(line)["answer"] for line in f] == ["Yes.", "no", ANSWERS["random/5"],
+                                                              ANSWERS["random/6"]]
+    with open(labels_path) as f:
+        assert [json.loads(line)["question_id"] for line in f] == [1, 4, 5, 6]
+    expected = tuple(random[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio"))
+    assert _as_evaluate_py_scores(answers_path, labels_path) == pytest.approx(expected)
+    assert suite.write_official_files(samples, {"random/1": "yes"}, str(tmp_path / "one"))[-1].endswith(
+        "pope_random_labels.json")  # a split without any answer gets no files
 
 
 def test_malformed_line_names_file_and_line(tmp_path):

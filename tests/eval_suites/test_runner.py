@@ -100,3 +100,180 @@ def test_bad_answer_log_line_names_file_and_line(tmp_path):
     path.write_text('{"id": "1", "prediction": "yes"}\nnot json\n{"id": "2", "prediction": "no"}\n')
     with pytest.raises(ValueError, match=r"answers\.jsonl:2"):
         read_answer_log(str(path))
+
+
+# --------------------------------------------------------------------------- --option
+
+
+def fake_judge(question, options, prediction):
+    """Used by name (tests.eval_suites.test_runner:fake_judge) through --option judge=...; the
+    import may give another module object than pytest's, so calls go to a file."""
+    with open(os.environ["FAKE_JUDGE_LOG"], "a") as f:
+        f.write(prediction + "\n")
+    return "A"
+
+
+def _mmau_file(tmp_path):
+    records = [{"id": "sp", "audio_id": "sp.wav", "question": "q?", "answer": "yes", "choices": ["yes", "no"],
+                "task": "speech"},
+               {"id": "so", "audio_id": "so.wav", "question": "q?", "answer": "a dog", "choices": ["a dog", "a cat"],
+                "task": "sound"}]
+    path = tmp_path / "mmau.json"
+    path.write_text(json.dumps(records))
+    answers = tmp_path / "mmau_answers.jsonl"
+    answers.write_text('{"id": "sp", "prediction": "A"}\n{"id": "so", "prediction": "B"}\n')
+    return str(path), str(answers)
+
+
+def test_cli_option_reaches_the_suite(tmp_path):
+    data, answers = _mmau_file(tmp_path)
+    common = ["--suite", "mmau", "--data", data, "--answers", answers]
+    assert eval_main(common + ["--output-dir", str(tmp_path / "speech")]) == 0
+    assert eval_main(common + ["--output-dir", str(tmp_path / "all"), "--option", "subset=all"]) == 0
+    with open(tmp_path / "speech" / "results_official.json") as f:
+        speech = json.load(f)
+    with open(tmp_path / "all" / "results_official.json") as f:
+        every = json.load(f)
+    assert speech["num_samples"] == 1 and speech["suite_options"] == {}
+    assert every["num_samples"] == 2 and every["suite_options"] == {"subset": "all"}
+    assert every["metrics"]["task"] == {"sound": 0.0, "speech": 1.0}
+
+
+def test_cli_options_are_yaml_values(tmp_path, monkeypatch):
+    path = tmp_path / "mmbench.tsv"
+    path.write_text("index\tquestion\tA\tB\tanswer\tcategory\tl2-category\tsplit\n"
+                    "1\tq\tcat\tdog\tA\tc\tl\tdev\n")
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text('{"id": "1", "prediction": "no idea"}\n')
+    monkeypatch.setenv("FAKE_JUDGE_LOG", str(tmp_path / "judge.log"))
+    assert eval_main(["--suite", "mmbench", "--data", str(path), "--answers", str(answers), "--output-dir",
+                      str(tmp_path / "out"), "--option", "circular=false",
+                      "--option", "judge=tests.eval_suites.test_runner:fake_judge"]) == 0
+    with open(tmp_path / "out" / "results_official.json") as f:
+        result = json.load(f)
+    assert result["num_samples"] == 1 and result["metrics"]["circular"] is False  # YAML false, not "false"
+    assert (tmp_path / "judge.log").read_text() == "no idea\n"
+    assert result["judge_calls"] == 1 and result["score"] == 1.0
+    assert result["suite_options"] == {"circular": False, "judge": "tests.eval_suites.test_runner:fake_judge"}
+
+
+def test_cli_unknown_or_malformed_option_is_a_clear_error(tmp_path, capsys):
+    data, answers = _mmau_file(tmp_path)
+    common = ["--suite", "mmau", "--data", data, "--answers", answers, "--output-dir", str(tmp_path / "o")]
+    assert eval_main(common + ["--option", "subsett=all"]) == 2
+    err = capsys.readouterr().err
+    assert "suite 'mmau' has no option 'subsett'" in err and "valid options: subset (default 'speech')" in err
+    assert eval_main(common + ["--option", "subset=everything"]) == 2
+    assert "subset must be one of speech, sound, music, all; got 'everything'" in capsys.readouterr().err
+    assert eval_main(common + ["--option", "subset"]) == 2
+    assert "--option expects KEY=VALUE, got 'subset'" in capsys.readouterr().err
+    assert eval_main(["--suite", "pope", "--data", data, "--answers", answers, "--option", "x=1"]) == 2
+    assert "valid options: none, this suite takes no options" in capsys.readouterr().err
+    avqa = ["--suite", "music_avqa", "--data", data, "--answers", answers]
+    assert eval_main(avqa + ["--option", "video_path={video_id}.mp4"]) == 2  # YAML reads "{" as a mapping
+    assert "quote text values" in capsys.readouterr().err
+    assert eval_main(avqa + ["--option", "video_path=clips/video.mp4"]) == 2
+    assert "video_path must be a path template with {video_id}" in capsys.readouterr().err
+
+
+def test_cli_help_explains_option_and_partial_modality(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--option KEY=VALUE" in text and "read as YAML" in text and "repeatable" in text
+    for piece in ("mmau: subset=speech", "mmbench: circular=True, judge=None", "protocol=default",
+                  "audio_path=audios/{video_id}.wav", "vocabulary_path=None"):
+        assert piece in text
+    assert "--partial-modality MODALITY" in text and "section 4.3" in text
+
+
+def test_python_api_options(tmp_path):
+    data, answers = _mmau_file(tmp_path)
+    assert score_answers("mmau", data, answers, options={"subset": "all"})["num_samples"] == 2
+    with pytest.raises(ValueError, match=r"no option 'subst'.*valid options: subset"):
+        score_answers("mmau", data, answers, options={"subst": "all"})
+
+
+# --------------------------------------------------------------------------- --partial-modality
+
+MOKA = {"type": "moka", "r": 4, "alpha": 8, "dropout": 0.0,
+        "options": {"modalities": ["text", "visual"], "strengths": {"visual": 1.0}}}
+
+
+@pytest.fixture
+def moka_model(tiny_model):
+    from mllm.config import TunerConfig
+
+    tiny_model.apply_tuner(TunerConfig(**MOKA))
+    return tiny_model
+
+
+def _watch_router(monkeypatch):
+    """Record the MokA router's partial modality at every generate_answers call."""
+    seen = []
+    real = mllm.inference.generate_answers
+
+    def wrapped(model, dataset, **kwargs):
+        seen.append(model.llm.base_model.router.partial_modality)
+        return real(model, dataset, **kwargs)
+
+    monkeypatch.setattr(mllm.inference, "generate_answers", wrapped)
+    return seen
+
+
+def test_partial_modality_is_applied_during_generation_and_recorded(moka_model, pope_file, demo_data, tmp_path,
+                                                                    monkeypatch):
+    seen = _watch_router(monkeypatch)
+    kwargs = {"media_root": demo_data["media_root"], "batch_size": 2, "max_new_tokens": 2, "progress": False,
+              "limit": 3}
+    results = run_suite("pope", moka_model, pope_file, str(tmp_path / "visual"), partial_modality="VISUAL",
+                        **kwargs)
+    assert seen == ["visual", "visual"]                               # both batches, inside the context
+    assert moka_model.llm.base_model.router.partial_modality is None  # and restored afterwards
+    assert results["official"]["generation"]["partial_modality"] == "visual"
+    with open(tmp_path / "visual" / "results_official.json") as f:
+        assert json.load(f)["generation"]["partial_modality"] == "visual"
+
+    seen.clear()
+    results = run_suite("pope", moka_model, pope_file, str(tmp_path / "full"), **kwargs)
+    assert seen == [None, None] and results["official"]["generation"]["partial_modality"] is None
+    # a finished full-model log is not passed off as a partial-modality run
+    with pytest.raises(ValueError, match=r"other settings \(partial_modality: None before, 'visual' now\)"):
+        run_suite("pope", moka_model, pope_file, str(tmp_path / "full"), partial_modality="visual", **kwargs)
+
+
+def test_partial_modality_through_the_cli_on_a_moka_checkpoint(moka_model, pope_file, demo_data, tmp_path,
+                                                               monkeypatch):
+    checkpoint = str(tmp_path / "checkpoint")
+    moka_model.save_pretrained(checkpoint)
+    seen = _watch_router(monkeypatch)
+    out = tmp_path / "out"
+    assert eval_main(["--suite", "pope", "--data", pope_file, "--checkpoint", checkpoint, "--media-root",
+                      demo_data["media_root"], "--output-dir", str(out), "--limit", "2", "--max-new-tokens", "2",
+                      "--device", "cpu", "--no-progress", "--partial-modality", "visual"]) == 0
+    assert seen == ["visual"]
+    with open(out / "results_official.json") as f:
+        assert json.load(f)["generation"]["partial_modality"] == "visual"
+
+
+def test_partial_modality_errors(tiny_model, pope_file, tmp_path, capsys):
+    from mllm.config import TunerConfig
+
+    with pytest.raises(ValueError, match=r"needs a checkpoint tuned with MokA; this model's tuner is 'none'"):
+        run_suite("pope", tiny_model, pope_file, str(tmp_path / "a"), partial_modality="visual", progress=False)
+    tiny_model.apply_tuner(TunerConfig(type="lora", r=2, alpha=4, dropout=0.0))
+    with pytest.raises(ValueError, match=r"this model's tuner is 'lora'"):
+        run_suite("pope", tiny_model, pope_file, str(tmp_path / "a"), partial_modality="visual", progress=False)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text('{"id": "random/1", "prediction": "yes"}\n')
+    assert eval_main(["--suite", "pope", "--data", pope_file, "--answers", str(answers),
+                      "--partial-modality", "visual", "--output-dir", str(tmp_path / "d")]) == 2
+    assert "no effect with --answers" in capsys.readouterr().err
+
+
+def test_partial_modality_must_be_routed_by_the_adapter(moka_model, pope_file, tmp_path):
+    with pytest.raises(ValueError, match=r"no A matrix for it \(it routes text, visual\)"):
+        run_suite("pope", moka_model, pope_file, str(tmp_path / "b"), partial_modality="audio", progress=False)
+    with pytest.raises(ValueError, match=r"unknown modality 'image'"):
+        run_suite("pope", moka_model, pope_file, str(tmp_path / "c"), partial_modality="image", progress=False)
