@@ -8,6 +8,12 @@ Each item is padded or trimmed to 30 s and turned into Whisper's log-mel spectro
 own: the package's batched call normalises with the maximum of the whole batch, which would
 make one clip's features depend on the others. The encoder needs exactly 3000 mel frames and
 gives 1500 positions (20 ms each).
+
+Padding is not masked anywhere on the model's path: the official Whisper pads with silence
+(zero audio) and attends over all 1500 positions, and SALMONN feeds every position to its
+window-level Q-Former too (as MokA feeds BEATs its zero-padded windows whole).
+``preprocess_with_padding_mask`` / ``forward_with_padding_mask`` report which positions are
+padding, for callers who want them.
 """
 
 from __future__ import annotations
@@ -61,6 +67,17 @@ def load_whisper_checkpoint(path: str, dtype: torch.dtype = torch.float32):
     return encoder.to(dtype), dims
 
 
+class _Float32LayerNorm(torch.nn.LayerNorm):
+    """``whisper.model.LayerNorm`` normalises in float32 but passes the module's own weights,
+    which fails ("mixed dtype") once the encoder is cast to bfloat16 / float16; this casts the
+    weights too. Same parameters and state-dict keys, identical output in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type(x.dtype)
+
+
 @register_encoder("whisper")
 class WhisperSpeechEncoder(MediaEncoder):
     """Frozen Whisper encoder for speech: 16 kHz mono waveforms -> (N, 1500, n_audio_state).
@@ -74,6 +91,9 @@ class WhisperSpeechEncoder(MediaEncoder):
 
     def __init__(self, audio_encoder: torch.nn.Module, n_mels: int, select_layer: int | None = None):
         super().__init__()
+        for module in audio_encoder.modules():
+            if isinstance(module, torch.nn.LayerNorm):  # so that bf16 / fp16 weights work
+                module.__class__ = _Float32LayerNorm
         self.audio_encoder = audio_encoder
         self.n_mels = n_mels
         self.hidden_size = audio_encoder.ln_post.weight.shape[0]
@@ -110,21 +130,27 @@ class WhisperSpeechEncoder(MediaEncoder):
 
         return log_mel_spectrogram(pad_or_trim(as_mono_waveform(waveform), NUM_SAMPLES), n_mels=self.n_mels)
 
-    def preprocess_with_padding_mask(self, items: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
-        """Waveforms -> (log-mel (N, n_mels, 3000), frame_padding_mask (N, 3000), True = padding).
+    def preprocess(self, items: Sequence) -> torch.Tensor:
+        """Waveforms -> log-mel (N, n_mels, 3000), each padded with silence or trimmed to 30 s.
 
-        A mel frame is padding when its centre lies past the end of the clip.
-        """
+        This is all the model uses: like the official Whisper (and SALMONN), the padded
+        seconds are ordinary input that the encoder and the projector attend to."""
         waveforms = [as_mono_waveform(item) for item in items]
         if not waveforms:
             raise ValueError("preprocess needs at least one waveform")
-        mels = torch.stack([self.log_mel(w) for w in waveforms])
-        valid = torch.tensor([min(math.ceil(w.shape[0] / HOP_LENGTH), NUM_MEL_FRAMES) for w in waveforms])
+        return torch.stack([self.log_mel(w) for w in waveforms])
+
+    def preprocess_with_padding_mask(self, items: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """Waveforms -> (log-mel (N, n_mels, 3000), frame_padding_mask (N, 3000), True = padding).
+
+        A mel frame is padding when its centre lies past the end of the clip. For analysis and
+        for callers that want to mask the padding themselves; ``MultimodalLM`` does not.
+        """
+        mels = self.preprocess(items)
+        valid = torch.tensor([min(math.ceil(as_mono_waveform(w).shape[0] / HOP_LENGTH), NUM_MEL_FRAMES)
+                              for w in items])
         padding_mask = torch.arange(NUM_MEL_FRAMES)[None, :] >= valid[:, None]
         return mels, padding_mask
-
-    def preprocess(self, items: Sequence) -> torch.Tensor:
-        return self.preprocess_with_padding_mask(items)[0]
 
     # --- encoding
     def _hidden_states(self, mel: torch.Tensor) -> list[torch.Tensor]:
@@ -160,5 +186,8 @@ class WhisperSpeechEncoder(MediaEncoder):
             position_mask = frame_padding_mask.to(features.device).view(mel.shape[0], -1, 2).all(-1)
         return features, position_mask
 
-    def forward(self, mel: torch.Tensor, frame_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_with_padding_mask(mel, frame_padding_mask)[0]
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        """(N, n_mels, 3000) -> (N, 1500, hidden). Takes no padding mask: the encoder attends to
+        all 1500 positions whatever the mask, so accepting one here would silently ignore it;
+        ``forward_with_padding_mask`` returns the position mask beside the features."""
+        return self.forward_with_padding_mask(mel)[0]

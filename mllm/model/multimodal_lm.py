@@ -255,6 +255,11 @@ class MultimodalLM(nn.Module):
         cache = self.feature_caches.get(modality.name.lower())
         with torch.no_grad():  # frozen encoders
             features = cache.encode(inputs) if cache else encoder(inputs)
+        # No padding mask reaches the projector's cross-attention, on purpose. Speech is padded
+        # with silence to 30 s and, as in the official Whisper, SALMONN and MokA, the encoder and
+        # the Q-Former attend over all 1500 positions, padded seconds included (a window-level
+        # Q-Former window lying wholly in the padding would have nothing to attend to otherwise).
+        # Audio windows are equal-length slices zero-padded at the clip's edges, as in MokA.
         projected = projector(features)
         return projected.reshape(num_items, -1, projected.shape[-1])
 

@@ -88,7 +88,15 @@ class QFormerProjector(nn.Module):
         return self._num_windows(length) * self.num_queries
 
     def forward(self, features: torch.Tensor, feature_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, L, encoder_hidden) -> (N, num_output_tokens(L), llm_hidden)."""
+        """(N, L, encoder_hidden) -> (N, num_output_tokens(L), llm_hidden).
+
+        With ``window_size``, window w covers positions ``[w * stride, w * stride + size)`` and
+        gives output tokens ``[w * num_queries, (w + 1) * num_queries)``, exactly what the
+        Q-Former gives for that slice alone; positions after the last whole window are dropped
+        (no partial window, as SALMONN: 1500 Whisper positions in windows of 17 -> 88 windows,
+        the last 4 positions unused). ``feature_mask`` (N, L) follows the HF convention,
+        1 / True = attend, 0 / False = ignore: the inverse of the encoders' padding masks.
+        """
         features = self.encoder_norm(features.to(self.encoder_norm.weight.dtype))
         num_items, num_windows = features.shape[0], self._num_windows(features.shape[1])
         if self.config.window_size is not None:

@@ -125,3 +125,30 @@ def test_bad_checkpoints_fail_with_the_file_name(tmp_path, tiny):
 
     with pytest.raises(FileNotFoundError, match="large-v3"):
         build_encoder(EncoderConfig(type="whisper", path="large-v3"))
+
+
+def test_the_model_path_computes_no_padding_mask_and_forward_takes_none(tiny):
+    """``preprocess`` (what the data pipeline calls) is the log-mel alone; ``forward`` has no
+    mask argument, since the encoder attends to all 1500 positions and would ignore one."""
+    encoder = build_encoder(EncoderConfig(type="whisper", path=tiny[0]))
+    clips = [clip(1.0), clip(2.5, seed=1)]
+    mel = encoder.preprocess(clips)
+    assert torch.is_tensor(mel) and mel.shape == (2, 80, 3000)
+    with_mask, frame_mask = encoder.preprocess_with_padding_mask(clips)
+    assert torch.equal(mel, with_mask) and (~frame_mask).sum(1).tolist() == [100, 250]
+    with pytest.raises(TypeError):
+        encoder(mel, frame_mask)
+
+
+def test_bfloat16_encoder_runs_and_stays_close_to_float32(tiny):
+    """``dtype: bfloat16`` casts every weight, LayerNorms included; whisper's LayerNorm alone
+    would then fail on a float32 input ("mixed dtype")."""
+    path, reference = tiny
+    half = build_encoder(EncoderConfig(type="whisper", path=path, dtype="bfloat16"))
+    assert half.audio_encoder.ln_post.weight.dtype == torch.bfloat16
+    mel = half.preprocess([clip(2.0)])
+    with torch.no_grad():
+        out = half(mel)
+        expected = reference.encoder(mel)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 1500, 32)
+    assert float((out.float() - expected).abs().max()) < 0.1 * float(expected.abs().max())

@@ -4,6 +4,7 @@ pipeline and the model, next to images."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -114,3 +115,169 @@ def test_audio_comes_from_the_video_track_when_no_audio_file(av_model, tmp_path)
     assert "video_inputs" not in sound and sound["audio_inputs"].shape[:2] == (1, 3)
     # The sound is the video's 440 Hz track, not silence.
     assert float(sound["audio_inputs"].std()) > 0.1
+
+
+def test_speech_projector_attends_over_all_positions_padding_included(av_model):
+    """Speech is padded with silence to 30 s and, as in the official Whisper and SALMONN, the
+    window-level Q-Former sees every one of the 1500 positions: no padding mask is applied."""
+    encoder, projector = av_model.encoders["speech"], av_model.projectors["speech"].eval()
+    clip = _sine(1.0, 200)
+    inputs = av_model._preprocess_item("<speech>", clip)[None]              # (1 clip, 1 window, 80, 3000)
+    mel, frame_mask = encoder.preprocess_with_padding_mask([clip])
+    assert torch.equal(inputs[0], mel)
+    with torch.no_grad():
+        features, position_mask = encoder.forward_with_padding_mask(mel, frame_mask)
+        assert int((~position_mask).sum()) == 50                            # 1 s of 30 s holds audio
+        unmasked = projector(features)
+        torch.testing.assert_close(av_model.encode_media("<speech>", inputs), unmasked, rtol=0, atol=0)
+        # Masking the padding (HF convention: True = attend) would have given other tokens.
+        attend = ~position_mask
+        attend[:, ::projector.config.window_size] = True   # no window without a position to attend to
+        assert not torch.allclose(projector(features, attend), unmasked)
+
+
+# ----------------------------------------------------------------- stage 1 and 2 on speech
+
+def _speech_config(tiny_assets, demo_data, whisper_path, output_dir, stage, train, **training):
+    """The stage configs of tests/train/test_stages.py plus a Whisper speech encoder and
+    SALMONN's window-level Q-Former (1 query per 17 positions -> 88 tokens per 30 s)."""
+    from mllm.config import EncoderConfig
+    from mllm.projectors import ProjectorConfig
+    from tests.train.test_stages import _config
+
+    cfg = _config(tiny_assets, demo_data, output_dir, stage, max_steps=2, per_device_train_batch_size=3, **training)
+    cfg.data.train, cfg.data.media_root = str(train), None   # records hold absolute paths
+    cfg.model.encoders["speech"] = EncoderConfig(type="whisper", path=str(whisper_path))
+    cfg.model.projectors["speech"] = ProjectorConfig(**{**TINY_PROJECTOR, "num_queries": 1, "window_size": 17,
+                                                        "window_stride": 17})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def speech_stage_data(demo_data, tmp_path_factory):
+    """ASR and QA records of generated speech, each split led by one record with an image and
+    a speech clip together; all media paths absolute."""
+    from mllm.data.synthetic_speech import write_speech_dataset
+
+    folder = tmp_path_factory.mktemp("speech-stages")
+    write_checkpoint(folder / "whisper.pt", n_mels=80, seed=3)
+    speech = write_speech_dataset(folder / "data", seed=2, num_pretrain=5, num_instruct=5, num_eval=0)
+    caption = json.loads(open(demo_data["pretrain"]).readline())
+    image = f"{demo_data['media_root']}/{caption['image']}"
+    paths = {"whisper": folder / "whisper.pt"}
+    for split in ("pretrain", "instruct"):
+        records = [json.loads(line) for line in open(speech[split])]
+        for r in records:
+            r["speech"] = f"{speech['media_root']}/{r['speech']}"
+        question = records[0]["conversations"][0]["value"].split("\n", 1)[1]
+        answer = records[0]["conversations"][1]["value"]
+        if split == "pretrain":   # caption the image and transcribe the speech
+            question = "Describe the image and transcribe the speech."
+            answer = f"{caption['conversations'][1]['value']} {answer}"
+        both = {"id": f"image-speech-{split}", "image": image, "speech": records[0]["speech"],
+                "conversations": [{"from": "human", "value": f"<image>\n<speech>\n{question}"},
+                                  {"from": "gpt", "value": answer}]}
+        paths[split] = folder / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in [both, *records]))
+    return paths
+
+
+def test_speech_stage1_asr_then_stage2_lora_reloads_with_identical_logits(tiny_assets, demo_data, speech_stage_data,
+                                                                           tmp_path):
+    from mllm.data.synthetic_speech import ASR_PROMPT
+    from mllm.train.stages import build_dataset, run_instruct, run_pretrain
+
+    records = [json.loads(line) for line in open(speech_stage_data["pretrain"])]
+    assert records[1]["conversations"][0]["value"] == f"<speech>\n{ASR_PROMPT}"
+    assert {"image", "speech"} <= set(records[0])
+
+    # Stage 1 (ASR transcripts + one image-and-speech caption): only the speech and image
+    # projectors learn; the LLM and all encoders stay as they were.
+    cfg1 = _speech_config(tiny_assets, demo_data, speech_stage_data["whisper"], tmp_path / "stage1", "pretrain",
+                          speech_stage_data["pretrain"])
+    model = MultimodalLM.from_config(cfg1.model)
+    assert model.num_media_tokens("<speech>") == 88
+    snapshot = {part: {n: p.detach().clone() for n, p in getattr(model, part).state_dict().items()}
+                for part in ("llm", "encoders", "projectors")}
+    run_pretrain(cfg1, model)
+    for part in ("llm", "encoders"):
+        after = getattr(model, part).state_dict()
+        assert all(torch.equal(snapshot[part][n], after[n]) for n in after), f"{part} changed in stage 1"
+    assert set(model.projectors) == {"visual", "speech"}
+    for name in ("speech", "visual"):
+        before = {n: p for n, p in snapshot["projectors"].items() if n.startswith(f"{name}.")}
+        after = model.projectors.state_dict()
+        changed = [n for n in before if not torch.equal(before[n], after[n])]
+        assert len(changed) > 0.8 * len(before), name
+
+    # Stage 2 (LoRA, from the stage-1 projectors) on spoken-digit questions; the saved output
+    # reloads and gives the very same logits on a batch holding speech alone and with an image.
+    cfg2 = _speech_config(tiny_assets, demo_data, speech_stage_data["whisper"], tmp_path / "stage2", "instruct",
+                          speech_stage_data["instruct"], pretrained_projectors=str(tmp_path / "stage1"))
+    trained = run_instruct(cfg2).eval()
+    assert any("lora_" in n for n, p in trained.llm.named_parameters() if p.requires_grad)
+    reloaded = MultimodalLM.from_pretrained(str(tmp_path / "stage2"))
+    assert reloaded.num_media_tokens("<speech>") == 88 and reloaded.config.encoders["speech"].type == "whisper"
+    dataset = build_dataset(cfg2, reloaded, cfg2.data.train, cfg2.data.template)
+    batch = MultimodalCollator(reloaded.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    assert batch["speech_inputs"].shape == (3, 1, 80, 3000) and batch["image_inputs"].shape[0] == 1
+    with torch.no_grad():
+        live, again = trained(**batch).logits, reloaded(**batch).logits
+    assert torch.equal(live, again)
+
+
+# ----------------------------------------------------------------- shipped audio recipes
+
+AUDIO_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "configs", "audio")
+
+
+def test_audio_configs_parse_and_hold_their_recipes():
+    """Every YAML under configs/audio parses, its tuner and training sections are valid, and the
+    windows are MokA's (MUSIC-AVQA: ten 2 s at -0.5 s + 6 s * i; AVE: ten 1 s back to back) and
+    SALMONN's (Whisper large-v3, 1 query per 17 positions -> 88 tokens)."""
+    import dataclasses
+
+    from mllm.config import load_config
+    from mllm.data.media import AUDIO_SAMPLE_RATE
+    from mllm.encoders.beats import num_fbank_frames
+    from mllm.projectors import QFormerProjector
+    from mllm.train.trainer import MllmTrainingArguments
+    from mllm.tuners import build_peft_config
+
+    names = sorted(f for f in os.listdir(AUDIO_CONFIG_DIR) if f.endswith((".yaml", ".yml")))
+    assert names == ["ave_moka.yaml", "music_avqa_moka.yaml", "speech_whisper.yaml"]
+    configs = {}
+    for name in names:
+        cfg = configs[name] = load_config(os.path.join(AUDIO_CONFIG_DIR, name))
+        assert cfg.model.llm and cfg.data.train and cfg.training["output_dir"]
+        build_peft_config(cfg.tuner)
+        # bf16 needs a GPU to validate; everything else is checked here.
+        MllmTrainingArguments(**{**cfg.training, "bf16": False, "use_cpu": True})
+
+    def tokens(projector_cfg, positions):
+        tiny = dataclasses.replace(projector_cfg, hidden_size=8, num_heads=2, intermediate_size=8,
+                                   encoder_hidden_size=4, llm_hidden_size=4)
+        return QFormerProjector(tiny).num_output_tokens(positions)
+
+    ramp = np.arange(1, 60 * AUDIO_SAMPLE_RATE + 1, dtype=np.float32)   # sample k holds k
+    for name, seconds, starts in (("music_avqa_moka.yaml", 2.0, [-0.5 + 6 * i for i in range(10)]),
+                                  ("ave_moka.yaml", 1.0, [float(i) for i in range(10)])):
+        model = configs[name].model
+        audio = model.encoders["audio"]
+        assert audio.type == "beats" and model.video_frames == 10 and configs[name].tuner.type == "moka"
+        assert audio.num_windows == 10 and audio.window_seconds == seconds
+        windows = split_audio_windows(ramp, audio.num_windows, int(audio.window_seconds * AUDIO_SAMPLE_RATE),
+                                      int(audio.window_hop_seconds * AUDIO_SAMPLE_RATE),
+                                      int(audio.window_offset_seconds * AUDIO_SAMPLE_RATE))
+        for window, start in zip(windows, starts):
+            first = max(start, 0.0) * AUDIO_SAMPLE_RATE + 1     # first real sample in the window
+            assert window[int(-min(start, 0.0) * AUDIO_SAMPLE_RATE)] == first
+            assert window.size == seconds * AUDIO_SAMPLE_RATE
+        beats_tokens = num_fbank_frames(int(seconds * AUDIO_SAMPLE_RATE)) // 16 * 8      # 96 / 48
+        assert tokens(model.projectors["audio"], beats_tokens) == 32
+        assert tokens(model.projectors["visual"], 256) == 32
+    speech = configs["speech_whisper.yaml"].model
+    assert speech.encoders["speech"].type == "whisper" and "large-v3" in speech.encoders["speech"].path
+    assert tokens(speech.projectors["speech"], 1500) == 88
+    assert configs["speech_whisper.yaml"].tuner.type == "none"

@@ -63,3 +63,37 @@ def test_other_modality_checkpoint_is_refused(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(ProjectorCheckpointError, match="not a projector checkpoint"):
         load_projectors(str(tmp_path))
+
+
+@pytest.mark.parametrize("size, stride", [(5, 4), (4, None), (3, 5)])   # overlapping, touching, with gaps
+def test_each_window_is_the_qformer_on_its_slice_alone(size, stride):
+    """Window-level Q-Former: output window w == the same Q-Former (no windows) applied to
+    encoder positions [w * stride, w * stride + size) alone, with the matching slice of the
+    mask. There is no partial last window: positions after the last whole window (and, with
+    stride > size, between windows) never reach the output."""
+    torch.manual_seed(0)
+    windowed = QFormerProjector(_config(num_queries=2, window_size=size, window_stride=stride)).eval()
+    whole = QFormerProjector(_config(num_queries=2)).eval()
+    whole.load_state_dict(windowed.state_dict())
+    length, step = 23, stride or size
+    num_windows = (length - size) // step + 1
+    features = torch.randn(3, length, 24)
+    mask = torch.rand(3, length) > 0.3
+    mask[:, ::step] = True  # every window keeps at least its first position
+    used = torch.zeros(length, dtype=torch.bool)
+    with torch.no_grad():
+        out, masked = windowed(features), windowed(features, mask)
+        assert out.shape == masked.shape == (3, windowed.num_output_tokens(length), 40) == (3, num_windows * 2, 40)
+        for w in range(num_windows):
+            window = slice(w * step, w * step + size)
+            used[window] = True
+            tokens = slice(2 * w, 2 * w + 2)
+            torch.testing.assert_close(out[:, tokens], whole(features[:, window]), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(masked[:, tokens], whole(features[:, window], mask[:, window]),
+                                       rtol=1e-5, atol=1e-6)
+        assert not used.all() and (num_windows - 1) * step + size <= length
+        unused_changed = features.clone()
+        unused_changed[:, ~used] += 5 * torch.randn_like(unused_changed[:, ~used])
+        torch.testing.assert_close(windowed(unused_changed), out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="longer than the 2 encoder positions"):
+        windowed(features[:, :2])
