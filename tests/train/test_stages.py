@@ -38,6 +38,15 @@ def _snapshot(module):
     return {n: p.detach().clone() for n, p in module.state_dict().items()}
 
 
+def assert_same_trained_weights(got: MultimodalLM, want: MultimodalLM) -> None:
+    """Every trainable parameter equal (float tolerance); there must be some."""
+    trained = [(name, a, b) for (name, a), (_, b) in zip(got.named_parameters(), want.named_parameters())
+               if b.requires_grad]
+    assert trained
+    for name, a, b in trained:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.fixture(scope="module")
 def stage1_dir(tiny_assets, demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage1")
@@ -169,12 +178,7 @@ def test_resume_reaches_the_same_weights(tiny_assets, demo_data, stage1_dir, tmp
     straight = run_instruct(cfg)
     cfg.training["resume_from_checkpoint"] = str(tmp_path / "checkpoint-2")
     resumed = run_instruct(cfg)
-    trained = 0
-    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
-        if a.requires_grad:
-            trained += 1
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    assert trained > 0
+    assert_same_trained_weights(resumed, straight)
 
 
 class _KilledAfterCheckpoint(Exception):
@@ -233,9 +237,4 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_assets, 
         patch.setattr(stages, "MultimodalTrainer", CountingTrainer)
         resumed = run(interrupted)
     assert steps_taken == [3, 4]   # it went on from checkpoint-2 rather than starting again
-    trained = 0
-    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
-        if a.requires_grad:
-            trained += 1
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
-    assert trained > 0
+    assert_same_trained_weights(resumed, straight)
