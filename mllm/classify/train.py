@@ -55,8 +55,10 @@ class MissingSection:
 class DataSection:
     dataset: str = "food101"                          # mmimdb | food101 | hateful_memes
     root: str = ""
+    num_classes: int | None = None                    # default: the dataset's (23 / 101 / 2); generated data
     max_text_len: int = 77
     image_fill: str = "white"                         # white | ones
+    cache_images: bool = False                        # keep preprocessed images in memory (small data only)
     table_dir: str | None = None                      # default: <output_dir>/missing_tables
     seed: int = 0                                     # missing tables' seed (split index is added)
     train_missing: MissingSection = field(default_factory=MissingSection)
@@ -133,10 +135,13 @@ def preprocess_image(image, size: int) -> torch.Tensor:
 
 
 class MissingModalityDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: list[Sample], table: np.ndarray, image_size: int, image_fill: str):
+    def __init__(self, samples: list[Sample], table: np.ndarray, image_size: int, image_fill: str,
+                 cache_images: bool = False):
         if image_fill not in ("white", "ones"):
             raise ValueError(f"image_fill must be 'white' or 'ones', got {image_fill!r}")
         self.samples, self.table, self.image_size, self.image_fill = samples, table, image_size, image_fill
+        # index -> preprocessed pixels; None: decode every time (the default, for real datasets).
+        self.cache: dict[int, torch.Tensor] | None = {} if cache_images else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -152,9 +157,13 @@ class MissingModalityDataset(torch.utils.data.Dataset):
             else:
                 pixels = preprocess_image(Image.new("RGB", (self.image_size, self.image_size), "white"),
                                           self.image_size)
+        elif self.cache is not None and index in self.cache:
+            pixels = self.cache[index]
         else:
             with Image.open(sample.image) as image:
                 pixels = preprocess_image(image, self.image_size)
+            if self.cache is not None:
+                self.cache[index] = pixels
         text = "" if code == TEXT_MISSING else sample.text
         return {"pixel_values": pixels, "text": text, "label": sample.label, "missing": code}
 
@@ -179,7 +188,7 @@ def load_split(cfg: ClassifyConfig, split: str, image_size: int) -> MissingModal
     table_dir = data.table_dir or os.path.join(cfg.train.output_dir, "missing_tables")
     groups = max((s.group for s in samples), default=-1) + 1
     table = load_or_make_missing_table(os.path.join(table_dir, spec.file_name(data.dataset, split)), groups, spec)
-    return MissingModalityDataset(samples, table, image_size, data.image_fill)
+    return MissingModalityDataset(samples, table, image_size, data.image_fill, data.cache_images)
 
 
 # -- training -------------------------------------------------------------------------------------------
@@ -190,7 +199,7 @@ def build_classifier(cfg: ClassifyConfig) -> MissingModalityClassifier:
     for param in clip.parameters():
         param.requires_grad_(False)
     clip = apply_tuner(clip, cfg.tuner.type, cfg.tuner.options)
-    return MissingModalityClassifier(clip, NUM_CLASSES[cfg.data.dataset])
+    return MissingModalityClassifier(clip, cfg.data.num_classes or NUM_CLASSES[cfg.data.dataset])
 
 
 def evaluate(model: nn.Module, loader, dataset: str, device) -> dict:
@@ -261,6 +270,7 @@ def run_classify(cfg: ClassifyConfig) -> dict:
             for name, value in best_state.items():
                 named[name].copy_(value)
     results = {"dataset": dataset, "tuner": cfg.tuner.type, "val_best": best,
+               "trainable_params": sum(p.numel() for p in params),
                "test": evaluate(model, test, dataset, device), "history": history, "config": asdict(cfg)}
     _save(model, cfg, results)
     return results

@@ -1,6 +1,12 @@
 """The CMML stage: a DeLo-adapted ViLT trained task by task, scored after each task on every task
 seen so far without task ids, written as the result matrix with AP / forgetting / last.
 
+``tuner.type`` picks the method: ``delo`` (default; the other ``tuner`` keys go to ``DeloConfig``)
+or ``lora``, the sequential fine-tuning baseline: one peft LoRA adapter of rank ``tuner.r`` and
+scaling ``tuner.alpha / tuner.r`` (DeLo's scaling rule) on the same projections (ViLT's
+query / key / value unless ``tuner.target_modules``), trained task after task with the same
+per-task heads, loss and class-incremental evaluation. ``num_experts`` is DeLo's only.
+
     python stages/cmml.py --config configs/cmml/food101_delo.yaml [section.field=value ...]
 """
 
@@ -18,7 +24,8 @@ import torch
 from eval_suites.cmml import ResultMatrix
 from mllm.classify.missing import MissingSpec
 from mllm.config import ConfigError, apply_overrides, parse_yaml
-from mllm.continual.cmml import DeloClassifier, evaluate_task, train_task
+from mllm.continual.cmml import DeloClassifier, IncrementalClassifier, SequentialLoraClassifier, evaluate_task, \
+    train_task
 from mllm.continual.data import CMML_BENCHMARKS, task_loaders
 
 logger = logging.getLogger(__name__)
@@ -31,7 +38,7 @@ class CmmlModel:
 
 @dataclass
 class CmmlData:
-    benchmark: str = "food101_cmml"             # food101_cmml | mmimdb_cmml
+    benchmark: str = "food101_cmml"             # food101_cmml | mmimdb_cmml | synthetic_cmml (generated)
     root: str = ""
     num_tasks: int | None = None                # default: the benchmark's (10 / 5)
     max_text_len: int = 40                      # ViLT's text position table has 40 entries
@@ -48,6 +55,7 @@ class CmmlTrain:
     lr: float = 1e-4
     weight_decay: float = 0.0
     align_weight: float = 0.1                   # reference LAMBDA_ALIGN
+    head_selection: str = "memory"              # delo: memory (the routed task's head scores) | all
     seed: int = 0
 
 
@@ -81,19 +89,50 @@ def load_cmml_config(path: str | None, overrides: list[str] = ()) -> CmmlConfig:
     return cfg
 
 
-def run_cmml(cfg: CmmlConfig) -> dict:
-    from peft import get_peft_model
-    from transformers import ViltModel, ViltProcessor
+TUNER_TYPES = ("delo", "lora")
+
+
+def build_classifier(cfg: CmmlConfig, base_model, num_tasks: int, labels_per_task: int,
+                     multilabel: bool) -> IncrementalClassifier:
+    """The tuner's classifier over ``base_model`` (a transformers ViltModel)."""
+    from peft import LoraConfig, get_peft_model
 
     from mllm.tuners.delo import DeloConfig
+    from mllm.tuners.delo.config import TARGET_MODULES_BY_MODEL_TYPE
+
+    options = dict(cfg.tuner)
+    kind = options.pop("type", "delo")
+    if kind not in TUNER_TYPES:
+        raise ConfigError(f"tuner.type must be one of {TUNER_TYPES}, got {kind!r}")
+    if kind == "delo":
+        backbone = get_peft_model(base_model, DeloConfig(num_tasks=num_tasks, **options))
+        return DeloClassifier(backbone, num_tasks, labels_per_task, multilabel, cfg.train.align_weight,
+                              cfg.train.head_selection)
+    options.pop("num_experts", None)
+    r, alpha = options.pop("r"), options.pop("alpha")
+    targets = options.pop("target_modules", None) or \
+        TARGET_MODULES_BY_MODEL_TYPE.get(base_model.config.model_type, "all-linear")
+    dropout = options.pop("dropout", 0.0)
+    if options:
+        raise ConfigError(f"tuner: field(s) {sorted(options)} are not used by the lora baseline "
+                          f"(it takes r, alpha, dropout, target_modules)")
+    backbone = get_peft_model(base_model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                     target_modules=list(targets) if not isinstance(targets, str)
+                                                     else targets))
+    return SequentialLoraClassifier(backbone, num_tasks, labels_per_task, multilabel)
+
+
+def run_cmml(cfg: CmmlConfig) -> dict:
+    from transformers import ViltModel, ViltProcessor
 
     torch.manual_seed(cfg.train.seed)
     _, tasks_total, labels_per_task, multilabel = CMML_BENCHMARKS[cfg.data.benchmark]
     num_tasks = cfg.data.num_tasks or tasks_total
+    if not 0 < num_tasks <= tasks_total:
+        raise ConfigError(f"data.num_tasks must be in 1..{tasks_total} for {cfg.data.benchmark}, got {num_tasks}")
     processor = ViltProcessor.from_pretrained(cfg.model.backbone)
-    backbone = get_peft_model(ViltModel.from_pretrained(cfg.model.backbone),
-                              DeloConfig(num_tasks=num_tasks, **cfg.tuner))
-    model = DeloClassifier(backbone, num_tasks, labels_per_task, multilabel, cfg.train.align_weight)
+    model = build_classifier(cfg, ViltModel.from_pretrained(cfg.model.backbone), num_tasks, labels_per_task,
+                             multilabel)
 
     out = cfg.train.output_dir
     table_dir = cfg.data.table_dir or os.path.join(out, "missing_tables")
@@ -113,7 +152,8 @@ def run_cmml(cfg: CmmlConfig) -> dict:
                     matrix.values[i, : i + 1].round(4).tolist())
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(os.path.join(out, "final"))
-    results = {"benchmark": cfg.data.benchmark, "metric": "f1_macro" if multilabel else "accuracy",
+    results = {"benchmark": cfg.data.benchmark, "tuner": model.kind,
+               "metric": "f1_macro" if multilabel else "accuracy",
                "missing": dataclasses.asdict(spec), **json.loads(matrix.to_json())}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

@@ -28,7 +28,8 @@ def demo_parser() -> argparse.ArgumentParser:
         prog="mllm demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default=None,
                         help="where data, tiny models, runs and results go (default: ./mllm-demo, "
-                             "./mllm-demo-visual with --visual-only)")
+                             "./mllm-demo-visual with --visual-only, ./mllm-demo-missing with "
+                             "--missing-modality, ./mllm-demo-continual with --continual)")
     parser.add_argument("--configs", default=None,
                         help="folder with pretrain.yaml and instruct.yaml (default: the repo's configs/demo, "
                              "configs/demo/visual with --visual-only)")
@@ -36,9 +37,22 @@ def demo_parser() -> argparse.ArgumentParser:
                         help="a smaller, faster run for smoke tests (accuracy is not meaningful)")
     parser.add_argument("--visual-only", action="store_true",
                         help="the visual-text variant: shapes without sounds, no audio encoder")
+    variant = parser.add_mutually_exclusive_group()
+    variant.add_argument("--missing-modality", action="store_true",
+                         help="instead: MoRA vs peft LoRA vs a frozen backbone on a tiny CLIP classification "
+                              "task whose classes need image and text, at 0%% and 70%% missing "
+                              "(mllm/demo/missing.py)")
+    variant.add_argument("--continual", action="store_true",
+                         help="instead: DeLo vs sequential LoRA fine-tuning on a tiny continual sequence of "
+                              "generated tasks with missing modalities (mllm/demo/continual.py)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for --missing-modality / --continual (default 1: their tiny "
+                             "models run fastest on one thread)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
-                        help="overrides applied to both stage configs, e.g. training.num_train_epochs=1")
+                        help="overrides applied to both stage configs, e.g. training.num_train_epochs=1 "
+                             "(--missing-modality: to every classify run, e.g. train.epochs=3; --continual: to "
+                             "every CMML run, e.g. train.epochs=3)")
     return parser
 
 
@@ -173,6 +187,14 @@ def format_table(results: dict, baseline: float, counts: dict[str, int]) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> dict:
+    if getattr(args, "missing_modality", False):
+        from mllm.demo.missing import run_missing_demo
+
+        return run_missing_demo(args)
+    if getattr(args, "continual", False):
+        from mllm.demo.continual import run_continual_demo
+
+        return run_continual_demo(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from mllm.config import load_config
     from mllm.data.synthetic import majority_baseline

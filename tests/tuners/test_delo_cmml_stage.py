@@ -11,23 +11,21 @@ import pytest
 
 from mllm.continual.data import read_cmml
 from mllm.continual.stage import load_cmml_config, run_cmml
-from tests.tuners.delo_helpers import tiny_vilt
 
 WORDS = ["soup", "cake", "rice", "salad", "bread", "pie", "noodle", "curry"]
 
 
 @pytest.fixture()
 def tiny_backbone(tmp_path):
-    from transformers import BertTokenizerFast, ViltImageProcessor, ViltProcessor
+    from transformers import ViltProcessor
 
-    path = tmp_path / "vilt"
-    tiny_vilt().save_pretrained(path)
-    vocab = path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
-    image_processor = ViltImageProcessor(size={"shortest_edge": 16}, size_divisor=8)
-    ViltProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return str(path)
+    from mllm.continual.tiny import TinyViltSizes, build_tiny_vilt
+
+    path = build_tiny_vilt(str(tmp_path / "vilt"), WORDS, TinyViltSizes(hidden=16, layers=2, heads=2, image_size=16,
+                                                                        patch_size=8, max_positions=16))
+    # The words are in the vocabulary (not [UNK]), so the texts carry their signal.
+    assert ViltProcessor.from_pretrained(path).tokenizer("soup cake").input_ids == [2, 5, 6, 3]
+    return path
 
 
 @pytest.fixture()
@@ -70,3 +68,29 @@ def test_cmml_stage_trains_two_tasks_and_writes_the_result_matrix(tiny_backbone,
     assert results["metric"] == "accuracy" and results["missing"]["ratio"] == 0.7
     assert (out / "final" / "adapter_model.safetensors").exists()
     assert len(list((out / "missing_tables").iterdir())) == 4     # per task and split
+
+
+def test_cmml_stage_runs_the_sequential_lora_baseline(tiny_backbone, tiny_food, tmp_path):
+    out = tmp_path / "lora"
+    cfg = load_cmml_config(None, [f"model.backbone={tiny_backbone}", f"data.root={tiny_food}", "data.num_tasks=2",
+                                  "data.max_text_len=8", "tuner.type=lora", "tuner.r=2", "train.epochs=1",
+                                  "train.lr=1e-2", f"train.output_dir={out}"])
+    results = run_cmml(cfg)
+    assert results["tuner"] == "lora" and all(math.isfinite(results[k]) for k in ("average", "forgetting", "last"))
+    assert (out / "final" / "adapter_model.safetensors").exists()
+    with pytest.raises(Exception, match="not used by the lora baseline"):
+        run_cmml(load_cmml_config(None, [f"model.backbone={tiny_backbone}", f"data.root={tiny_food}",
+                                         "tuner.type=lora", "tuner.query_dim=4", f"train.output_dir={out}"]))
+
+
+def test_generated_cmml_tasks_are_read_per_task(tmp_path):
+    from mllm.data.synthetic_missing import CMML_TASK_WORDS, write_cmml_tasks
+
+    root = write_cmml_tasks(str(tmp_path / "cmml"), "SYNTHETIC-CMML.json", num_tasks=3, n_train=8, n_test=4,
+                            image_size=16)
+    tasks = read_cmml(root, "synthetic_cmml", "train")
+    assert [len(t) for t in tasks[:3]] == [8, 8, 8] and not any(tasks[3:])
+    for t, items in enumerate(tasks[:3]):
+        assert sorted({item.label for item in items}) == [4 * t + c for c in range(4)]
+        for item in items:
+            assert CMML_TASK_WORDS[t][item.label % 2] in item.text.split()

@@ -75,3 +75,61 @@ def test_classifier_save_and_reload_gives_identical_logits(tmp_path):
         got = reloaded(batch.inputs, batch.missing)
     assert reloaded.task == 1
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_memory_head_selection_masks_the_other_tasks_logits():
+    from mllm.continual.cmml import MASKED_LOGIT
+
+    model = _classifier()
+    for task in range(2):
+        train_task(model, task, _batches(task, 1, seed=0), epochs=1, lr=1e-2)
+    model.eval()
+    batch = _batches(0, 1, seed=7)[0]
+    with torch.no_grad():
+        masked = model(batch.inputs, batch.missing)
+        routed = model.tuner.state.task_ids.clone()
+        model.head_selection = "all"
+        full = model(batch.inputs, batch.missing)
+    for sample, task in enumerate(routed.tolist()):
+        own = slice(task * LABELS, (task + 1) * LABELS)
+        torch.testing.assert_close(masked[sample, own], full[sample, own], rtol=0, atol=0)
+        others = torch.ones(masked.shape[1], dtype=torch.bool)
+        others[own] = False
+        assert (masked[sample, others] == MASKED_LOGIT).all()
+    model.train()            # training logits are never masked (the loss sees every head)
+    assert not (model(batch.inputs, batch.missing) == MASKED_LOGIT).any()
+
+
+def test_sequential_lora_baseline_trains_one_shared_adapter_and_the_current_head(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from mllm.continual import SequentialLoraClassifier
+
+    torch.manual_seed(3)
+    model = SequentialLoraClassifier(get_peft_model(tiny_vilt(), LoraConfig(r=2, lora_alpha=2, target_modules=[
+        "query", "key", "value"])), num_tasks=2, labels_per_task=LABELS)
+    lora_names = {n for n, _ in model.named_parameters() if "lora_" in n}
+    assert lora_names
+    train_task(model, 0, _batches(0, 1, seed=0), epochs=1, lr=1e-2)
+    head0 = {k: v.clone() for k, v in model.heads[0].state_dict().items()}
+    lora0 = {n: p.detach().clone() for n, p in model.named_parameters() if n in lora_names}
+    train_task(model, 1, _batches(1, 1, seed=0), epochs=1, lr=1e-2)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == lora_names | {"heads.1.weight",
+                                                                                       "heads.1.bias"}
+    assert all(torch.equal(v, model.heads[0].state_dict()[k]) for k, v in head0.items())     # old head frozen
+    assert any(not torch.equal(v, dict(model.named_parameters())[n]) for n, v in lora0.items())  # adapter moved on
+    model.eval()
+    batch = _batches(1, 1, seed=5)[0]
+    with torch.no_grad():
+        expected = model(batch.inputs, batch.missing)
+    assert expected.shape == (4, 2 * LABELS)
+    model.save_pretrained(str(tmp_path))
+    reloaded = SequentialLoraClassifier.from_pretrained(tiny_vilt(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(batch.inputs, batch.missing), expected, rtol=0, atol=1e-6)
+    try:
+        DeloClassifier.from_pretrained(tiny_vilt(), str(tmp_path))
+    except ValueError as e:
+        assert "'lora' classifier" in str(e)
+    else:
+        raise AssertionError("a LoRA checkpoint loaded as DeLo")
