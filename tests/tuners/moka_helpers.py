@@ -43,8 +43,11 @@ def sample_ids():
     return ids, question
 
 
-def moka_oracle(x, ids, question, A_by_modality, B, scaling, strengths, r, mode="task_centric"):
-    """y_t = s * B (A_{m(t)} x_t + delta_t), one token at a time (eqs 4-13)."""
+def moka_oracle(x, ids, question, A_by_modality, B, scaling, strengths, r, mode="task_centric", projections=None):
+    """y_t = s * B (A_{m(t)} x_t + delta_t), one token at a time (eqs 4-13).
+
+    ``projections`` (appendix B, eqs 16-17): {"query": {modality: W_q}, "key": W_k, "value": W_v};
+    the query is W_q[m(t)] a_t, the keys W_k a_j and the values W_v a_j of the question tokens."""
     batch, length, _ = x.shape
     out = torch.zeros(batch, length, B.shape[0], dtype=x.dtype)
     names = {T: "text", V: "visual", A: "audio", S: "speech"}
@@ -61,8 +64,12 @@ def moka_oracle(x, ids, question, A_by_modality, B, scaling, strengths, r, mode=
         for t, code in codes.items():
             modality = names[int(ids[b, t])]
             if mode == "task_centric" and modality != "text" and keys:
-                K = torch.stack([codes[j] for j in keys])
-                attn = torch.softmax(K @ code / math.sqrt(r), dim=0) @ K
+                keys_ = values = torch.stack([codes[j] for j in keys])
+                query = code
+                if projections is not None:
+                    query = projections["query"][modality] @ code
+                    keys_, values = keys_ @ projections["key"].T, keys_ @ projections["value"].T
+                attn = torch.softmax(keys_ @ query / math.sqrt(r), dim=0) @ values
                 code = code + strengths[modality] * attn
             out[b, t] = scaling * (B @ code)
     return out

@@ -69,18 +69,55 @@ def _generate(model, batch, **kw):
     return model.generate(**batch, **kw)
 
 
+def _greedy_without_cache(model, batch, new_tokens):
+    """Greedy decoding by hand with no KV cache: every step re-forwards the whole sequence (the
+    prompt's embeddings + the generated tokens' embeddings) with the modality ids of the whole
+    sequence (the prompt's media ids, TEXT for generated tokens) and the prompt's question mask
+    (generated tokens are no question). Returns (tokens (B, new), logits of the first step)."""
+    mask = batch["attention_mask"]
+    embeds = model.embed_inputs(batch["input_ids"], {"image_inputs": batch["image_inputs"]})
+    ids = model.modality_ids(batch["input_ids"], mask)
+    question = batch["question_mask"]
+    embedding = model.llm.get_input_embeddings()
+    tokens, first = [], None
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            model.modality_context.set_pending(ids, question)
+            logits = model.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
+                               position_ids=position_ids_from_attention_mask(mask)).logits
+            first = logits if first is None else first
+            assert model.modality_context.modality_ids is not None and not model.modality_context.decode_step
+            tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+            embeds = torch.cat([embeds, embedding(tokens[-1])], dim=1)
+            ids = torch.cat([ids, torch.full_like(tokens[-1], int(Modality.TEXT))], dim=1)
+            question = torch.cat([question, torch.zeros_like(tokens[-1], dtype=torch.bool)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(tokens[-1])], dim=1)
+    return torch.cat(tokens, dim=-1), first
+
+
 def test_generation_with_and_without_kv_cache_is_equal(tiny_model):
+    """generate() (prompt pass + KV-cache decode steps) == a greedy loop without any cache.
+
+    ``generate`` cannot be asked for ``use_cache=False`` here: given ``inputs_embeds`` transformers
+    keeps the cache on, so the uncached side is a hand-written loop that re-forwards the full
+    sequence with the full sequence's modality ids at every step. Cross-attention is on, the
+    prompts carry an image and are left-padded, and B is non-zero, so wrong routing on the decode
+    steps (e.g. a generated token taken for a question token or a media token, or no adapter on
+    it) changes the tokens."""
     model = _tuned(tiny_model).eval()
+    assert model.llm.peft_config["default"].cross_attention == "task_centric"
     batch = _batch(model, "left")
-    cached = _generate(model, batch, use_cache=True)
-    uncached = _generate(model, batch, use_cache=False)
+    assert (batch["attention_mask"] == 0).any(), "one prompt should be left-padded"
+    new_tokens = 6
+    cached = _generate(model, batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    uncached, first_logits = _greedy_without_cache(model, batch, new_tokens)
+    assert cached.shape == uncached.shape == (2, new_tokens)
     assert torch.equal(cached, uncached)
-    # The adapter matters for what is generated (routing actually runs).
+    # The adapter matters for what is generated: the same loop's logits without it differ.
     with model.llm.disable_adapter():
-        base = model.llm(inputs_embeds=model.embed_inputs(batch["input_ids"], {"image_inputs": batch["image_inputs"]}),
-                         attention_mask=batch["attention_mask"]).logits
-    tuned = model(**batch).logits
-    assert not torch.allclose(base, tuned, atol=1e-4)
+        _, base_logits = _greedy_without_cache(model, batch, new_tokens)
+    real = batch["attention_mask"].bool()
+    assert not torch.allclose(base_logits[real], first_logits[real], atol=1e-3)
 
 
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny_model):
@@ -88,18 +125,34 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny_model
     batch = _batch(model, "left")
     together = _generate(model, batch)
     for i in range(2):
-        keep = batch["attention_mask"][i].bool()
-        alone = {k: (v[i : i + 1, keep] if k != "image_inputs" else v[i : i + 1]) for k, v in batch.items()}
-        assert torch.equal(_generate(model, alone)[0], together[i]), f"prompt {i}"
+        assert torch.equal(_generate(model, _alone(batch, i))[0], together[i]), f"prompt {i}"
 
 
-def test_beam_search_and_several_return_sequences(tiny_model):
+def _alone(batch, i):
+    """Prompt i of a left-padded batch as a batch of one, without its padding."""
+    keep = batch["attention_mask"][i].bool()
+    return {k: (v[i : i + 1, keep] if k != "image_inputs" else v[i : i + 1]) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("num_beams", [2, 3])
+def test_beam_search_and_several_return_sequences(tiny_model, num_beams):
+    """Beam search with several return sequences: a left-padded batch gives each prompt the beams
+    it gets alone in a batch of one. transformers repeats each prompt num_beams times; the
+    prompt's ids must follow its copies (with 2 beams, routing the copies in the wrong order
+    hands the second prompt's first beam the first prompt's ids)."""
     model = _tuned(tiny_model).eval()
     batch = _batch(model, "left")
-    beams = _generate(model, batch, num_beams=3, num_return_sequences=2)
+    kw = {"num_beams": num_beams, "num_return_sequences": 2}
+    beams = _generate(model, batch, **kw)
     assert beams.shape == (4, 4)
-    greedy_cached = _generate(model, batch, num_beams=3, num_return_sequences=2, use_cache=False)
-    assert torch.equal(beams, greedy_cached)
+    for i in range(2):
+        alone = _generate(model, _alone(batch, i), **kw)
+        assert alone.shape == (2, 4)
+        assert torch.equal(beams[2 * i : 2 * i + 2], alone), f"prompt {i}"
+    # The adapter changes the search (so the comparison above exercises the routing).
+    with model.llm.disable_adapter():
+        base_beams = _generate(model, batch, **kw)
+    assert not torch.equal(base_beams, beams)
 
 
 def test_stage2_checkpoint_reloads_in_a_fresh_process_with_identical_logits(tiny_model, tmp_path):

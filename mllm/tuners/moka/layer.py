@@ -14,7 +14,12 @@ rows grouped by modality in ``config.modalities`` order, so one matmul computes 
 projection and a gather keeps the token's own block (no boolean indexing, no loop over samples or
 tokens). The cross-modal term attends each sample's question tokens, gathered into a compact
 (B, Nk, r) key set, so its cost is (B, T, Nk), not (B, T, T). All index tensors come from the
-router, once per forward. Dropout is applied to the layer input, as LoRA does.
+router, computed once per forward of the model and shared by every layer. Dropout is applied to
+the layer input, as LoRA does. The base layer runs on the tokens flattened to (N, in), and
+s * B(...) is added to its fresh (N, out) output in place, in one addmm_ (a Linear keeps its
+input, not its output, for backward; a quantization backend's ``maybe_clone_base_result`` runs
+first). When every token is text (KV-cache decode steps, text-only batches) the layer is plain
+LoRA with A_text: two matmuls, no routing tensors.
 
 Deviations from the reference implementation (moka_reference.md), all following the paper:
 the scaling s multiplies B's output (LoRA's convention; the AVT code scales before attention),
@@ -130,39 +135,41 @@ class Linear(nn.Module, MokaLayer):
 
     # -- forward --------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters:
-            return result
-        active = [name for name in self.active_adapters if name in self.moka_A]
+        moka_A = self.moka_A
+        active = [] if self.disable_adapters else [name for name in self.active_adapters if name in moka_A]
         if not active:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        # The base layer runs on the tokens flattened to (N, in): its output is a fresh (N, out)
+        # tensor that nothing else holds (a Linear saves its input, not its output, for backward),
+        # so the adapter output is added to it in place, fused into the B matmul.
+        result = self.base_layer(x.reshape(-1, x.shape[-1]), *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
         for name in active:
-            weight_A = self.moka_A[name]
-            routes = self.router.routes(self.moka_layout[name], weight_A.dtype, weight_A.device)
-            if routes.shape != tuple(x.shape[:2]):
+            weight_A = moka_A[name]
+            layout = self.moka_layout[name]
+            routes = self.router.routes(layout, weight_A.dtype, weight_A.device)
+            if routes.shape != x.shape[:2]:
                 raise RuntimeError(f"published modality ids {routes.shape} do not match this forward's tokens "
                                    f"{tuple(x.shape[:2])}; set them for every forward (set_modality_ids)")
-            h = self.moka_dropout[name](self._cast_input_dtype(x, weight_A.dtype))
-            delta = self._low_rank_path(name, h, routes)
-            result = result + (delta * self.scaling[name]).to(result.dtype)
-        return result
+            h = x if x.dtype == weight_A.dtype else self._cast_input_dtype(x, weight_A.dtype)
+            dropout = self.moka_dropout[name]
+            if not isinstance(dropout, nn.Identity):
+                h = dropout(h)
+            codes, weight_B = self._low_rank_codes(name, layout, weight_A, h, routes)
+            result = _add_scaled_product(result, codes, weight_B, self.scaling[name])
+        return result.view(*x.shape[:-1], result.shape[-1])
 
-    def _low_rank_path(self, name: str, h: torch.Tensor, routes: Routes) -> torch.Tensor:
-        """B applied to the routed rank-space codes, before the scaling s."""
-        layout = self.moka_layout[name]
-        weight_A, weight_B = self.moka_A[name], self.moka_B[name]
-        if layout.variant in ("moka", "unimodal_lora") and routes.text_only:
-            # Every token is text (decode steps, text-only batches): exactly LoRA with A_text.
-            block = layout.block(layout.text_slot)
-            if layout.variant == "unimodal_lora":
-                text_B = weight_B[:, block]
-            elif block.stop - block.start < layout.r:
-                text_B = weight_B[:, : block.stop - block.start]   # text uses the first coordinates
-            else:
-                text_B = weight_B    # no slice op: this path runs at every decode step
-            return F.linear(F.linear(h, weight_A[block]), text_B)
+    def _low_rank_codes(self, name: str, layout: AdapterLayout, weight_A: torch.Tensor, h: torch.Tensor,
+                        routes: Routes) -> tuple[torch.Tensor, torch.Tensor]:
+        """The routed rank-space codes and the B matrix they meet: the adapter output is
+        s * codes @ B^T (B and the scaling s are applied by the caller, in one fused op)."""
+        weight_B = self.moka_B[name]
+        if routes.text_only:
+            # Every token is text (decode steps, text-only batches) and the variant is moka or
+            # unimodal_lora: exactly LoRA with A_text (and its B columns).
+            columns = layout.text_b_columns
+            return F.linear(h, weight_A[layout.text_block]), (weight_B if columns is None else weight_B[:, columns])
         codes = F.linear(h, weight_A)                               # every block's A x_t
         if layout.variant != "moka":
             weights = routes.column_weights
@@ -172,7 +179,7 @@ class Linear(nn.Module, MokaLayer):
                 uni = layout.modality_rank_total
                 weights = weights * torch.cat([gate.expand(*gate.shape[:-1], uni),
                                                (1 - gate).expand(*gate.shape[:-1], layout.r)], dim=-1)
-            return F.linear(codes * weights, weight_B)
+            return codes * weights, weight_B
         # Eq 4: A_{m(t)} x_t for each token, in the shared rank space (pads and coordinates past a
         # smaller modality rank are zeroed by the mask).
         codes = torch.gather(codes, -1, routes.rank_columns)
@@ -180,7 +187,7 @@ class Linear(nn.Module, MokaLayer):
             codes = codes * routes.rank_mask
         if routes.interaction is not None:
             codes = self._add_interaction(name, layout, codes, routes.interaction)
-        return F.linear(codes, weight_B)                           # eq 10: the shared B
+        return codes, weight_B                                     # eq 10: the shared B
 
     def _add_interaction(self, name: str, layout: AdapterLayout, codes: torch.Tensor,
                          interaction: Interaction) -> torch.Tensor:
@@ -206,14 +213,40 @@ class Linear(nn.Module, MokaLayer):
         return "moka." + super().__repr__()
 
 
-def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(r) + bias) v for (B, T, r) queries and (B, Nk, r) keys and values.
+def _add_scaled_product(result: torch.Tensor, codes: torch.Tensor, weight_B: torch.Tensor,
+                        scaling: float) -> torch.Tensor:
+    """result += scaling * codes @ B^T, in place on the base output ``result`` (N, out).
+
+    When the adapter and the base output share a dtype this is one addmm_ (the product, the
+    scaling and the sum in one kernel; in backward the sum passes the gradient through).
+    Otherwise (e.g. fp32 adapters on a bf16 model) the product is computed in the adapter's dtype
+    and added in it, rounded to the base dtype once, as LoRA's ``result + delta`` followed by the
+    cast back does.
+    """
+    codes = codes.reshape(-1, codes.shape[-1])
+    if result.dtype == codes.dtype == weight_B.dtype:
+        return result.addmm_(codes, weight_B.t(), alpha=scaling)
+    return result.add_(torch.mm(codes, weight_B.t()), alpha=scaling)
+
+
+def _scores(query: torch.Tensor, key: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """q k^T / sqrt(r) (+ bias) for (B, T, r) queries and (B, Nk, r) keys: (B, T, Nk)."""
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    if bias is None:
+        return torch.bmm(query, key.transpose(1, 2)).mul_(scale)   # bmm saves its inputs, not its output
+    return torch.baddbmm(bias, query, key.transpose(1, 2), alpha=scale)
+
+
+def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """softmax(q k^T / sqrt(r) + bias) v for (B, T, r) queries and (B, Nk, r) keys and values;
+    ``bias`` (B, 1, Nk) masks padding key slots (None: there are none).
 
     Written out rather than scaled_dot_product_attention: at rank-sized heads (r ~ 4..16) the
     three batched matmul/softmax kernels are cheaper than the fused kernel's set-up, in both
     directions. Half-precision scores are normalised in float32.
     """
-    scores = torch.baddbmm(bias, query, key.transpose(1, 2), alpha=1.0 / math.sqrt(query.shape[-1]))
+    scores = _scores(query, key, bias)
     if scores.dtype in (torch.float16, torch.bfloat16):
         return torch.bmm(scores.softmax(-1, dtype=torch.float32).to(value.dtype), value)
     return torch.bmm(scores.softmax(-1), value)
