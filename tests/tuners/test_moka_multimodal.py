@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from mllm.config import TunerConfig
-from mllm.model import MultimodalLM
 from mllm.model.splice import position_ids_from_attention_mask
 from mllm.modality import Modality
 from tests.model.test_modality_context import _batch, _expected
