@@ -22,12 +22,11 @@ per-round ratios with its interquartile range.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
-import time
 
 import torch
+from timing import ratio_stats, timed_rounds
 
 import mllm  # noqa: F401  (registers delo with peft)
 from mllm.continual.cmml import DeloClassifier, SequentialLoraClassifier
@@ -91,26 +90,6 @@ def build(args):
     return delo, lora
 
 
-def timed_rounds(runs: dict, args) -> dict[str, list[float]]:
-    for run in runs.values():
-        for _ in range(args.warmup):
-            run()
-    samples = {name: [] for name in runs}
-    order, shuffle = list(runs), random.Random(0).shuffle
-    for _ in range(args.repeats):
-        shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            for _ in range(args.block):
-                runs[name]()
-            samples[name].append((time.perf_counter() - start) / args.block)
-    return samples
-
-
-def ratio_stats(samples, num: str, den: str) -> tuple[float, float, float]:
-    ratios = sorted(a / b for a, b in zip(samples[num], samples[den]))
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return statistics.median(ratios), q[0], q[2]
 
 
 def main(argv=None) -> int:
@@ -156,8 +135,8 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.repeats} rounds x {args.block} "
           f"calls, median; ratio = median of per-round ratios [interquartile range]; inference batch routed by the "
           f"Task-Key Memory to tasks {routed}")
-    training = timed_rounds({"peft LoRA": train_step(lora), "DeLo": train_step(delo)}, args)
-    inference = timed_rounds({"peft LoRA": infer(lora), "DeLo": infer(delo)}, args)
+    training = timed_rounds({"peft LoRA": train_step(lora), "DeLo": train_step(delo)}, args.repeats, args.block, args.warmup)
+    inference = timed_rounds({"peft LoRA": infer(lora), "DeLo": infer(delo)}, args.repeats, args.block, args.warmup)
     print(f"\n{'measure':<24}{'LoRA ms':>9}{'DeLo ms':>9}   DeLo / LoRA")
     results = {}
     for label, samples in (("train step", training), ("inference", inference)):

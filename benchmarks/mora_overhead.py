@@ -21,12 +21,11 @@ with its interquartile range.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
-import time
 
 import torch
+from timing import ratio_stats, timed_rounds
 
 import mllm  # noqa: F401  (registers mora with peft)
 from mllm.classify.model import apply_tuner
@@ -76,28 +75,6 @@ def trainable(model):
     return model
 
 
-def timed_rounds(runs: dict, args) -> dict[str, list[float]]:
-    for run in runs.values():
-        for _ in range(args.warmup):
-            run()
-    samples = {name: [] for name in runs}
-    order = list(runs)
-    shuffle = random.Random(0).shuffle
-    for _ in range(args.repeats):
-        shuffle(order)   # no model always runs first (or right after the same other model)
-        for name in order:
-            run = runs[name]
-            start = time.perf_counter()
-            for _ in range(args.block):
-                run()
-            samples[name].append((time.perf_counter() - start) / args.block)
-    return samples
-
-
-def ratio_stats(samples, num: str, den: str) -> tuple[float, float, float]:
-    ratios = sorted(a / b for a, b in zip(samples[num], samples[den]))
-    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-    return statistics.median(ratios), q[0], q[2]
 
 
 def main(argv=None) -> int:
@@ -150,8 +127,9 @@ def main(argv=None) -> int:
     print(f"merge_and_unload -> plain {type(merged).__name__}: {plain}; max |merged - unmerged| = {diff:.2e}")
 
     inference = timed_rounds({"base": infer(base), "merged MoRA": infer(merged), "unmerged MoRA": infer(unmerged),
-                              "peft LoRA (unmerged)": infer(lora.eval())}, args)
-    training = timed_rounds({"peft LoRA": train_step(lora_train), "unmerged MoRA": train_step(mora_train)}, args)
+                              "peft LoRA (unmerged)": infer(lora.eval())}, args.repeats, args.block, args.warmup)
+    training = timed_rounds({"peft LoRA": train_step(lora_train), "unmerged MoRA": train_step(mora_train)},
+                            args.repeats, args.block, args.warmup)
 
     print(f"\n{'measure':<34}{'ms/call':>9}   ratio")
     for name in inference:
