@@ -90,14 +90,10 @@ def format_table(results: dict, ratios=RATIOS, tuners=TUNERS) -> str:
 
 def run_missing_demo(args: argparse.Namespace) -> dict:
     """Run the demo (``args`` from ``mllm.demo.run.demo_parser``); prints the table, returns the results."""
-    import torch
+    from mllm.demo import torch_threads
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(getattr(args, "threads", None) or 1)   # tiny matrices: one thread is fastest
-    try:
+    with torch_threads(getattr(args, "threads", None)):
         return _run_missing_demo(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run_missing_demo(args: argparse.Namespace) -> dict:
