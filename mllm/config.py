@@ -69,12 +69,38 @@ QUANTIZATIONS = (None, "nf4", "fp4")
 class TunerConfig:
     """Parameter-efficient tuner inside the LLM (stage 2). ``type: none`` trains projectors only."""
 
-    type: str = "lora"                 # none | lora | dora | moka
+    type: str = "lora"                 # none | lora | dora | moka | mora | delo
     r: int = 8
     alpha: float = 16
     dropout: float = 0.05
     target_modules: list[str] | str | None = None   # default: every Linear of the LLM but lm_head
     options: dict[str, Any] = field(default_factory=dict)  # extra fields for the peft config
+    # DeLo task sequences: stage 2 runs once per instruction-tuning task, as task `task` (0-based)
+    # of `options.num_tasks`. Task 0 starts a new adapter as usual. Every later task sets
+    # `continue_from` to the previous task's stage-2 output (folder or Hub id): model, projectors
+    # and adapter (all tasks' pools, routers, query maps, Task-Key Memory) load from it, only task
+    # `task`'s parameters train, and the projectors stay frozen (any run with `continue_from`), so
+    # every earlier task computes exactly what it did (mllm.tuners.delo.sequence).
+    task: int = 0
+    continue_from: str | None = None
+
+    def __post_init__(self):
+        num_tasks = (self.options or {}).get("num_tasks")
+        self.check_task(num_tasks if isinstance(num_tasks, int) else None)
+
+    def check_task(self, num_tasks: int | None = None) -> None:
+        """The task fields alone (``num_tasks``: the adapter's, when known); ConfigError naming the field."""
+        if isinstance(self.task, bool) or not isinstance(self.task, int) or self.task < 0:
+            raise ConfigError(f"tuner.task must be a task index >= 0, got {self.task!r}")
+        if (self.task or self.continue_from) and self.type != "delo":
+            raise ConfigError(f"tuner.task / tuner.continue_from run stage 2 as one task of a DeLo task "
+                              f"sequence; they need tuner.type: delo, not {self.type!r}")
+        if num_tasks is not None and self.task >= num_tasks:
+            raise ConfigError(f"tuner.task={self.task} is out of range for tuner.options.num_tasks={num_tasks} "
+                              f"(tasks 0..{num_tasks - 1})")
+        if self.task > 0 and not self.continue_from:
+            raise ConfigError(f"tuner.task={self.task} needs tuner.continue_from: the stage-2 output folder of "
+                              f"task {self.task - 1}, whose adapter holds the earlier tasks")
 
 
 @dataclass
@@ -230,6 +256,7 @@ def _resolve_relative_paths(cfg: ExperimentConfig, base: str) -> None:
     cfg.model.tokenizer = fix(cfg.model.tokenizer)
     cfg.model.pretrained_projectors = fix(cfg.model.pretrained_projectors)
     cfg.model.feature_cache = fix(cfg.model.feature_cache)
+    cfg.tuner.continue_from = fix(cfg.tuner.continue_from)
     for enc in cfg.model.encoders.values():
         enc.path = fix(enc.path)
     for name in ("train", "eval", "media_root"):

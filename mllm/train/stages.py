@@ -19,6 +19,7 @@ from mllm.config import ConfigError, ExperimentConfig, config_to_dict
 from mllm.data.dataset import MultimodalCollator, MultimodalDataset
 from mllm.model.multimodal_lm import MultimodalLM
 from mllm.train.trainer import MllmTrainingArguments, MultimodalTrainer
+from mllm.tuners.delo.sequence import loading_overrides, previous_task_output, start_task
 
 logger = logging.getLogger(__name__)
 
@@ -126,14 +127,28 @@ def run_instruct(cfg: ExperimentConfig, model: MultimodalLM | None = None) -> Mu
     """Stage 2: projectors (from stage 1) + a peft tuner inside the LLM. ``model`` defaults
     to one built from ``cfg.model``; the tuner is added here. The stage-1 projectors are loaded
     while the model is built, before DeepSpeed partitions anything (projectors are plain
-    modules, never created partitioned)."""
-    if not cfg.model.pretrained_projectors:
+    modules, never created partitioned).
+
+    DeLo task sequences: ``tuner.task`` is the task this run trains; with ``tuner.continue_from``
+    the model, projectors and adapter load (trainable) from the previous task's output instead,
+    and the projectors stay frozen (rules in ``mllm.tuners.delo.sequence``)."""
+    previous = previous_task_output(cfg)
+    if previous is not None and model is not None:
+        raise ConfigError("tuner.continue_from: the model loads from that folder; do not pass a model")
+    if previous is None and not cfg.model.pretrained_projectors:
         logger.warning("model.pretrained_projectors is not set: stage 2 starts from random projectors")
+    elif previous is not None and cfg.model.pretrained_projectors:
+        logger.warning("model.pretrained_projectors is ignored: the projectors come from tuner.continue_from")
     args = _arguments_and_seed(cfg)
+    if previous is not None:
+        model = MultimodalLM.from_pretrained(previous, is_trainable=True, **loading_overrides(cfg))
+        model.tuner_config = cfg.tuner
     model = model or MultimodalLM.from_config(cfg.model)
     model.freeze_llm()
-    if cfg.tuner.type not in (None, "none"):
+    if previous is None and cfg.tuner.type not in (None, "none"):
         model.apply_tuner(cfg.tuner)
+    if cfg.tuner.type == "delo":
+        start_task(model, cfg.tuner.task, continued=previous is not None)
     return _train(cfg, args, model, cfg.data.template)
 
 
