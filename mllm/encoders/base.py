@@ -32,6 +32,13 @@ class MediaEncoder(nn.Module):
 
     modality: Modality
     hidden_size: int
+    # ``select_layer`` indexes the hidden states with the embeddings as state 0 (-1: last layer).
+    select_layer: int
+    # For tuners that adapt the encoder together with the LLM (MoRA pairs layers of the two):
+    # the path of the transformer layer list inside this module, and the paths of the attention's
+    # query and output projections inside one layer.
+    layers_path: str
+    attention_projections: tuple[str, str] = ("self_attn.q_proj", "self_attn.out_proj")
 
     @classmethod
     def from_config(cls, cfg: Any) -> "MediaEncoder":
@@ -44,6 +51,12 @@ class MediaEncoder(nn.Module):
         """Feature rows ``forward`` returns for one item (of ``num_samples`` samples, for
         encoders whose output length depends on the input)."""
         raise NotImplementedError
+
+    def num_used_layers(self) -> int:
+        """How many layers, from the first, compute the features ``forward`` returns (LLaVA's
+        ``select_layer=-2`` leaves the last layer unused)."""
+        total = len(self.get_submodule(self.layers_path))
+        return self.select_layer if self.select_layer >= 0 else total + 1 + self.select_layer
 
     def freeze(self) -> "MediaEncoder":
         self.requires_grad_(False)

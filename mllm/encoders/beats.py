@@ -453,6 +453,7 @@ class BEATsAudioEncoder(MediaEncoder):
     """
 
     modality = Modality.AUDIO
+    layers_path = "model.encoder.layers"
     sample_rate = SAMPLE_RATE
 
     def __init__(self, model: BEATsModel, select_layer: int | None = None, label_dict: dict | None = None):

@@ -18,6 +18,7 @@ from mllm.modality import Modality
 @register_encoder("clip")
 class CLIPVisualEncoder(MediaEncoder):
     modality = Modality.VISUAL
+    layers_path = "vision_model.encoder.layers"
 
     def __init__(self, vision_model: CLIPVisionModel, processor: CLIPImageProcessor,
                  select_layer: int = -2, drop_cls: bool = True):

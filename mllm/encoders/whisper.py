@@ -87,6 +87,8 @@ class WhisperSpeechEncoder(MediaEncoder):
     """
 
     modality = Modality.SPEECH
+    layers_path = "audio_encoder.blocks"
+    attention_projections = ("attn.query", "attn.out")   # openai-whisper's names
     sample_rate = SAMPLE_RATE
 
     def __init__(self, audio_encoder: torch.nn.Module, n_mels: int, select_layer: int | None = None):

@@ -31,10 +31,12 @@ from mllm.data.media import (
 from mllm.encoders import MediaEncoder, build_encoder
 from mllm.encoders.cache import FeatureCache
 from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS
+from mllm.model import paired_encoder
 from mllm.model.modality_context import attach_modality_context
 from mllm.model.splice import MediaCountError, compute_modality_ids, position_ids_from_attention_mask, splice_features
 from mllm.projectors import build_projectors, load_projector_weights, read_projector_configs, save_projectors
 from mllm.tuners import apply_tuner
+from mllm.tuners.registration import mora_peft_type
 
 MLLM_CONFIG = "mllm_config.json"
 ADAPTER_DIR = "adapter"
@@ -133,8 +135,28 @@ class MultimodalLM(nn.Module):
         return self.llm.get_base_model() if isinstance(self.llm, PeftModel) else self.llm
 
     def apply_tuner(self, tuner: TunerConfig) -> None:
+        """Add the stage-2 tuner. MoRA pairs an encoder with the LLM (``options.pair_encoder``,
+        see ``paired_encoder``); every other tuner adapts the LLM alone."""
+        peft_tuner = tuner
+        if tuner.type == "mora":
+            name = self._attach_paired_encoder(tuner.options.get("pair_encoder"))
+            options, targets = paired_encoder.mora_options(name, self.encoders[name], self.base_llm,
+                                                           tuner.options, tuner.target_modules)
+            peft_tuner = dataclasses.replace(tuner, options=options, target_modules=targets)
+        elif "pair_encoder" in tuner.options:
+            raise ValueError(f"tuner.options.pair_encoder is a MoRA option; tuner.type is {tuner.type!r}")
+        self.llm = apply_tuner(self.llm, peft_tuner)
         self.tuner_config = tuner
-        self.llm = apply_tuner(self.llm, tuner)
+
+    def _attach_paired_encoder(self, name: str | None) -> str:
+        if name not in self.encoders:
+            raise ValueError(f"MoRA in the MLLM pairs an encoder's layers with the LLM's: set "
+                             f"tuner.options.pair_encoder to one of {sorted(self.encoders)} (got {name!r})")
+        if name in self.feature_caches:
+            raise ValueError(f"model.feature_cache stores frozen {name} features, but MoRA trains the {name} "
+                             f"encoder's paired layers; turn the feature cache off")
+        paired_encoder.attach(self.base_llm, self.encoders[name])
+        return name
 
     def merge_tuner(self) -> None:
         """Fold the adapter into the LLM's weights (peft ``merge_and_unload``); ``self.llm`` becomes
@@ -147,9 +169,9 @@ class MultimodalLM(nn.Module):
             raise ValueError("the LLM has no adapter to merge")
         if self.config.quantization:
             peft_config = self.llm.peft_config[self.llm.active_adapter]
-            if peft_config.peft_type != PeftType.LORA:
+            if peft_config.peft_type not in (PeftType.LORA, mora_peft_type()):
                 raise NotImplementedError(f"{peft_config.peft_type.value} adapters do not merge into a 4-bit LLM "
-                                          f"(only LoRA / DoRA do); keep the adapter unmerged")
+                                          f"(only LoRA / DoRA and MoRA do); keep the adapter unmerged")
             adapter_state = get_peft_model_state_dict(self.llm)
             base = self.llm.unload()
             # bitsandbytes may keep CPU-repacked 4-bit weights; a state_dict call restores the
@@ -161,6 +183,7 @@ class MultimodalLM(nn.Module):
                 self.llm = get_peft_model(base, peft_config)
             set_peft_model_state_dict(self.llm, adapter_state)
         self.llm = self.llm.merge_and_unload()
+        paired_encoder.detach(self.llm)   # its merged layers stay in self.encoders
         self.tuner_config = None
 
     def freeze_llm(self) -> None:
@@ -253,7 +276,9 @@ class MultimodalLM(nn.Module):
         if field in self.MULTI_PART_FIELDS:  # (N, P, ...) -> parts encoded as items
             inputs = inputs.flatten(0, 1)
         cache = self.feature_caches.get(modality.name.lower())
-        with torch.no_grad():  # frozen encoders
+        # Encoders are frozen, except the layers a MoRA adapter pairs with the LLM.
+        adapted = any(p.requires_grad for p in encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and adapted):
             features = cache.encode(inputs) if cache else encoder(inputs)
         # No padding mask reaches the projector's cross-attention, on purpose. Speech is padded
         # with silence to 30 s and, as in the official Whisper, SALMONN and MokA, the encoder and
@@ -381,6 +406,8 @@ class MultimodalLM(nn.Module):
         model.config.pretrained_projectors = None
         adapter_dir = os.path.join(checkpoint_dir, ADAPTER_DIR)
         if os.path.isdir(adapter_dir):
+            if saved.get("tuner") and saved["tuner"]["type"] == "mora":
+                model._attach_paired_encoder(saved["tuner"]["options"].get("pair_encoder"))
             model.llm = PeftModel.from_pretrained(model.llm, adapter_dir, is_trainable=is_trainable)
             if saved.get("tuner"):
                 model.tuner_config = TunerConfig(**saved["tuner"])

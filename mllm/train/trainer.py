@@ -8,7 +8,6 @@ are gathered here, on every rank, before the main process writes projectors and 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from mllm.distributed import gathered_parameters
 from mllm.model.multimodal_lm import ADAPTER_DIR, MultimodalLM
 from mllm.projectors import load_projector_weights
 
@@ -98,17 +98,8 @@ def trainable_state_dict(model: MultimodalLM) -> dict[str, torch.Tensor]:
     entries = {name: value for name, value in model.state_dict(keep_vars=True).items()
                if name.startswith("projectors.")
                or (adapter_prefix and name.startswith("llm.") and adapter_prefix in name)}
-    partitioned = [v for v in entries.values() if hasattr(v, "ds_id")]
-    with _gathered(partitioned):
+    with gathered_parameters(entries.values()):
         return {name: value.detach().to("cpu", copy=True) for name, value in entries.items()}
-
-
-def _gathered(params):
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params)
 
 
 def _strip(state_dict: dict, prefix: str) -> dict:

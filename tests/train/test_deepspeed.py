@@ -1,6 +1,6 @@
 """Both stages as two real processes under `accelerate launch --use_deepspeed` (CPU, gloo, fp32).
 
-Every shipped ZeRO config runs; LoRA and MokA; batches where one rank has no image or no video
+Every shipped ZeRO config runs; LoRA, MokA, DeLo and MoRA (pairing the CLIP tower with the LLM); batches where one rank has no image or no video
 at all. A two-process run (2 x batch 2) must save complete projectors and adapters equal to a
 single-process run over the same global batches (1 x batch 4), and resuming from a ZeRO
 checkpoint must end where the uninterrupted run ended.
@@ -37,6 +37,9 @@ TUNERS = {
     "moka": {"type": "moka", "r": 2, "alpha": 4, "dropout": 0.0,
              "options": {"modalities": ["text", "visual"], "strengths": {"visual": 0.8}}},
     "delo": {"type": "delo", "r": 2, "alpha": 4, "dropout": 0.0, "options": {"num_experts": 4, "num_tasks": 2}},
+    # MoRA pairs the CLIP tower's layer with the LLM's last: the encoder trains under ZeRO-3 too.
+    "mora": {"type": "mora", "r": 4, "dropout": 0.0,
+             "options": {"pair_encoder": "visual", "num_paired_layers": 1, "shared_r": 2}},
 }
 
 
@@ -171,7 +174,7 @@ def test_stage1_under_zero3_saves_what_one_process_saves(stage1):
 
 
 STAGE2_RUNS = [("zero2.json", "lora"), ("zero3.json", "lora"), ("zero2_offload.json", "moka"),
-               ("zero3_offload.json", "moka"), ("zero3.json", "delo")]
+               ("zero3_offload.json", "moka"), ("zero3.json", "delo"), ("zero3.json", "mora")]
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,12 @@ MOKA = {"type": "moka", "r": 2, "alpha": 4, "dropout": 0.0,
         "options": {"modalities": ["text", "visual"], "strengths": {"visual": 0.8}}}
 DORA = {**LORA, "type": "dora"}
 DELO = {"type": "delo", "r": 2, "alpha": 4, "dropout": 0.0, "options": {"num_experts": 4, "num_tasks": 2}}
-TUNERS = [LORA, DORA, MOKA, DELO]
+# MoRA pairs the CLIP tower's layer with the LLM's last (4-bit) layer.
+MORA = {"type": "mora", "r": 4, "dropout": 0.0,
+        "options": {"pair_encoder": "visual", "num_paired_layers": 1, "shared_r": 2}}
+TUNERS = [LORA, DORA, MOKA, DELO, MORA]
 TUNER_IDS = [t["type"] for t in TUNERS]
-PARAM_PREFIX = {"lora": "lora_", "dora": "lora_", "moka": "moka_", "delo": "delo_"}
+PARAM_PREFIX = {"lora": "lora_", "dora": "lora_", "moka": "moka_", "delo": "delo_", "mora": "mora_"}
 
 
 def _is_b(name: str) -> bool:
@@ -104,9 +107,13 @@ def test_stage2_on_a_4bit_llm_saves_and_reloads(tiny_assets, demo_data, llm64, t
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("tuner", [LORA, DORA], ids=["lora", "dora"])
-def test_merging_lora_dequantizes_the_llm_and_keeps_its_outputs(tiny_assets, llm64, tuner):
-    model = _qlora_model(tiny_assets, llm64, {**tuner, "options": {"init_lora_weights": False}})
+NOT_IDENTITY = {"lora": {"init_lora_weights": False}, "mora": {"init_weights": False}}
+
+
+@pytest.mark.parametrize("tuner", [LORA, DORA, MORA], ids=["lora", "dora", "mora"])
+def test_merging_dequantizes_the_llm_and_keeps_its_outputs(tiny_assets, llm64, tuner):
+    options = {**tuner.get("options", {}), **NOT_IDENTITY["mora" if tuner is MORA else "lora"]}
+    model = _qlora_model(tiny_assets, llm64, {**tuner, "options": options})
     batch = _batch(model, "right")
     # Train mode: bitsandbytes' CPU inference path would compute with bf16 block scales.
     with torch.no_grad():
@@ -116,6 +123,17 @@ def test_merging_lora_dequantizes_the_llm_and_keeps_its_outputs(tiny_assets, llm
     assert _linear_types(model) == {"Linear"}  # full precision, no adapter layers left
     assert model.config.quantization is None and not hasattr(model.llm, "peft_config")
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_mora_refuses_to_merge_into_4bit_weights_directly(tiny_assets, llm64):
+    """Re-quantizing a merged W' would lose the update: peft's own merge raises and points to
+    ``merge_tuner``, which dequantizes first."""
+    model = _qlora_model(tiny_assets, llm64, MORA)
+    with pytest.raises(NotImplementedError, match="dequantize the base model first"):
+        model.llm.merge_and_unload()
+    assert "Linear4bit" in _linear_types(model)
+    # Refused before anything merged: the (full-precision) CLIP layers are not merged either.
+    assert not any(m.merged for m in model.encoders["visual"].modules() if hasattr(m, "merged_adapters"))
 
 
 @pytest.mark.parametrize("tuner", [MOKA, DELO], ids=["moka", "delo"])

@@ -40,6 +40,10 @@ class MoraConfig(PeftConfig):
                 "pair up: vision L_v-k+i with text L_t-k+i). Ignored when layer_pairs is given."})
     layer_pairs: Optional[list[list[int]]] = field(default=None, metadata={
         "help": "Explicit [[vision index, text index], ...] pairs (negative indices count from the end)."})
+    inner_pairs: Optional[dict[str, str]] = field(default=None, metadata={
+        "help": "Projections paired across the towers when their paths inside a layer differ, as "
+                "{vision path: text path}, e.g. {'self_attn.out_proj': 'self_attn.o_proj'} for a CLIP tower "
+                "paired with a LLaMA-style LLM. Unlisted projections pair with the same path."})
     share_across_projections: bool = field(default=False, metadata={
         "help": "False: one S^v/S^t/a^s per (layer pair, projection), e.g. q with q. True: one per layer pair, "
                 "shared by every targeted projection of the two layers (the reference's grouping)."})
@@ -81,6 +85,9 @@ class MoraConfig(PeftConfig):
             self.layer_pairs = [list(p) for p in pairs]
         elif self.num_paired_layers <= 0:
             raise ValueError(f"num_paired_layers must be positive, got {self.num_paired_layers}")
+        if self.inner_pairs is not None:
+            if len(set(self.inner_pairs.values())) != len(self.inner_pairs):
+                raise ValueError(f"inner_pairs pairs a text projection twice: {self.inner_pairs}")
         if self.vision_layers == self.text_layers:
             raise ValueError("vision_layers and text_layers must name different layer lists")
         if self.bias != "none":

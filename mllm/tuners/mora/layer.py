@@ -35,6 +35,8 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 
+from mllm.distributed import gathered_parameters
+
 
 class SharedFactors:
     """The tuner's shared containers, referenced (not registered) by every MoRA layer.
@@ -154,28 +156,45 @@ class Linear(nn.Module, MoraLayer):
         delta = (self._magnitude(adapter) - 1.0) * base.float() + self._low_rank_weight(adapter)
         return delta.to(base.dtype)
 
+    def _merge_parameters(self, adapter: str) -> list[torch.Tensor]:
+        """Every tensor a merge of ``adapter`` reads or writes (gathered together under ZeRO-3)."""
+        return [self.get_base_layer().weight, self.mora_A[adapter], self.mora_B[adapter],
+                self.mora_magnitude[adapter], *self.shared_factors(adapter)]
+
+    def _check_mergeable(self) -> None:
+        if self.quantization_backend is not None:
+            # Re-quantizing a^b W0 + eta(...) loses most of a trained update (one NF4 step is larger
+            # than it); the adapted model would silently change.
+            raise NotImplementedError(
+                "MoRA does not merge into quantized base weights; dequantize the base model first "
+                "(MultimodalLM.merge_tuner does) or keep the adapter unmerged")
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        self._check_mergeable()
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.mora_A:
                 continue
-            base = self.get_base_weight()
-            merged = (self._magnitude(name) * base.float() + self._low_rank_weight(name)).to(base.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            self.set_base_weight(merged)
+            # Under ZeRO-3 every tensor involved is partitioned: gather, merge on rank 0, re-partition.
+            with gathered_parameters(self._merge_parameters(name), modifier_rank=0):
+                base = self.get_base_weight()
+                merged = (self._magnitude(name) * base.float() + self._low_rank_weight(name)).to(base.dtype)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                base.copy_(merged)   # in place, so that ZeRO-3 re-partitions the merged values
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         if not self.merged:
             return
+        self._check_mergeable()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name not in self.mora_A:
                 continue
-            merged = self.get_base_weight()
-            # Invert W' = m W0 + L: W0 = (W' - L) / m (m = a^b + a^s, 1 at initialisation).
-            base = (merged.float() - self._low_rank_weight(name)) / self._magnitude(name)
-            self.set_base_weight(base.to(merged.dtype))
+            with gathered_parameters(self._merge_parameters(name), modifier_rank=0):
+                merged = self.get_base_weight()
+                # Invert W' = m W0 + L: W0 = (W' - L) / m (m = a^b + a^s, 1 at initialisation).
+                merged.copy_((merged.float() - self._low_rank_weight(name)) / self._magnitude(name))
 
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

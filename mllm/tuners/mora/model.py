@@ -99,7 +99,11 @@ class MoraModel(BaseTuner):
             if adapter_name not in container:
                 container[adapter_name] = nn.ParameterDict({})
         vision, text = self.mora_shared_vision[adapter_name], self.mora_shared_text[adapter_name]
-        partner = self.model.get_submodule(pairing.partner_key(site))
+        try:
+            partner = self.model.get_submodule(pairing.partner_key(site))
+        except AttributeError:
+            raise ValueError(f"MoRA: {site.branch} projection {site.inner!r} has no partner "
+                             f"{pairing.partner_key(site)!r} in the other tower; name it in inner_pairs") from None
         widths = {site.branch: _width(target), ("text" if site.branch == "vision" else "vision"): _width(partner)}
         if pair in vision:
             for branch, store in (("vision", vision), ("text", text)):
@@ -129,6 +133,23 @@ class MoraModel(BaseTuner):
         super()._check_new_adapter_config(config)
         if config.bias != "none":
             raise ValueError("MoRA adds no bias; bias must be 'none'")
+
+    # -- merging: all layers or none --------------------------------------------------------------
+    def _check_mergeable(self) -> None:
+        # Checked for every layer before any merges, so that a refusal (a quantized base layer)
+        # never leaves the model half merged (e.g. the encoder's layers merged, the LLM's not).
+        for module in self.model.modules():
+            if isinstance(module, Linear):
+                module._check_mergeable()
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_mergeable()
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args, **kwargs) -> None:
+        if merge:
+            self._check_mergeable()
+        return super()._unload_and_optionally_merge(merge, *args, **kwargs)
 
     # -- shared state follows the layer-level operations ----------------------------------------------
     def _shared_params(self, adapter_names: Optional[Sequence[str]] = None):

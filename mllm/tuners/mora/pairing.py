@@ -31,6 +31,7 @@ class Pairing:
     text_layers: str
     pairs: tuple[tuple[int, int], ...]      # (vision index, text index), non-negative
     share_across_projections: bool
+    inner_pairs: tuple[tuple[str, str], ...] = ()   # (vision path, text path) where they differ
 
     @classmethod
     def from_config(cls, config, model: nn.Module) -> "Pairing":
@@ -53,7 +54,8 @@ class Pairing:
             used = [p[index] for p in pairs]
             if len(set(used)) != len(used):
                 raise ValueError(f"layer_pairs uses a {branch} layer twice: {sorted(used)}")
-        return cls(config.vision_layers, config.text_layers, tuple(pairs), config.share_across_projections)
+        return cls(config.vision_layers, config.text_layers, tuple(pairs), config.share_across_projections,
+                   tuple((config.inner_pairs or {}).items()))
 
     # -- lookups -------------------------------------------------------------------------------------
     def site(self, key: str) -> Optional[Site]:
@@ -74,14 +76,21 @@ class Pairing:
             return None
         name = f"v{pair[0]}_t{pair[1]}"
         if not self.share_across_projections:
-            name += "_" + site.inner.replace(".", "_")
+            vision_inner = site.inner if site.branch == "vision" else self.partner_inner(site)
+            name += "_" + vision_inner.replace(".", "_")   # the same name from both branches
         return name
+
+    def partner_inner(self, site: Site) -> str:
+        """Path inside the partner layer of the projection paired with ``site``."""
+        to_text = dict(self.inner_pairs)
+        mapping = to_text if site.branch == "vision" else {t: v for v, t in to_text.items()}
+        return mapping.get(site.inner, site.inner)
 
     def partner_key(self, site: Site) -> str:
         """Module key of the corresponding projection in the paired layer of the other branch."""
         v, t = self.pair_of(site)
         other = f"{self.text_layers}.{t}" if site.branch == "vision" else f"{self.vision_layers}.{v}"
-        return f"{site.root}{other}.{site.inner}"
+        return f"{site.root}{other}.{self.partner_inner(site)}"
 
 
 def _num_layers(model: nn.Module, path: str) -> int:
