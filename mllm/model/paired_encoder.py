@@ -34,8 +34,10 @@ def detach(llm: nn.Module) -> None:
 
 
 def decoder_layers_path(llm: nn.Module) -> str:
-    """The LLM's decoder layer list: its largest ``nn.ModuleList`` (``model.layers`` in LLaMA)."""
-    candidates = [(sum(p.numel() for p in module.parameters()), name) for name, module in llm.named_modules()
+    """The LLM's decoder layer list: its largest ``nn.ModuleList`` (``model.layers`` in LLaMA).
+    Sizes count ZeRO-3-partitioned parameters by their full size (``ds_numel``)."""
+    candidates = [(sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()), name)
+                  for name, module in llm.named_modules()
                   if isinstance(module, nn.ModuleList) and not name.startswith(PAIRED_ENCODER)]
     if not candidates:
         raise ValueError(f"MoRA: found no decoder layer list in {type(llm).__name__}")
