@@ -24,6 +24,7 @@ STAGE_HELP = {
 def _schema_help() -> str:
     from mllm.config import DataConfig, EncoderConfig, ModelConfig, TunerConfig
     from mllm.projectors.qformer import ProjectorConfig
+    from mllm.tuners import tuner_summaries
 
     def fields(cls, skip=()):
         return ", ".join(f"{f.name}" for f in dataclasses.fields(cls) if f.name not in skip)
@@ -36,7 +37,9 @@ def _schema_help() -> str:
         f"  tuner:     {fields(TunerConfig)}\n"
         f"  data:      {fields(DataConfig)}\n"
         "  training:  any transformers.TrainingArguments field, plus projector_lr\n"
-        "examples:\n"
+        "tuners (tuner.type; a method's own fields go in tuner.options):\n"
+        + "".join(f"  {name:6s} {summary}\n" for name, summary in tuner_summaries().items())
+        + "examples:\n"
         "  accelerate launch stages/pretrain.py --config configs/demo/pretrain.yaml\n"
         "  mllm instruct --config configs/demo/instruct.yaml training.learning_rate=1e-4 tuner.r=16\n"
         "  accelerate launch --config_file acc.yaml stages/instruct.py --config my.yaml "

@@ -28,6 +28,11 @@ def test_stage_scripts_explain_the_schema():
         assert out.returncode == 0, out.stderr
         assert "--config" in out.stdout and "section.field=value" in out.stdout
         assert "projector_lr" in out.stdout and "pretrained_projectors" in out.stdout
+    # Every tuner type, with where its own fields go.
+    tuners = out.stdout.split("tuners (", 1)[1].split("examples:", 1)[0]
+    for name in ("none", "lora", "dora", "moka", "mora", "delo"):
+        assert f"\n  {name} " in tuners
+    assert "pair_encoder" in tuners and "continue_from" in tuners
 
 
 def test_unknown_command_fails():

@@ -39,18 +39,21 @@ def _lora_config(cfg, use_dora: bool) -> LoraConfig:
 
 @register_tuner("lora")
 def lora_config(cfg) -> LoraConfig:
+    """peft LoRA; tuner.options: any other LoraConfig field (e.g. use_rslora)."""
     return _lora_config(cfg, use_dora=False)
 
 
 @register_tuner("dora")
 def dora_config(cfg) -> LoraConfig:
+    """peft DoRA (LoRA with use_dora); tuner.options: any other LoraConfig field."""
     return _lora_config(cfg, use_dora=True)
 
 
 @register_tuner("moka")
 def moka_config(cfg):
-    """MokA (``mllm.tuners.moka``). ``options`` holds the method's own fields, e.g.
-    ``modalities``, ``modality_ranks``, ``strengths``, ``cross_attention``, ``variant``, ``num_loras``."""
+    """MokA; tuner.options: modalities, modality_ranks, strengths, cross_attention, variant, num_loras.
+
+    ``mllm.tuners.moka``; ``options`` holds the method's own fields."""
     from mllm.tuners.moka import MokaConfig
 
     return MokaConfig(
@@ -65,10 +68,12 @@ def moka_config(cfg):
 
 @register_tuner("mora")
 def mora_config(cfg):
-    """MoRA (``mllm.tuners.mora``) for a two-tower model (vision and text layer lists). ``options``
-    holds the method's own fields, e.g. ``shared_r``, ``alpha`` (the low-rank strength eta; LoRA's
-    ``tuner.alpha`` means something else and is not passed on), ``num_paired_layers``,
-    ``layer_pairs``, ``vision_layers``, ``text_layers``."""
+    """MoRA; tuner.options: pair_encoder (stage 2), num_paired_layers, shared_r, alpha (eta), inner_pairs.
+
+    ``mllm.tuners.mora``, for a two-tower model (vision and text layer lists); in stage 2
+    ``MultimodalLM.apply_tuner`` pairs ``options.pair_encoder``'s layers with the LLM's. ``alpha``
+    in ``options`` is the low-rank strength eta (LoRA's ``tuner.alpha`` means something else and is
+    not passed on); ``layer_pairs``, ``vision_layers``, ``text_layers`` set the pairing by hand."""
     from mllm.tuners.mora import MoraConfig
 
     fields = {"r": cfg.r, "dropout": cfg.dropout, **cfg.options}
@@ -79,16 +84,23 @@ def mora_config(cfg):
 
 @register_tuner("delo")
 def delo_config(cfg):
-    """DeLo (``mllm.tuners.delo``): ``tuner.r`` is the number of rank-one factors selected per
-    sample and modality; ``options`` holds the method's own fields, e.g. ``num_experts``,
-    ``num_tasks``, ``query_dim``. Inside an LLM the caller (or a ``MultimodalLM``'s modality
-    context) supplies per-token modality ids; see ``DeloModel``."""
+    """DeLo; tuner.options: num_experts, num_tasks, query_dim; task sequences: tuner.task, tuner.continue_from.
+
+    ``mllm.tuners.delo``: ``tuner.r`` is the number of rank-one factors selected per sample and
+    modality. Inside an LLM the caller (or a ``MultimodalLM``'s modality context) supplies
+    per-token modality ids; see ``DeloModel``."""
     from mllm.tuners.delo import DeloConfig
 
     fields = {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, **cfg.options}
     if cfg.target_modules is not None:
         fields["target_modules"] = cfg.target_modules
     return DeloConfig(**fields)
+
+
+def tuner_summaries() -> dict[str, str]:
+    """``tuner.type`` -> one line for ``--help`` (the first line of the builder's docstring)."""
+    return {"none": "projectors only", **{name: (builder.__doc__ or "").strip().splitlines()[0]
+                                          for name, builder in sorted(TUNER_REGISTRY.items())}}
 
 
 def build_peft_config(cfg) -> PeftConfig | None:
