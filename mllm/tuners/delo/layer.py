@@ -145,15 +145,18 @@ class Linear(nn.Module, DeloLayer):
         for name in active:
             pools = self.delo_pools[name]
             h = self.delo_dropout[name](self._cast_input_dtype(x, pools.a_visual[0].dtype))
-            delta = 0
+            # Every (task route, modality) selects r factors per sample; stacked side by side they
+            # form one (B, R, in) / (B, R, out) pair, so the update is two batched matmuls.
+            a_rows, b_rows, gates = [], [], []
             for route in self.state.routes:
                 for modality, query in (("visual", route.query_visual), ("text", route.query_text)):
                     index, gate = self.select(name, modality, route.task, query)
-                    a = pools.get("a", modality, route.task)[index]      # (B, r, in)
-                    b = pools.get("b", modality, route.task)[index]      # (B, r, out)
-                    codes = torch.einsum("bti,bri->btr", h, a) * (gate * route.weight[:, None])[:, None, :]
-                    delta = delta + torch.einsum("btr,bro->bto", codes, b)
-            result = result + (delta * self.scaling[name]).to(result.dtype)
+                    a_rows.append(pools.get("a", modality, route.task)[index])      # (B, r, in)
+                    b_rows.append(pools.get("b", modality, route.task)[index])      # (B, r, out)
+                    gates.append(gate * route.weight[:, None])                       # (B, r)
+            a, b, gate = torch.cat(a_rows, 1), torch.cat(b_rows, 1), torch.cat(gates, 1)
+            codes = torch.bmm(h, a.transpose(1, 2)) * gate[:, None, :]              # (B, T, R)
+            result = result + (torch.bmm(codes, b) * self.scaling[name]).to(result.dtype)
         return result
 
     def __repr__(self) -> str:
