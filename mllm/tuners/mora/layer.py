@@ -13,7 +13,7 @@ parameters stay visible to both layers of a pair.
 
 Forward, with h = dropout(x) (dropout on the low-rank paths only, as LoRA does):
 
-    y = W0 x + b + (a^b + a^s - 1) W0 x + eta B (A h) + eta S^T (G^o (S h))
+    y = W0 x + b + (a^b + a^s - 1) W0 x + eta [B, S^T G^o] ([A; S] h)
 
 The magnitude term is written as a correction to the base output so that the base layer runs
 unchanged (also when quantised) and so that at initialisation, where a^b + a^s = 1 exactly, the
@@ -218,11 +218,13 @@ class Linear(nn.Module, MoraLayer):
             # Magnitudes (a^b + a^s - 1) W0 x: exactly zero at initialisation.
             result = result + ((self._magnitude(name) - 1.0).to(result.dtype)) * base_out
             h = self.mora_dropout[name](self._cast_input_dtype(x, A.dtype))
-            specific = F.linear(F.linear(h, A), B)                                   # B A h
-            codes = F.linear(h, s_own.to(A.dtype))                                   # S h (shared_r)
-            gram_other = s_other.to(A.dtype) @ s_other.to(A.dtype).T                 # G^o (eq 3)
-            shared = F.linear(F.linear(codes, gram_other), s_own.to(A.dtype).T)      # S^T G^o S h
-            result = result + (self.mora_strength[name] * (specific + shared)).to(result.dtype)
+            s_own, s_other = s_own.to(A.dtype), s_other.to(A.dtype)
+            gram_other = s_other @ s_other.T                                         # G^o (eq 3)
+            # B A + S^T G^o S = [B, S^T G^o] [A; S]: both low-rank terms in two token-level matmuls.
+            down = torch.cat([A, s_own])                                             # (r + shared_r, d)
+            up = torch.cat([B, s_own.T @ gram_other], dim=1)                         # (d, r + shared_r)
+            low_rank = F.linear(F.linear(h, down), up)
+            result = result + (self.mora_strength[name] * low_rank).to(result.dtype)
         return result
 
     def __repr__(self) -> str:
