@@ -108,3 +108,23 @@ def test_configuration_errors_name_the_option(tiny_assets, tiny_model, tmp_path)
         {"model": model_section(tiny_assets, feature_cache=str(tmp_path / "cache"))}).model)
     with pytest.raises(ValueError, match="feature_cache"):
         _paired_model(cached)
+
+
+def test_recipe_parses_and_its_tuner_section_applies(tiny_model):
+    """configs/mora/instruct_clip_llama.yaml: valid sections; its tuner pairs the tiny model's
+    towers (one pair: the tiny CLIP computes its features with one layer)."""
+    import os
+
+    from mllm.config import load_config
+    from mllm.train.trainer import MllmTrainingArguments
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = load_config(os.path.join(root, "configs", "mora", "instruct_clip_llama.yaml"))
+    assert cfg.model.encoders["visual"].select_layer == -2 and cfg.model.feature_cache is None
+    MllmTrainingArguments(**{**cfg.training, "bf16": False, "use_cpu": True})   # bf16 needs a GPU
+    assert cfg.tuner.options["num_paired_layers"] == 2
+    cfg.tuner.options["num_paired_layers"] = 1
+    tiny_model.freeze_llm()
+    tiny_model.apply_tuner(cfg.tuner)
+    assert len(_mora_layers(tiny_model.encoders["visual"])) == 2
+    assert tiny_model.llm.peft_config["default"].shared_r == 8 and tiny_model.llm.peft_config["default"].alpha == 0.1
