@@ -77,6 +77,16 @@ def trainable(model):
 
 
 
+def print_rows(measure: str, samples: dict[str, list[float]], baseline: str) -> None:
+    """One line per run: median ms per call, and its ratio to ``baseline`` [interquartile range]."""
+    for name in samples:
+        line = f"{measure + ', ' + name:<34}{1e3 * statistics.median(samples[name]):>9.2f}"
+        if name != baseline:
+            r, lo, hi = ratio_stats(samples, name, baseline)
+            line += f"   {r:.3f} [{lo:.3f}, {hi:.3f}] vs {baseline}"
+        print(line)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -132,18 +142,8 @@ def main(argv=None) -> int:
                             args.repeats, args.block, args.warmup)
 
     print(f"\n{'measure':<34}{'ms/call':>9}   ratio")
-    for name in inference:
-        line = f"{'inference, ' + name:<34}{1e3 * statistics.median(inference[name]):>9.2f}"
-        if name != "base":
-            r, lo, hi = ratio_stats(inference, name, "base")
-            line += f"   {r:.3f} [{lo:.3f}, {hi:.3f}] vs base"
-        print(line)
-    for name in training:
-        line = f"{'train step, ' + name:<34}{1e3 * statistics.median(training[name]):>9.2f}"
-        if name != "peft LoRA":
-            r, lo, hi = ratio_stats(training, name, "peft LoRA")
-            line += f"   {r:.3f} [{lo:.3f}, {hi:.3f}] vs peft LoRA"
-        print(line)
+    print_rows("inference", inference, "base")
+    print_rows("train step", training, "peft LoRA")
     merged_ratio = ratio_stats(inference, "merged MoRA", "base")[0]
     train_ratio = ratio_stats(training, "unmerged MoRA", "peft LoRA")[0]
     print(f"\nmerged-MoRA inference / base inference       = {merged_ratio:.3f}  (target <= 1.01: "

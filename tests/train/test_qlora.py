@@ -107,12 +107,13 @@ def test_stage2_on_a_4bit_llm_saves_and_reloads(tiny_assets, demo_data, llm64, t
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-NOT_IDENTITY = {"lora": {"init_lora_weights": False}, "mora": {"init_weights": False}}
+NOT_IDENTITY = {"lora": {"init_lora_weights": False}, "dora": {"init_lora_weights": False},
+                "mora": {"init_weights": False}}
 
 
 @pytest.mark.parametrize("tuner", [LORA, DORA, MORA], ids=["lora", "dora", "mora"])
 def test_merging_dequantizes_the_llm_and_keeps_its_outputs(tiny_assets, llm64, tuner):
-    options = {**tuner.get("options", {}), **NOT_IDENTITY["mora" if tuner is MORA else "lora"]}
+    options = {**tuner.get("options", {}), **NOT_IDENTITY[tuner["type"]]}
     model = _qlora_model(tiny_assets, llm64, {**tuner, "options": options})
     batch = _batch(model, "right")
     # Train mode: bitsandbytes' CPU inference path would compute with bf16 block scales.
