@@ -20,12 +20,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from mllm.errors import UserError
 from mllm.modality import MEDIA_FIELDS
 
 MODES = ("official", "strict")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserError):
     """A malformed annotation file or line; the message starts with ``file:line``."""
 
     def __init__(self, where: str, message: str):

@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
+
+from mllm.errors import UserError
 
 STAGE_HELP = {
     "pretrain": "Stage 1: train the projectors on captioning data; the LLM and encoders stay frozen. "
@@ -107,7 +110,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nmllm: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    return commands[argv[0]][1](argv[1:])
+    name, rest = argv[0], argv[1:]
+    return run_reporting_user_errors(f"mllm {name}", commands[name][1], rest)
+
+
+def run_reporting_user_errors(prog: str, command, argv: list[str]) -> int:
+    """Run ``command(argv)``; a :class:`~mllm.errors.UserError` ends it with one line on stderr and
+    exit status 2. ``--debug`` (anywhere in argv) or ``MLLM_DEBUG=1`` re-raises it with its traceback."""
+    debug = "--debug" in argv or os.environ.get("MLLM_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return command(argv)
+    except UserError as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split())  # one line, whatever the message held
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

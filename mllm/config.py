@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from mllm.errors import UserError
 from mllm.modality import modality_from_name
 from mllm.projectors.qformer import ProjectorConfig
 
@@ -128,7 +129,7 @@ class ExperimentConfig:
     source: str | None = None           # the YAML file this came from (relative paths resolve here)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     pass
 
 

@@ -10,7 +10,7 @@ Run with --help for the config schema.
 
 import sys
 
-from mllm.cli import stage_main
+from mllm.cli import main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("instruct"))
+    sys.exit(main(["instruct", *sys.argv[1:]]))

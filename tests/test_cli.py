@@ -58,3 +58,14 @@ def test_quick_audio_visual_demo_runs_end_to_end(tmp_path):
     results = json.load(open(tmp_path / "results.json"))
     assert set(results["results"]) == {"with image and sound", "sound removed", "image removed"}
     assert {"beeps", "pitch", "loudness", "match", "color"} <= set(results["results"]["sound removed"]["per_type"])
+
+
+def test_a_user_error_ends_in_one_line_and_debug_shows_the_traceback(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("model: {llm: x}\nnot_a_section: {}\n")
+    out = _run("stages/instruct.py", "--config", str(config))
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("mllm instruct: error:")]
+    assert len(errors) == 1 and "not_a_section" in errors[0] and "Traceback" not in out.stderr, out.stderr
+    debug = _run("stages/instruct.py", "--config", str(config), "--debug")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr

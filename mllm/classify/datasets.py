@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from mllm.errors import UserError
+
 #: MM-IMDb genre order of MMP's ``write_mmimdb.py`` (the 23 genres the benchmark scores).
 MMIMDB_GENRES = ("Drama", "Comedy", "Romance", "Thriller", "Crime", "Action", "Adventure", "Horror", "Documentary",
                  "Mystery", "Sci-Fi", "Fantasy", "Family", "Biography", "War", "History", "Music", "Animation",
@@ -33,7 +35,7 @@ SPLIT_NAMES = {"mmimdb": {"train": "train", "val": "dev", "test": "test"},
 NUM_CLASSES = {"mmimdb": len(MMIMDB_GENRES), "food101": 101, "hateful_memes": 2}
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(UserError):
     """A malformed dataset file; the message starts with ``file:line``."""
 
     def __init__(self, path: str, line: int, message: str):

@@ -20,6 +20,8 @@ import soundfile
 import torch
 from PIL import Image
 
+from mllm.errors import UserError
+
 #: Codecs used by :func:`write_video`; the PyAV wheel bundles these encoders.
 VIDEO_CODEC = "mpeg4"
 AUDIO_CODEC = "aac"
@@ -28,7 +30,7 @@ AUDIO_CODEC = "aac"
 AUDIO_SAMPLE_RATE = 16000
 
 
-class MediaError(ValueError):
+class MediaError(UserError):
     """A media file could not be read.
 
     ``str()`` reads ``"record 'ID': cannot read PATH: REASON"``; the record

@@ -15,12 +15,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from mllm.errors import UserError
 from mllm.modality import MEDIA_FIELDS
 
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
     """A malformed record. ``reason`` is a short category used when counting skips."""
 
     def __init__(self, where: str, message: str, reason: str = "malformed record"):

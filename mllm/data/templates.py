@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from mllm.errors import UserError
 from mllm.modality import PLACEHOLDERS
 
 IGNORE_INDEX = -100
@@ -56,7 +57,7 @@ _PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
 _SENTINEL = "MLLMUSERTEXTSENTINELQZX"
 
 
-class LabelAlignmentError(ValueError):
+class LabelAlignmentError(UserError):
     """The rendered conversation could not be split cleanly into prompt and answer tokens."""
 
 

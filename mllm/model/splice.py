@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from mllm.errors import UserError
 from mllm.modality import Modality
 
 
-class MediaCountError(ValueError):
+class MediaCountError(UserError):
     """The number of placeholder positions does not match the media supplied."""
 
 

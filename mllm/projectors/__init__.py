@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mllm.errors import UserError
 from mllm.projectors.qformer import MLPProjector, ProjectorConfig, QFormerProjector
 
 PROJECTOR_WEIGHTS = "projectors.safetensors"
 PROJECTOR_CONFIG = "projectors.json"
 
 
-class ProjectorCheckpointError(ValueError):
+class ProjectorCheckpointError(UserError):
     pass
 
 
