@@ -21,10 +21,10 @@ import torch
 import yaml
 from torch import nn
 
-from eval_suites.missing_modality import DATASET_METRICS, score
 from mllm.classify.datasets import NUM_CLASSES, Sample, read_split
 from mllm.classify.missing import IMAGE_MISSING, TEXT_MISSING, MissingSpec, load_or_make_missing_table
 from mllm.classify.model import MissingModalityClassifier, apply_tuner
+from mllm.metrics.classification import DATASET_METRICS, score
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval_suites.cmml import ResultMatrix, score_task
+from mllm.metrics.continual import ResultMatrix, score_task
 
 HEADS_FILE = "cmml_heads.safetensors"
 #: logit given at eval to the classes of tasks other than the one a sample was routed to

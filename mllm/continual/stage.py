@@ -21,12 +21,17 @@ from typing import Any
 
 import torch
 
-from eval_suites.cmml import ResultMatrix
 from mllm.classify.missing import MissingSpec
 from mllm.config import ConfigError, apply_overrides, parse_yaml
-from mllm.continual.cmml import DeloClassifier, IncrementalClassifier, SequentialLoraClassifier, evaluate_task, \
-    train_task
+from mllm.continual.cmml import (
+    DeloClassifier,
+    IncrementalClassifier,
+    SequentialLoraClassifier,
+    evaluate_task,
+    train_task,
+)
 from mllm.continual.data import CMML_BENCHMARKS, task_loaders
+from mllm.metrics.continual import ResultMatrix
 
 logger = logging.getLogger(__name__)
 

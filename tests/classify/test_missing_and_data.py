@@ -8,10 +8,16 @@ import json
 import numpy as np
 import pytest
 
-from eval_suites.missing_modality import accuracy, auroc, f1_macro, score, softmax_positive
 from mllm.classify.datasets import MMIMDB_GENRES, DatasetFormatError, read_split
-from mllm.classify.missing import (COMPLETE, IMAGE_MISSING, TEXT_MISSING, MissingSpec, load_or_make_missing_table,
-                                   make_missing_table)
+from mllm.classify.missing import (
+    COMPLETE,
+    IMAGE_MISSING,
+    TEXT_MISSING,
+    MissingSpec,
+    load_or_make_missing_table,
+    make_missing_table,
+)
+from mllm.metrics.classification import accuracy, auroc, f1_macro, score, softmax_positive
 
 
 # -- missing tables ----------------------------------------------------------------------------------

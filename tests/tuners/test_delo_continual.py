@@ -9,8 +9,8 @@ import torch
 
 import mllm  # noqa: F401
 from mllm.continual import CmmlBatch, DeloClassifier, evaluate_task, train_task
-from mllm.tuners.delo import TEXT_MISSING, IMAGE_MISSING, task_parameter_names
-from eval_suites.cmml import ResultMatrix
+from mllm.metrics.continual import ResultMatrix
+from mllm.tuners.delo import IMAGE_MISSING, TEXT_MISSING, task_parameter_names
 from tests.tuners.delo_helpers import delo_vilt, tiny_vilt, vilt_inputs
 
 LABELS = 2

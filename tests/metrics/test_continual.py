@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from eval_suites.cmml import ResultMatrix, average_performance, forgetting, last, score_task, summarize
+from mllm.metrics.continual import ResultMatrix, average_performance, forgetting, last, score_task, summarize
 
 # R[i, j]: score on task j after training task i (hand-made, 3 tasks)
 R = [[80.0, np.nan, np.nan],

@@ -21,10 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from eval_suites.missing_modality import accuracy, f1_macro
-
-#: benchmark -> (tasks, labels per task, multilabel)   (RebQ configs/data/*.yaml)
-BENCHMARKS = {"food101_cmml": (10, 10, False), "mmimdb_cmml": (5, 4, True)}
+from mllm.metrics.classification import accuracy, f1_macro
 
 
 def average_performance(matrix) -> float:
