@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -71,6 +72,54 @@ def stage_main(stage: str, argv: list[str] | None = None) -> int:
     return 0
 
 
+#: The stages that train outside the MLLM: command -> (help, "module:config loader", "module:runner", result keys).
+SECTIONED_STAGES = {
+    "classify": ("Missing-modality classification with a CLIP dual encoder (MoRA's setting: MM-IMDb, "
+                 "UPMC-Food101, Hateful Memes; tuners mora, lora, dora, bitfit, full, frozen).",
+                 "mllm.classify.train:ClassifyConfig", "mllm.classify.train:run_classify",
+                 ("dataset", "tuner", "test")),
+    "cmml": ("Continual missing-modality learning on ViLT (DeLo's setting: tasks in sequence; result matrix, "
+             "average, forgetting, last).",
+             "mllm.continual.stage:CmmlConfig", "mllm.continual.stage:run_cmml",
+             ("benchmark", "metric", "average", "forgetting", "last")),
+}
+
+
+def _load(target: str):
+    module, name = target.split(":")
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+def _sections_help(schema) -> str:
+    lines = ["config sections (YAML; override any field as section.field=value, values parsed as YAML):"]
+    for section in dataclasses.fields(schema):
+        default = section.default_factory()
+        if dataclasses.is_dataclass(default):
+            fields = ", ".join(f"{f.name}={getattr(default, f.name)!r}" for f in dataclasses.fields(default))
+        else:
+            fields = f"a mapping, default {default!r}"
+        lines.append(f"  {section.name}: {fields}")
+    return "\n".join(lines)
+
+
+def sectioned_stage_main(stage: str, argv: list[str] | None = None) -> int:
+    text, schema_target, runner_target, keys = SECTIONED_STAGES[stage]
+    parser = argparse.ArgumentParser(prog=f"mllm {stage}", description=text,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="override config fields, e.g. training.epochs=3")
+    if any(a in ("-h", "--help") for a in (argv or [])):
+        parser.epilog = _sections_help(_load(schema_target))
+    args = parser.parse_args(argv)
+    from mllm.config import load_sectioned_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    results = _load(runner_target)(load_sectioned_config(_load(schema_target), args.config, args.overrides))
+    print(json.dumps({key: results[key] for key in keys}))
+    return 0
+
+
 def demo_main(argv: list[str] | None = None) -> int:
     from mllm.demo.run import demo_parser, run_demo
 
@@ -96,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                  "data, on a CPU, in minutes.", demo_main),
         "pretrain": (STAGE_HELP["pretrain"], lambda a: stage_main("pretrain", a)),
         "instruct": (STAGE_HELP["instruct"], lambda a: stage_main("instruct", a)),
+        **{name: (text, lambda a, name=name: sectioned_stage_main(name, a))
+           for name, (text, *_) in SECTIONED_STAGES.items()},
         "eval": ("Generate a benchmark's answers with a checkpoint and score them as the official scripts do "
                  "(suites: pope, mme, mmbench, seed_bench, mmau, air_bench, music_avqa, ave).", eval_main),
         "push": ("Publish a trained model (adapter, projectors, configs, model card) to the Hugging Face Hub.",

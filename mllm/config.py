@@ -159,6 +159,9 @@ def _build_dataclass(cls, values: Any, where: str):
         raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(known)}")
     kwargs = {}
     for name, value in values.items():
+        section = known[name].default_factory
+        if dataclasses.is_dataclass(section):   # a nested section, e.g. data.train_missing
+            value = _build_dataclass(section, value, f"{where}.{name}")
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -228,7 +231,8 @@ def _deep_copy(obj):
     return obj
 
 
-def load_config(path: str | None, overrides: list[str] | None = None) -> ExperimentConfig:
+def read_raw_config(path: str | None, overrides: list[str] | None = None) -> dict:
+    """The YAML file's mapping (``{}`` without a file) with ``section.field=value`` overrides applied."""
     raw: dict = {}
     if path is not None:
         try:
@@ -238,10 +242,38 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> Experim
             raise ConfigError(f"config file not found: {path}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    raw = apply_overrides(raw, overrides or [])
-    cfg = config_from_dict(raw, source=path)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return apply_overrides(raw, overrides or [])
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """The instruction-tuning stages' config (``model``, ``tuner``, ``data``, ``training``)."""
+    cfg = config_from_dict(read_raw_config(path, overrides), source=path)
     _resolve_relative_paths(cfg, os.path.dirname(os.path.abspath(path)) if path else os.getcwd())
     return cfg
+
+
+def load_sectioned_config(cls, path: str | None, overrides: list[str] | None = None):
+    """A stage config whose schema is the dataclass ``cls`` (one field per section, each a dataclass
+    or a free mapping), read and checked as :func:`load_config` reads its own: unknown sections and
+    fields are errors naming them, ``1e-3`` is a float, overrides are ``section.field=value``."""
+    raw = read_raw_config(path, overrides)
+    sections = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"{path or 'config'}: unknown top-level section(s) {unknown}; "
+                          f"valid: {', '.join(sections)}")
+    built = {}
+    for name, values in raw.items():
+        section = sections[name].default_factory
+        if dataclasses.is_dataclass(section):
+            built[name] = _build_dataclass(section, values, name)
+        elif values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {type(values).__name__}")
+        else:
+            built[name] = {**section(), **(values or {})}   # a free mapping: given keys over the defaults
+    return cls(**built)
 
 
 def _resolve_relative_paths(cfg: ExperimentConfig, base: str) -> None:

@@ -4,24 +4,9 @@ benchmarks): trains task by task and writes the result matrix, average, forgetti
     python stages/cmml.py --config configs/cmml/food101_delo.yaml [section.field=value ...]
 """
 
-import argparse
-import json
-import logging
 import sys
 
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="section.field=value (YAML values)")
-    args = parser.parse_args(argv)
-    from mllm.continual.stage import load_cmml_config, run_cmml
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results = run_cmml(load_cmml_config(args.config, args.overrides))
-    print(json.dumps({k: results[k] for k in ("benchmark", "metric", "average", "forgetting", "last")}))
-    return 0
-
+from mllm.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["cmml", *sys.argv[1:]]))

@@ -76,3 +76,24 @@ def test_demo_configs_parse():
             assert cfg.model.encoders["visual"].type == "clip"
             assert ("audio" in cfg.model.encoders) == (folder == "demo")
             assert cfg.training["output_dir"]
+
+
+def test_classify_and_cmml_configs_use_the_one_loader(tmp_path):
+    """The classification and continual stages read their YAML as the stages do: typed numbers,
+    nested sections, unknown sections and fields named, the same `training` section name."""
+    from mllm.classify.train import load_classify_config
+    from mllm.continual.stage import load_cmml_config
+
+    path = tmp_path / "classify.yaml"
+    path.write_text("training:\n  lr: 1e-3\ndata:\n  test_missing: {ratio: 0.3}\n")
+    cfg = load_classify_config(str(path), ["training.epochs=2"])
+    assert cfg.training.lr == 1e-3 and isinstance(cfg.training.lr, float) and cfg.training.epochs == 2
+    assert cfg.data.test_missing.ratio == 0.3 and cfg.data.test_missing.type == "both"
+    with pytest.raises(ConfigError, match=r"unknown top-level section\(s\) \['train'\]"):
+        load_classify_config(None, ["train.lr=1"])
+    with pytest.raises(ConfigError, match=r"data\.test_missing: unknown field\(s\) \['ratoi'\]"):
+        load_classify_config(None, ["data.test_missing.ratoi=0.5"])
+    cmml = load_cmml_config(None, ["tuner.r=2", "training.lr=1e-2"])
+    assert cmml.tuner == {"r": 2, "num_experts": 16, "alpha": 2.0} and cmml.training.lr == 1e-2
+    with pytest.raises(ConfigError, match="benchmark must be one of"):
+        load_cmml_config(None, ["data.benchmark=cifar"])

@@ -13,17 +13,17 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 
 from mllm.classify.datasets import NUM_CLASSES, Sample, read_split
 from mllm.classify.missing import IMAGE_MISSING, TEXT_MISSING, MissingSpec, load_or_make_missing_table
 from mllm.classify.model import MissingModalityClassifier, apply_tuner
+from mllm.config import load_sectioned_config
 from mllm.metrics.classification import DATASET_METRICS, score
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class DataSection:
 
 
 @dataclass
-class TrainSection:
+class TrainingSection:
     output_dir: str = "runs/classify"
     epochs: int = 20
     batch_size: int = 256
@@ -85,37 +85,12 @@ class ClassifyConfig:
     model: ModelSection = field(default_factory=ModelSection)
     tuner: TunerSection = field(default_factory=TunerSection)
     data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
-
-
-def _build(cls, values: dict, where: str):
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(values) - set(known)
-    if unknown:
-        raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}; expected {sorted(known)}")
-    kwargs = {}
-    for name, value in values.items():
-        default = getattr(cls(), name)
-        kwargs[name] = _build(type(default), value or {}, f"{where}.{name}") if is_dataclass(default) else value
-    return cls(**kwargs)
+    training: TrainingSection = field(default_factory=TrainingSection)
 
 
 def load_classify_config(path: str | None, overrides: list[str] = ()) -> ClassifyConfig:
-    """YAML file plus ``section.field=value`` overrides (values parsed as YAML)."""
-    values: dict = {}
-    if path:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must be section.field=value")
-        node = values
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-    return _build(ClassifyConfig, values, path or "config")
+    """YAML file plus ``section.field=value`` overrides, read by the project's one config loader."""
+    return load_sectioned_config(ClassifyConfig, path, list(overrides))
 
 
 # -- data ---------------------------------------------------------------------------------------------
@@ -185,7 +160,7 @@ def load_split(cfg: ClassifyConfig, split: str, image_size: int) -> MissingModal
     section = getattr(data, f"{split}_missing")
     offset = {"train": 0, "val": 1, "test": 2}[split]
     spec = MissingSpec(ratio=section.ratio, type=section.type, both_ratio=section.both_ratio, seed=data.seed + offset)
-    table_dir = data.table_dir or os.path.join(cfg.train.output_dir, "missing_tables")
+    table_dir = data.table_dir or os.path.join(cfg.training.output_dir, "missing_tables")
     groups = max((s.group for s in samples), default=-1) + 1
     table = load_or_make_missing_table(os.path.join(table_dir, spec.file_name(data.dataset, split)), groups, spec)
     return MissingModalityDataset(samples, table, image_size, data.image_fill, data.cache_images)
@@ -217,34 +192,34 @@ def run_classify(cfg: ClassifyConfig) -> dict:
     """Train on ``train``, keep the best epoch on ``val``, score it on ``test``; returns the results."""
     from transformers import AutoTokenizer
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.training.seed)
     dataset = cfg.data.dataset
     multilabel = DATASET_METRICS[dataset][1] == "multilabel"
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.train.device == "auto"
-                          else cfg.train.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.training.device == "auto"
+                          else cfg.training.device)
     model = build_classifier(cfg).to(device)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or cfg.model.backbone)
     image_size = model.backbone.config.vision_config.image_size
     make = lambda split, shuffle: torch.utils.data.DataLoader(  # noqa: E731
-        load_split(cfg, split, image_size), batch_size=cfg.train.batch_size, shuffle=shuffle,
+        load_split(cfg, split, image_size), batch_size=cfg.training.batch_size, shuffle=shuffle,
         collate_fn=collate(tokenizer, cfg.data.max_text_len, multilabel),
-        generator=torch.Generator().manual_seed(cfg.train.seed))
+        generator=torch.Generator().manual_seed(cfg.training.seed))
     train, val, test = make("train", True), make("val", False), make("test", False)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  betas=tuple(cfg.train.betas), eps=1e-8)
-    total = max(1, cfg.train.epochs * len(train))
-    warmup = int(cfg.train.warmup_ratio * total)
+    optimizer = torch.optim.AdamW(params, lr=cfg.training.lr, weight_decay=cfg.training.weight_decay,
+                                  betas=tuple(cfg.training.betas), eps=1e-8)
+    total = max(1, cfg.training.epochs * len(train))
+    warmup = int(cfg.training.warmup_ratio * total)
     # Linear warmup then cosine annealing (paper A.3).
     schedule = lambda step: (step + 1) / max(1, warmup) if step < warmup else \
         0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     loss_fn = nn.BCEWithLogitsLoss() if multilabel else nn.CrossEntropyLoss()
 
-    os.makedirs(cfg.train.output_dir, exist_ok=True)
+    os.makedirs(cfg.training.output_dir, exist_ok=True)
     best, best_state, stale, history = -math.inf, None, 0, []
-    for epoch in range(cfg.train.epochs):
+    for epoch in range(cfg.training.epochs):
         model.train()
         for batch in train:
             logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
@@ -262,7 +237,7 @@ def run_classify(cfg: ClassifyConfig) -> dict:
             best_state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
         else:
             stale += 1
-            if stale >= cfg.train.patience:
+            if stale >= cfg.training.patience:
                 break
     if best_state is not None:
         with torch.no_grad():
@@ -279,7 +254,7 @@ def run_classify(cfg: ClassifyConfig) -> dict:
 def _save(model: MissingModalityClassifier, cfg: ClassifyConfig, results: dict) -> None:
     from safetensors.torch import save_file
 
-    out = cfg.train.output_dir
+    out = cfg.training.output_dir
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     if hasattr(model.clip, "save_pretrained") and hasattr(model.clip, "peft_config"):
         model.clip.save_pretrained(os.path.join(out, "adapter"))   # peft adapter (shared factors once)

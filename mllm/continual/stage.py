@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from mllm.classify.missing import MissingSpec
-from mllm.config import ConfigError, apply_overrides, parse_yaml
+from mllm.config import ConfigError, load_sectioned_config
 from mllm.continual.cmml import (
     DeloClassifier,
     IncrementalClassifier,
@@ -51,9 +51,13 @@ class CmmlData:
     seed: int = 0
     table_dir: str | None = None                # default: <output_dir>/missing_tables
 
+    def __post_init__(self):
+        if self.benchmark not in CMML_BENCHMARKS:
+            raise ValueError(f"benchmark must be one of {sorted(CMML_BENCHMARKS)}, got {self.benchmark!r}")
+
 
 @dataclass
-class CmmlTrain:
+class CmmlTraining:
     output_dir: str = "runs/cmml"
     epochs: int = 10                            # per task (RebQ)
     batch_size: int = 4
@@ -69,29 +73,12 @@ class CmmlConfig:
     model: CmmlModel = field(default_factory=CmmlModel)
     tuner: dict[str, Any] = field(default_factory=lambda: {"r": 4, "num_experts": 16, "alpha": 2.0})
     data: CmmlData = field(default_factory=CmmlData)
-    train: CmmlTrain = field(default_factory=CmmlTrain)
+    training: CmmlTraining = field(default_factory=CmmlTraining)
 
 
 def load_cmml_config(path: str | None, overrides: list[str] = ()) -> CmmlConfig:
-    raw: dict = {}
-    if path:
-        with open(path) as f:
-            raw = parse_yaml(f.read()) or {}
-    raw = apply_overrides(raw, list(overrides))
-    unknown = set(raw) - {"model", "tuner", "data", "train"}
-    if unknown:
-        raise ConfigError(f"unknown section(s) {sorted(unknown)}; valid: model, tuner, data, train")
-    sections = {}
-    for name, cls in (("model", CmmlModel), ("data", CmmlData), ("train", CmmlTrain)):
-        values = raw.get(name) or {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        if set(values) - known:
-            raise ConfigError(f"{name}: unknown field(s) {sorted(set(values) - known)}; valid: {sorted(known)}")
-        sections[name] = cls(**values)
-    cfg = CmmlConfig(tuner={**CmmlConfig().tuner, **(raw.get("tuner") or {})}, **sections)
-    if cfg.data.benchmark not in CMML_BENCHMARKS:
-        raise ConfigError(f"data.benchmark must be one of {sorted(CMML_BENCHMARKS)}, got {cfg.data.benchmark!r}")
-    return cfg
+    """YAML file plus ``section.field=value`` overrides, read by the project's one config loader."""
+    return load_sectioned_config(CmmlConfig, path, list(overrides))
 
 
 TUNER_TYPES = ("delo", "lora")
@@ -111,8 +98,8 @@ def build_classifier(cfg: CmmlConfig, base_model, num_tasks: int, labels_per_tas
         raise ConfigError(f"tuner.type must be one of {TUNER_TYPES}, got {kind!r}")
     if kind == "delo":
         backbone = get_peft_model(base_model, DeloConfig(num_tasks=num_tasks, **options))
-        return DeloClassifier(backbone, num_tasks, labels_per_task, multilabel, cfg.train.align_weight,
-                              cfg.train.head_selection)
+        return DeloClassifier(backbone, num_tasks, labels_per_task, multilabel, cfg.training.align_weight,
+                              cfg.training.head_selection)
     options.pop("num_experts", None)
     r, alpha = options.pop("r"), options.pop("alpha")
     targets = options.pop("target_modules", None) or \
@@ -130,7 +117,7 @@ def build_classifier(cfg: CmmlConfig, base_model, num_tasks: int, labels_per_tas
 def run_cmml(cfg: CmmlConfig) -> dict:
     from transformers import ViltModel, ViltProcessor
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.training.seed)
     _, tasks_total, labels_per_task, multilabel = CMML_BENCHMARKS[cfg.data.benchmark]
     num_tasks = cfg.data.num_tasks or tasks_total
     if not 0 < num_tasks <= tasks_total:
@@ -139,18 +126,18 @@ def run_cmml(cfg: CmmlConfig) -> dict:
     model = build_classifier(cfg, ViltModel.from_pretrained(cfg.model.backbone), num_tasks, labels_per_task,
                              multilabel)
 
-    out = cfg.train.output_dir
+    out = cfg.training.output_dir
     table_dir = cfg.data.table_dir or os.path.join(out, "missing_tables")
     spec = MissingSpec(seed=cfg.data.seed, **cfg.data.missing)
-    common = dict(processor=processor, spec=spec, table_dir=table_dir, batch_size=cfg.train.batch_size,
-                  max_text_len=cfg.data.max_text_len, seed=cfg.train.seed, num_tasks=num_tasks)
+    common = dict(processor=processor, spec=spec, table_dir=table_dir, batch_size=cfg.training.batch_size,
+                  max_text_len=cfg.data.max_text_len, seed=cfg.training.seed, num_tasks=num_tasks)
     train = task_loaders(cfg.data.root, cfg.data.benchmark, "train", shuffle=True, **common)
     test = task_loaders(cfg.data.root, cfg.data.benchmark, "test", shuffle=False, **common)
 
     matrix = ResultMatrix(num_tasks)
     for i in range(num_tasks):
-        losses = train_task(model, i, train[i], epochs=cfg.train.epochs, lr=cfg.train.lr,
-                            weight_decay=cfg.train.weight_decay)
+        losses = train_task(model, i, train[i], epochs=cfg.training.epochs, lr=cfg.training.lr,
+                            weight_decay=cfg.training.weight_decay)
         for j in range(i + 1):
             matrix.record(i, j, evaluate_task(model, test[j]))
         logger.info("task %d: last loss %.4f, scores %s", i, losses[-1] if losses else float("nan"),

@@ -58,8 +58,8 @@ def cmml_config(paths: dict, out: str, size: str, method: str, ratio: float, see
               f"data.num_tasks={sizes['num_tasks']}", "data.max_text_len=8",
               f"data.missing={{ratio: {ratio}, type: both, both_ratio: 0.5}}", f"data.seed={seed}",
               f"data.table_dir={os.path.join(out, 'missing_tables', size)}",
-              f"train.output_dir={os.path.join(out, 'runs', size, f'{method}-missing{round(100 * ratio)}')}",
-              f"train.epochs={sizes['epochs']}", "train.batch_size=16", "train.lr=0.01", f"train.seed={seed}"]
+              f"training.output_dir={os.path.join(out, 'runs', size, f'{method}-missing{round(100 * ratio)}')}",
+              f"training.epochs={sizes['epochs']}", "training.batch_size=16", "training.lr=0.01", f"training.seed={seed}"]
     return load_cmml_config(None, values + list(overrides))
 
 

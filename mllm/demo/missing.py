@@ -67,9 +67,9 @@ def classify_config(paths: dict, out: str, size: str, tuner: str, ratio: float, 
               f"data.table_dir={os.path.join(out, 'missing_tables', size)}",
               *[f"data.{split}_missing={{ratio: {ratio}, type: both, both_ratio: 0.5}}"
                 for split in ("train", "val", "test")],
-              f"train.output_dir={os.path.join(out, 'runs', size, f'{tuner}-missing{round(100 * ratio)}')}",
-              f"train.epochs={SIZES[size]['epochs']}", f"train.batch_size={SIZES[size]['batch_size']}", "train.lr=0.03",
-              "train.weight_decay=0.02", "train.warmup_ratio=0.1", "train.patience=100", f"train.seed={seed}"]
+              f"training.output_dir={os.path.join(out, 'runs', size, f'{tuner}-missing{round(100 * ratio)}')}",
+              f"training.epochs={SIZES[size]['epochs']}", f"training.batch_size={SIZES[size]['batch_size']}", "training.lr=0.03",
+              "training.weight_decay=0.02", "training.warmup_ratio=0.1", "training.patience=100", f"training.seed={seed}"]
     cfg = load_classify_config(None, values + list(overrides))
     cfg.tuner.options = {**TUNER_OPTIONS[tuner], **cfg.tuner.options}
     return cfg

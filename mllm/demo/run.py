@@ -51,8 +51,8 @@ def demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="overrides applied to both stage configs, e.g. training.num_train_epochs=1 "
-                             "(--missing-modality: to every classify run, e.g. train.epochs=3; --continual: to "
-                             "every CMML run, e.g. train.epochs=3)")
+                             "(--missing-modality: to every classify run, e.g. training.epochs=3; --continual: to "
+                             "every CMML run, e.g. training.epochs=3)")
     return parser
 
 

@@ -27,7 +27,7 @@ def assets(tmp_path_factory):
 def _config(assets, out, tuner, **extra):
     overrides = [f"model.backbone={assets['clip']}", f"model.tokenizer={assets['tok']}", f"tuner.type={tuner}",
                  "data.dataset=hateful_memes", f"data.root={assets['data']}", "data.max_text_len=8",
-                 f"train.output_dir={out}", "train.epochs=1", "train.batch_size=16", "train.device=cpu",
+                 f"training.output_dir={out}", "training.epochs=1", "training.batch_size=16", "training.device=cpu",
                  *[f"{k}={v}" for k, v in extra.items()]]
     return load_classify_config(os.path.join(ROOT, "configs/missing_modality/hateful_memes.yaml"), overrides)
 

@@ -59,8 +59,8 @@ def test_reader_groups_items_by_task_and_joins_text_lists(tiny_food):
 def test_cmml_stage_trains_two_tasks_and_writes_the_result_matrix(tiny_backbone, tiny_food, tmp_path):
     out = tmp_path / "run"
     cfg = load_cmml_config(None, [f"model.backbone={tiny_backbone}", f"data.root={tiny_food}", "data.num_tasks=2",
-                                  "data.max_text_len=8", "tuner.r=2", "tuner.num_experts=4", "train.epochs=1",
-                                  "train.lr=1e-2", f"train.output_dir={out}"])
+                                  "data.max_text_len=8", "tuner.r=2", "tuner.num_experts=4", "training.epochs=1",
+                                  "training.lr=1e-2", f"training.output_dir={out}"])
     results = run_cmml(cfg)
     saved = json.loads((out / "results.json").read_text())
     assert saved["matrix"][0][1] is None and all(v is not None for v in saved["matrix"][1])
@@ -73,14 +73,14 @@ def test_cmml_stage_trains_two_tasks_and_writes_the_result_matrix(tiny_backbone,
 def test_cmml_stage_runs_the_sequential_lora_baseline(tiny_backbone, tiny_food, tmp_path):
     out = tmp_path / "lora"
     cfg = load_cmml_config(None, [f"model.backbone={tiny_backbone}", f"data.root={tiny_food}", "data.num_tasks=2",
-                                  "data.max_text_len=8", "tuner.type=lora", "tuner.r=2", "train.epochs=1",
-                                  "train.lr=1e-2", f"train.output_dir={out}"])
+                                  "data.max_text_len=8", "tuner.type=lora", "tuner.r=2", "training.epochs=1",
+                                  "training.lr=1e-2", f"training.output_dir={out}"])
     results = run_cmml(cfg)
     assert results["tuner"] == "lora" and all(math.isfinite(results[k]) for k in ("average", "forgetting", "last"))
     assert (out / "final" / "adapter_model.safetensors").exists()
     with pytest.raises(Exception, match="not used by the lora baseline"):
         run_cmml(load_cmml_config(None, [f"model.backbone={tiny_backbone}", f"data.root={tiny_food}",
-                                         "tuner.type=lora", "tuner.query_dim=4", f"train.output_dir={out}"]))
+                                         "tuner.type=lora", "tuner.query_dim=4", f"training.output_dir={out}"]))
 
 
 def test_generated_cmml_tasks_are_read_per_task(tmp_path):
