@@ -113,6 +113,13 @@ class MultimodalDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
+    def lengths_and_mixes(self) -> tuple[list[int], list[tuple[str, ...]]]:
+        """Each sample's token count (media expanded) and its modality mix (sorted media fields), for
+        :class:`mllm.data.sampler.ModalityLengthGroupedSampler`; read from the stored rows, no media."""
+        lengths = [len(ids) for ids in self.data["input_ids"]]
+        mixes = [tuple(sorted(json.loads(media))) for media in self.data["media"]]
+        return lengths, mixes
+
     def record(self, index: int) -> dict[str, Any]:
         """The stored row with its id, answer and extra fields (for scoring)."""
         row = dict(self.data[index])

@@ -32,6 +32,10 @@ class MllmTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the model takes media tensors the Trainer can't see."})
     report_to: str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
+    group_by_modality_length: bool = field(
+        default=False, metadata={"help": "Batches of one modality mix and similar length, in random batch order "
+                                         "(LLaVA's option; mllm.data.sampler). Deterministic under the seed and "
+                                         "resumable."})
 
 
 class MultimodalTrainer(Trainer):
@@ -44,6 +48,16 @@ class MultimodalTrainer(Trainer):
     def _mllm(self) -> MultimodalLM:
         model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
         return model
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.args.group_by_modality_length or not hasattr(dataset, "lengths_and_mixes"):
+            return super()._get_train_sampler(train_dataset)
+        from mllm.data.sampler import ModalityLengthGroupedSampler
+
+        lengths, mixes = dataset.lengths_and_mixes()
+        return ModalityLengthGroupedSampler(lengths, mixes, self.args.per_device_train_batch_size *
+                                            max(1, self.args.world_size), seed=self.args.seed)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
