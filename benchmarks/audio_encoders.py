@@ -127,6 +127,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--small", action=argparse.BooleanOptionalAction, default=None,
                         help="reduced model dims for a quick check (default: on for cpu, off for cuda)")
     parser.add_argument("--only", choices=("beats", "whisper"), default=None, help="run one encoder")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures to PATH as JSON")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -149,7 +150,11 @@ def main(argv=None) -> list[dict]:
         print(f"{r['encoder']:8} {r['dims']:34} {r['params_m']:>7.1f}M {r['clip_seconds']:>4.0f}s "
               f"{tuple(r['output'])!s:>16} {r['preprocess_clips_per_s']:>13.1f} {r['encode_s_per_batch']:>8.3f} "
               f"{r['encode_clips_per_s']:>8.1f}" + (f"  peak {r['peak_memory_gib']} GiB" if "peak_memory_gib" in r else ""))
-    print(json.dumps({"device": where, "dtype": args.dtype, "small": args.small, "results": results}))
+    summary = {"device": where, "dtype": args.dtype, "small": args.small, "results": results}
+    print(json.dumps(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
     return results
 
 

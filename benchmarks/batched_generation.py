@@ -12,6 +12,7 @@ their ratio. Every prompt is made to generate exactly ``--new-tokens`` tokens
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -61,6 +62,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures to PATH as JSON")
     args = parser.parse_args(argv)
 
     from torch.utils.data import Subset
@@ -85,6 +87,11 @@ def main(argv=None) -> None:
     print(f"batch size 1:  {single:8.2f} prompts/s")
     print(f"batch size {args.batch_size}: {batched:8.2f} prompts/s")
     print(f"batched / batch-size-1 throughput: {batched / single:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "prompts": len(dataset), "new_tokens": args.new_tokens,
+                       "batch_size": args.batch_size, "single_prompts_per_s": single,
+                       "batched_prompts_per_s": batched, "ratio": batched / single}, f, indent=1)
 
 
 if __name__ == "__main__":

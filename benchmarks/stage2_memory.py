@@ -79,6 +79,33 @@ def build_checkpoints(work: str, small: bool, device: str) -> dict:
     return {"llm": llm_dir, "clip": clip_dir}
 
 
+def count_parameters(checkpoint: str) -> int:
+    """Parameters stored in a checkpoint folder's safetensors files, read from their headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for name in os.listdir(checkpoint):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(checkpoint, name), framework="pt") as f:
+                for key in f.keys():
+                    shape = f.get_slice(key).get_shape()
+                    total += int(torch.tensor(shape).prod()) if shape else 1
+    return total
+
+
+#: Dense bf16 tensor-core peaks (FLOP/s) of the GPUs the suite is run on (vendor data sheets, SXM).
+BF16_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def peak_bf16_flops(device: str, tflops: float | None) -> float | None:
+    if tflops:
+        return tflops * 1e12
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((peak for key, peak in BF16_PEAKS.items() if key in name), None)
+
+
 def measure(run: str, args) -> dict:
     """One run in this process: build, then time ``args.steps`` training steps."""
     from mllm.config import TunerConfig, config_from_dict
@@ -150,6 +177,9 @@ def main() -> None:
     parser.add_argument("--llm", default=None, help="an existing causal-LM checkpoint instead of the random 7B")
     parser.add_argument("--clip", default=None, help="an existing CLIP vision checkpoint")
     parser.add_argument("--runs", default="qlora,bf16")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak for MFU (default: known from the device name)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the figures to PATH as JSON")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.small and args.seq_len == 1024:
@@ -162,6 +192,8 @@ def main() -> None:
     if not (args.llm and args.clip):
         built = build_checkpoints(work, args.small, args.device)
         args.llm, args.clip = args.llm or built["llm"], args.clip or built["clip"]
+    llm_parameters = count_parameters(args.llm)
+    peak_flops = peak_bf16_flops(args.device, args.peak_tflops)
     results = {}
     for run in args.runs.split(","):
         command = [sys.executable, os.path.abspath(__file__), "--child", run, "--llm", args.llm, "--clip", args.clip,
@@ -170,11 +202,13 @@ def main() -> None:
         out = subprocess.run(command, capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"{run} failed:\n{out.stderr[-3000:]}")
-        results[run] = json.loads(out.stdout.split("RESULT ", 1)[1])
-        r = results[run]
+        results[run] = r = json.loads(out.stdout.split("RESULT ", 1)[1])
+        # MFU as the issue tracker defines it: 6 N tokens/s over the GPU's bf16 peak, N the LLM's parameters.
+        r["mfu"] = 6 * llm_parameters * r["tokens_per_second"] / peak_flops if peak_flops else None
         peak = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "n/a (CPU)"
+        mfu = f" | MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""
         print(f"{run:6s} peak memory {peak:>12s} | trainable {r['trainable_m']:.1f} M | "
-              f"{r['seconds_per_step']:.3f} s/step | {r['tokens_per_second']:.0f} tokens/s", flush=True)
+              f"{r['seconds_per_step']:.3f} s/step | {r['tokens_per_second']:.0f} tokens/s{mfu}", flush=True)
     if {"qlora", "bf16"} <= set(results):
         q, b = results["qlora"], results["bf16"]
         if q["peak_gib"] is not None:
@@ -184,6 +218,10 @@ def main() -> None:
     print(f"(shapes: {'small' if args.small else 'LLaMA-2-7B + CLIP ViT-L/14'}, tuner {args.tuner}, batch "
           f"{args.batch} x {args.seq_len} tokens incl. {args.media_tokens} image tokens, gradient checkpointing, "
           f"{compute})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "small": args.small, "tuner": args.tuner, "seq_len": args.seq_len,
+                       "batch": args.batch, "llm_parameters": llm_parameters, "runs": results}, f, indent=1)
 
 
 if __name__ == "__main__":

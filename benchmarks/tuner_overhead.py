@@ -36,6 +36,7 @@ default, ``auto``, takes CPU time for a single-threaded CPU run and wall time ot
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -127,6 +128,7 @@ def parse_args():
                      help="wall time, or this process's CPU time (default auto: cpu for --device cpu "
                           "--threads 1, else wall)")
     run.add_argument("--no-wide-lora", action="store_true", help="skip the LoRA r*M reading")
+    run.add_argument("--json", default=None, metavar="PATH", help="also write the figures to PATH as JSON")
     args = parser.parse_args()
     args.ffn = args.ffn or 2 * args.hidden
     args.kv_heads = args.kv_heads or max(1, args.heads // 2)
@@ -219,6 +221,7 @@ def main() -> None:
     if not args.no_wide_lora:
         header += f"{'LoRA r*M ms':>13}{'MokA/LoRA r*M':>15}"
     print(header)
+    figures = {}
     for label, make in (("train step", train_step), ("prompt pass", prompt_pass), ("decode step", decode_step)):
         runs = {name: make(model, name) for name, model in models.items()}
         for run in runs.values():
@@ -234,6 +237,11 @@ def main() -> None:
         if not args.no_wide_lora:
             line += f"{ms['lora_wide']:>13.2f}{paired_ratio(samples, 'lora_wide'):>15.3f}"
         print(line, flush=True)
+        figures[label] = {"lora_ms": ms["lora"], "moka_ms": ms["moka"], "moka_over_lora": paired_ratio(samples, "lora")}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "dtype": args.dtype, "hidden": args.hidden, "layers": args.layers,
+                       "seq_len": args.seq_len, "measures": figures}, f, indent=1)
 
 
 if __name__ == "__main__":
