@@ -48,6 +48,13 @@ def demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for --missing-modality / --continual (default 1: their tiny "
                              "models run fastest on one thread)")
+    parser.add_argument("--llm", default=None, metavar="PATH_OR_ID",
+                        help="run the demo with this causal LM (local folder or Hub id, with its own tokenizer and "
+                             "chat template) in place of the tiny one: does the pipeline teach YOUR LM to use "
+                             "the media? (accuracy above the majority baseline, lower with a medium removed)")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply both stages' training epochs (e.g. 0.1 for a tenth, 3 for three times "
+                             "the demo's training)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="overrides applied to both stage configs, e.g. training.num_train_epochs=1 "
@@ -113,8 +120,10 @@ def _lm_pretraining_texts(tokenizer, paths: dict[str, str]) -> list[str]:
     return texts
 
 
-def prepare_demo_inputs(output_dir: str, quick: bool = False, seed: int = 0, audio: bool = False) -> dict[str, str]:
-    """Generate data and build the tiny models (reused when already there)."""
+def prepare_demo_inputs(output_dir: str, quick: bool = False, seed: int = 0, audio: bool = False,
+                        llm: str | None = None) -> dict[str, str]:
+    """Generate data and build the tiny models (reused when already there). With ``llm`` (a user's
+    LM), that LM is used as it is and the tiny LM gets no text pretraining."""
     from transformers import AutoTokenizer
 
     from mllm.data.synthetic import write_demo_dataset
@@ -129,6 +138,8 @@ def prepare_demo_inputs(output_dir: str, quick: bool = False, seed: int = 0, aud
     if audio:
         beats = os.path.join(output_dir, "assets", "tiny-beats.pt")
         assets["beats"] = beats if os.path.isfile(beats) else build_tiny_beats(beats, seed)
+    if llm is not None:
+        return {**paths, **assets, "llm": llm}
     if not os.path.exists(os.path.join(assets["llm"], MARKER)):
         tokenizer = AutoTokenizer.from_pretrained(assets["llm"])
         pretrain_tiny_lm(assets["llm"], _lm_pretraining_texts(tokenizer, paths),
@@ -205,7 +216,10 @@ def run_demo(args: argparse.Namespace) -> dict:
     out = os.path.abspath(args.output_dir or ("mllm-demo" if audio else "mllm-demo-visual"))
     configs = args.configs or _default_configs_dir(audio)
     print(f"[demo] preparing data and tiny models in {out}", flush=True)
-    paths = prepare_demo_inputs(out, quick=args.quick, seed=args.seed, audio=audio)
+    llm = getattr(args, "llm", None)
+    paths = prepare_demo_inputs(out, quick=args.quick, seed=args.seed, audio=audio, llm=llm)
+    if llm:
+        print(f"[demo] with the LM {llm} and its own chat template", flush=True)
     common = [f"model.llm={paths['llm']}", f"model.encoders.visual.path={paths['clip']}",
               f"data.media_root={paths['media_root']}", f"training.seed={args.seed}"]
     if audio:
@@ -223,6 +237,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         print(f"[demo] {stage} ...", flush=True)
         t0 = time.time()
         cfg = load_config(os.path.join(configs, f"{stage}.yaml"), common + extra + list(args.overrides))
+        cfg.training["num_train_epochs"] = cfg.training.get("num_train_epochs", 3) * getattr(args, "scale", 1.0)
         run(cfg)
         timings[stage] = time.time() - t0
     print("[demo] evaluating on held-out images ...", flush=True)
