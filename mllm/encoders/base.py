@@ -8,7 +8,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from mllm.errors import UserError
 from mllm.modality import Modality
+
+
+class EncoderCheckpointError(UserError):
+    """An encoder checkpoint file that cannot be used as it is; the message names the file."""
 
 
 def as_mono_waveform(item) -> torch.Tensor:
