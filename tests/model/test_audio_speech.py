@@ -97,6 +97,30 @@ def test_audio_speech_and_image_in_one_record(av_model, demo_data, tmp_path):
         assert av_model.projectors[name].query_tokens.grad is not None
 
 
+def test_dataset_says_once_which_audio_files_it_converts(av_model, tmp_path, caplog):
+    """Averaging channels and resampling are said once, when the dataset is built, with counts
+    per file (not per load: a file read every epoch, or by several records, counts once)."""
+    import logging
+
+    write_audio(tmp_path / "stereo44k.wav", np.stack([_sine(2.0, 440)] * 2, axis=1), 44100)
+    write_audio(tmp_path / "talk22k.flac", _sine(3.0, 200), 22050)
+    write_audio(tmp_path / "talk16k.flac", _sine(3.0, 200), 16000)
+    records = [{"id": f"r{i}", "audio": str(tmp_path / "stereo44k.wav"), "speech": str(tmp_path / speech),
+                "conversations": [{"from": "human", "value": "<audio>\n<speech>\nWhat is it?"},
+                                  {"from": "gpt", "value": "a beep"}]}
+               for i, speech in enumerate(["talk22k.flac", "talk16k.flac", "talk22k.flac"])]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with caplog.at_level(logging.INFO):
+        dataset = MultimodalDataset(str(path), av_model.tokenizer, av_model.media_specs(), progress=False)
+        for _ in range(2):   # two epochs
+            samples = [dataset[i] for i in range(len(dataset))]
+    said = [r.getMessage() for r in caplog.records if "audio files" in r.getMessage()]
+    assert said == [f"{path}: converting 2 of 3 audio files to mono 16 kHz as they load (1 with several channels, "
+                    f"averaged; 2 at other rates, resampled)"]
+    assert samples[0]["speech_inputs"].shape == (1, 1, 80, 3000)
+
+
 def test_audio_comes_from_the_video_track_when_no_audio_file(av_model, tmp_path):
     from PIL import Image
 
