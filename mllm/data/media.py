@@ -139,6 +139,10 @@ def write_audio(path, waveform: np.ndarray, sample_rate: int = AUDIO_SAMPLE_RATE
 
 # --- audio -------------------------------------------------------------------
 
+#: Record fields whose files ``load_audio`` reads.
+AUDIO_FIELDS = ("audio", "speech")
+
+
 
 def select_audio_paths(media: Mapping[str, Sequence[str]]) -> list[str]:
     """The files a record's sound comes from: its ``audio`` paths when it names any, else the
@@ -222,15 +226,16 @@ class AudioConversions:
         """(logging level, line) for each thing worth saying; empty when nothing happens."""
         lines = []
         if self.converted:
-            lines.append((logging.INFO, f"converting {self.converted} of {self.files} audio files to mono "
-                                        f"{sample_rate / 1000:g} kHz as they load ({self.multi_channel} with several "
-                                        f"channels, averaged; {self.other_rate} at other rates, resampled)"))
+            lines.append((logging.INFO, (f"converting {self.converted} of {self.files} audio files to mono "
+                                         f"{sample_rate / 1000:g} kHz as they load ({self.multi_channel} with "
+                                         f"several channels, averaged; {self.other_rate} at other rates, "
+                                         f"resampled)")))
         for media_field, count in sorted(self.trimmed.items()):
             limit = self.max_seconds[media_field]
             lines.append((logging.WARNING,
-                          f"{count} {media_field} clip(s) run past {limit:g} s (the longest "
-                          f"{self.longest[media_field]:.1f} s): only the first {limit:g} s of each are encoded; "
-                          f"raise model.encoders.{media_field}.max_seconds to encode more"))
+                          (f"{count} {media_field} clip(s) run past {limit:g} s (the longest "
+                           f"{self.longest[media_field]:.1f} s): only the first {limit:g} s of each are encoded; "
+                           f"raise model.encoders.{media_field}.max_seconds to encode more")))
         return lines
 
 
@@ -260,10 +265,6 @@ def count_audio_conversions(paths_by_field: Mapping[str, Iterable[str]],
                 counts.max_seconds[media_field] = limit
                 counts.longest[media_field] = max(info.seconds, counts.longest.get(media_field, 0.0))
     return counts
-
-
-#: Record fields whose files ``load_audio`` reads.
-AUDIO_FIELDS = ("audio", "speech")
 
 
 def report_audio_conversions(where: str, media_per_record: Iterable[Mapping[str, Sequence[str]]],

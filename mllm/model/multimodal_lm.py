@@ -62,7 +62,7 @@ def add_placeholder_tokens(tokenizer) -> dict[str, int]:
 
 
 def _samples(seconds: float | None) -> int | None:
-    return None if seconds is None else int(round(seconds * AUDIO_SAMPLE_RATE))
+    return None if seconds is None else round(seconds * AUDIO_SAMPLE_RATE)
 
 
 def _local_device() -> str:
@@ -230,7 +230,7 @@ class MultimodalLM(nn.Module):
         cfg = self.config.encoders[PLACEHOLDERS[placeholder][0].name.lower()]
         chunk_seconds = self.encoder_for(placeholder).chunk_seconds
         if chunk_seconds is not None and cfg.window_seconds is None and cfg.num_windows == 1:
-            chunk = int(round(chunk_seconds * AUDIO_SAMPLE_RATE))
+            chunk = _samples(chunk_seconds)
             count = 1 if cfg.max_seconds is None else math.ceil(cfg.max_seconds / chunk_seconds)
             return AudioCut(count, chunk, chunk, 0, max_seconds=count * chunk_seconds)
         return AudioCut(cfg.num_windows, _samples(cfg.window_seconds), _samples(cfg.window_hop_seconds),

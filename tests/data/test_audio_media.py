@@ -129,10 +129,10 @@ def test_conversions_are_counted_per_file_from_the_headers_and_logged_once(tmp_p
     assert (counts.files, counts.converted, counts.multi_channel, counts.other_rate) == (5, 4, 2, 3)
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
-        "train.jsonl: converting 4 of 5 audio files to mono 16 kHz as they load (2 with several channels, "
-        "averaged; 3 at other rates, resampled)",
-        "train.jsonl: 1 speech clip(s) run past 1.5 s (the longest 2.0 s): only the first 1.5 s of each are "
-        "encoded; raise model.encoders.speech.max_seconds to encode more"]
+        ("train.jsonl: converting 4 of 5 audio files to mono 16 kHz as they load (2 with several channels, "
+         "averaged; 3 at other rates, resampled)"),
+        ("train.jsonl: 1 speech clip(s) run past 1.5 s (the longest 2.0 s): only the first 1.5 s of each are "
+         "encoded; raise model.encoders.speech.max_seconds to encode more")]
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mllm.data.media"):

@@ -116,8 +116,8 @@ def test_dataset_says_once_which_audio_files_it_converts(av_model, tmp_path, cap
         for _ in range(2):   # two epochs
             samples = [dataset[i] for i in range(len(dataset))]
     said = [r.getMessage() for r in caplog.records if "audio files" in r.getMessage()]
-    assert said == [f"{path}: converting 2 of 3 audio files to mono 16 kHz as they load (1 with several channels, "
-                    f"averaged; 2 at other rates, resampled)"]
+    assert said == [(f"{path}: converting 2 of 3 audio files to mono 16 kHz as they load (1 with several "
+                     f"channels, averaged; 2 at other rates, resampled)")]
     assert samples[0]["speech_inputs"].shape == (1, 1, 80, 3000)
 
 
@@ -364,7 +364,8 @@ def test_stage1_trains_on_a_long_speech_record_in_two_chunks(tiny_assets, demo_d
     from mllm.train.stages import run_pretrain
 
     write_audio(tmp_path / "long.flac", _speech_like(50, seed=5), 16000)
-    records = [json.loads(line) for line in open(speech_stage_data["pretrain"])]
+    with open(speech_stage_data["pretrain"]) as f:
+        records = [json.loads(line) for line in f]
     long_record = dict(records[1], id="long-speech", speech=str(tmp_path / "long.flac"))
     train = tmp_path / "pretrain.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in [long_record, *records]))
