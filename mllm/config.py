@@ -41,6 +41,10 @@ class EncoderConfig:
     # (MUSIC-AVQA in MokA: 10 x 2 s windows, offset -0.5, hop 6; AVE: 10 x 1 s, offset 0, hop 1).
     window_hop_seconds: float | None = None
     window_offset_seconds: float = 0.0
+    # Speech (Whisper, 30 s per input): the longest clip encoded, in ceil(max_seconds / 30)
+    # consecutive 30 s chunks (the last padded with silence), each its own item: every clip
+    # gives chunks x the projector's tokens. None = 30 s. Longer audio is trimmed, with a warning.
+    max_seconds: float | None = None
 
 
 @dataclass

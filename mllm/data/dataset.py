@@ -17,7 +17,7 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
-from mllm.data.media import MediaError, resolve_media_path
+from mllm.data.media import MediaError, report_audio_conversions, resolve_media_path
 from mllm.data.schema import Record, RecordError, read_records
 from mllm.data.templates import IGNORE_INDEX, LabelAlignmentError, tokenize_conversation
 from mllm.modality import MEDIA_INPUT_KEYS
@@ -34,6 +34,7 @@ class MediaSpec:
     token_id: int                           # placeholder token id
     num_tokens: int                         # sequence positions per item
     load_item: Callable[[str, str], torch.Tensor]  # (path, record_id) -> preprocessed tensor
+    max_seconds: float | None = None        # audio / speech: longer clips are trimmed to this
 
 
 class SampleTooLongError(RecordError):
@@ -86,6 +87,10 @@ class MultimodalDataset(torch.utils.data.Dataset):
         if not rows:
             raise ValueError(f"{path}: no usable records")
         self.data = datasets.Dataset.from_list(rows)
+        # Said once, up front: files converted to mono 16 kHz, clips longer than the encoder takes.
+        self.audio_conversions = report_audio_conversions(
+            path, (json.loads(row["media"]) for row in rows),
+            {f: spec.max_seconds for f, spec in self.specs_by_field.items()}, media_root)
         self.media_skipped: Counter = Counter()
 
     def _tokenise(self, record: Record, tokenizer, specs_by_token, template, system_prompt, max_length) -> dict:

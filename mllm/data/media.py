@@ -10,9 +10,12 @@ Video (and the audio track of a video) is decoded with PyAV, audio files with
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-from typing import Mapping, Sequence
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
 
 import av
 import numpy as np
@@ -21,6 +24,8 @@ import torch
 from PIL import Image
 
 from mllm.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 #: Codecs used by :func:`write_video`; the PyAV wheel bundles these encoders.
 VIDEO_CODEC = "mpeg4"
@@ -134,6 +139,10 @@ def write_audio(path, waveform: np.ndarray, sample_rate: int = AUDIO_SAMPLE_RATE
 
 # --- audio -------------------------------------------------------------------
 
+#: Record fields whose files ``load_audio`` reads.
+AUDIO_FIELDS = ("audio", "speech")
+
+
 
 def select_audio_paths(media: Mapping[str, Sequence[str]]) -> list[str]:
     """The files a record's sound comes from: its ``audio`` paths when it names any, else the
@@ -164,6 +173,114 @@ def split_audio_windows(waveform: np.ndarray, num_windows: int, window_samples: 
     right = max(0, int(starts.max()) + window_samples - len(waveform))
     padded = np.pad(waveform, (left, right))
     return [padded[s + left: s + left + window_samples] for s in starts]
+
+
+@dataclass(frozen=True)
+class AudioFileInfo:
+    """What a file's header says about its sound (nothing decoded)."""
+
+    channels: int
+    sample_rate: int
+    seconds: float | None     # None when the container does not say
+
+
+def probe_audio(path) -> AudioFileInfo | None:
+    """Channels, rate and length of an audio file, or of a video's audio track, from the header;
+    None when the file cannot be opened or has no sound (``load_audio`` then says why)."""
+    path = os.fspath(path)
+    try:
+        info = soundfile.info(path)
+        return AudioFileInfo(info.channels, info.samplerate, info.frames / info.samplerate)
+    except (soundfile.LibsndfileError, RuntimeError, OSError):
+        pass
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            if stream.duration is not None and stream.time_base is not None:
+                seconds = float(stream.duration * stream.time_base)
+            else:
+                seconds = container.duration / av.time_base if container.duration else None
+            return AudioFileInfo(stream.channels, stream.rate, seconds)
+    except (av.FFmpegError, OSError):
+        return None
+
+
+@dataclass
+class AudioConversions:
+    """Counts of the audio files a dataset names that ``load_audio`` converts as they load
+    (channels averaged to mono, resampled to 16 kHz) and of the clips longer than the encoder
+    takes (the rest is not encoded). Filled from file headers by :func:`count_audio_conversions`,
+    once per dataset, so the count is exact whatever the DataLoader workers do."""
+
+    files: int = 0
+    multi_channel: int = 0
+    other_rate: int = 0
+    converted: int = 0
+    trimmed: Counter = field(default_factory=Counter)              # media field -> clips
+    longest: dict[str, float] = field(default_factory=dict)        # media field -> seconds
+    max_seconds: dict[str, float] = field(default_factory=dict)    # media field -> limit
+
+    def messages(self, sample_rate: int = AUDIO_SAMPLE_RATE) -> list[tuple[int, str]]:
+        """(logging level, line) for each thing worth saying; empty when nothing happens."""
+        lines = []
+        if self.converted:
+            lines.append((logging.INFO, (f"converting {self.converted} of {self.files} audio files to mono "
+                                         f"{sample_rate / 1000:g} kHz as they load ({self.multi_channel} with "
+                                         f"several channels, averaged; {self.other_rate} at other rates, "
+                                         f"resampled)")))
+        for media_field, count in sorted(self.trimmed.items()):
+            limit = self.max_seconds[media_field]
+            lines.append((logging.WARNING,
+                          (f"{count} {media_field} clip(s) run past {limit:g} s (the longest "
+                           f"{self.longest[media_field]:.1f} s): only the first {limit:g} s of each are encoded; "
+                           f"raise model.encoders.{media_field}.max_seconds to encode more")))
+        return lines
+
+
+def count_audio_conversions(paths_by_field: Mapping[str, Iterable[str]],
+                            max_seconds: Mapping[str, float | None] | None = None,
+                            sample_rate: int = AUDIO_SAMPLE_RATE) -> AudioConversions:
+    """Read the headers of the audio files (each once) that ``load_audio`` will read for each
+    media field, and count what it converts and which clips exceed ``max_seconds[field]``."""
+    counts = AudioConversions()
+    seen: dict[str, AudioFileInfo | None] = {}
+    for media_field, paths in paths_by_field.items():
+        limit = (max_seconds or {}).get(media_field)
+        for path in dict.fromkeys(paths):
+            first_time = path not in seen
+            if first_time:
+                seen[path] = probe_audio(path)
+            info = seen[path]
+            if info is None:
+                continue
+            if first_time:
+                counts.files += 1
+                counts.multi_channel += info.channels > 1
+                counts.other_rate += info.sample_rate != sample_rate
+                counts.converted += info.channels > 1 or info.sample_rate != sample_rate
+            if limit is not None and info.seconds is not None and info.seconds > limit:
+                counts.trimmed[media_field] += 1
+                counts.max_seconds[media_field] = limit
+                counts.longest[media_field] = max(info.seconds, counts.longest.get(media_field, 0.0))
+    return counts
+
+
+def report_audio_conversions(where: str, media_per_record: Iterable[Mapping[str, Sequence[str]]],
+                             max_seconds: Mapping[str, float | None] | None = None, media_root=None,
+                             sample_rate: int = AUDIO_SAMPLE_RATE) -> AudioConversions:
+    """Count the conversions and trims of the audio a dataset (``where``) names, log them once,
+    and return the counts. ``media_per_record``: each record's field -> paths."""
+    paths_by_field: dict[str, list[str]] = {}
+    for media in media_per_record:
+        for media_field in AUDIO_FIELDS:
+            paths_by_field.setdefault(media_field, []).extend(
+                resolve_media_path(p, media_root) for p in media.get(media_field, ()))
+    counts = count_audio_conversions(paths_by_field, max_seconds, sample_rate)
+    for level, line in counts.messages(sample_rate):
+        logger.log(level, "%s: %s", where, line)
+    return counts
 
 
 def load_audio(path, sample_rate: int = AUDIO_SAMPLE_RATE, record_id=None) -> np.ndarray:

@@ -28,6 +28,11 @@ def build_encoder(cfg) -> MediaEncoder:
     except KeyError:
         known = ", ".join(sorted(ENCODER_REGISTRY))
         raise ValueError(f"unknown encoder type {cfg.type!r}; registered: {known}") from None
+    if getattr(cfg, "max_seconds", None) is not None and cls.chunk_seconds is None:
+        from mllm.config import ConfigError
+
+        raise ConfigError(f"encoder type {cfg.type!r} takes no max_seconds (it is the chunked-speech option of "
+                          f"Whisper); cut audio with num_windows / window_seconds instead")
     return cls.from_config(cfg).freeze()
 
 

@@ -8,7 +8,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from mllm.errors import UserError
 from mllm.modality import Modality
+
+
+class EncoderCheckpointError(UserError):
+    """An encoder checkpoint file that cannot be used as it is; the message names the file."""
 
 
 def as_mono_waveform(item) -> torch.Tensor:
@@ -39,6 +44,9 @@ class MediaEncoder(nn.Module):
     # query and output projections inside one layer.
     layers_path: str
     attention_projections: tuple[str, str] = ("self_attn.q_proj", "self_attn.out_proj")
+    # Encoders with a fixed input length (Whisper: 30 s) set it here; a longer clip is encoded
+    # in consecutive chunks of it, up to the config's ``max_seconds``. None: no fixed length.
+    chunk_seconds: float | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> "MediaEncoder":

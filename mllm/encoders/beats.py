@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.encoders import register_encoder
-from mllm.encoders.base import MediaEncoder, as_mono_waveform
+from mllm.encoders.base import EncoderCheckpointError, MediaEncoder, as_mono_waveform
 from mllm.modality import Modality
 
 SAMPLE_RATE = 16000
@@ -64,7 +64,10 @@ class BEATsConfig:
 
     Defaults are the values of the released iter3 / iter3+ checkpoints (post-LN DeepNorm,
     gated relative position bias with max_distance 800), NOT the defaults of the original
-    ``BEATsConfig`` class: building from those gives a different, wrong architecture.
+    ``BEATsConfig`` class: building from those gives a different, wrong architecture. For the
+    same reason a checkpoint's ``cfg`` must name every architecture field itself
+    (:data:`ARCHITECTURE_KEYS`): the original fills a missing one with its class default, these
+    defaults would fill in another value, and the two networks would differ.
     """
 
     input_patch_size: int = 16
@@ -95,18 +98,39 @@ class BEATsConfig:
     predictor_dropout: float = 0.0
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "BEATsConfig":
-        """Build from a checkpoint ``cfg`` dict; unknown keys (tokenizer settings, ...) are ignored."""
+    def from_dict(cls, values: dict[str, Any], source: str = "BEATs cfg") -> "BEATsConfig":
+        """Build from a checkpoint ``cfg`` dict; unknown keys (tokenizer settings, ...) are ignored.
+
+        Raises :class:`EncoderCheckpointError` naming ``source`` and every missing architecture
+        key (the released files list them all)."""
+        missing = [key for key in ARCHITECTURE_KEYS if key not in values]
+        if values.get("finetuned_model") and "predictor_class" not in values:
+            missing.append("predictor_class")
+        if missing:
+            raise EncoderCheckpointError(
+                f"{source}: the BEATs cfg lacks the architecture key(s) {', '.join(missing)}; the official "
+                f"BEATsConfig would fill them with class defaults that differ from the released models' "
+                f"values, so the network is ambiguous. Use the released .pt file, or add the keys to its cfg")
         known = {f.name for f in dataclasses.fields(cls)}
         config = cls(**{k: v for k, v in values.items() if k in known})
         if config.activation_fn != "gelu":
-            raise ValueError(f"BEATs activation_fn={config.activation_fn!r} is not supported (only 'gelu')")
+            raise EncoderCheckpointError(f"{source}: BEATs activation_fn={config.activation_fn!r} is not "
+                                         f"supported (only 'gelu')")
         if config.deep_norm and config.layer_norm_first:
-            raise ValueError("BEATs deep_norm requires post-LN layers (layer_norm_first=False)")
+            raise EncoderCheckpointError(f"{source}: BEATs deep_norm requires post-LN layers (layer_norm_first=False)")
         return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: ``cfg`` keys that shape the network: a checkpoint must give each one (the released files do).
+#: The rest of ``BEATsConfig`` is training-only (dropouts, layer-drop, gradient decay).
+ARCHITECTURE_KEYS = (
+    "input_patch_size", "embed_dim", "conv_bias", "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim",
+    "encoder_attention_heads", "activation_fn", "layer_norm_first", "deep_norm", "conv_pos", "conv_pos_groups",
+    "relative_position_embedding", "num_buckets", "max_distance", "gru_rel_pos", "finetuned_model",
+)
 
 
 # --------------------------------------------------------------------------- fbank
@@ -428,13 +452,14 @@ def load_beats_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> tupl
         raise FileNotFoundError(f"BEATs checkpoint not found: {path}") from None
     if not isinstance(checkpoint, dict) or "cfg" not in checkpoint or "model" not in checkpoint:
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise ValueError(f"{path}: not a BEATs checkpoint (expected keys 'cfg' and 'model', found {found})")
-    config = BEATsConfig.from_dict(checkpoint["cfg"])
+        raise EncoderCheckpointError(f"{path}: not a BEATs checkpoint (expected keys 'cfg' and 'model', "
+                                     f"found {found})")
+    config = BEATsConfig.from_dict(checkpoint["cfg"], source=path)
     model = BEATsModel(config)
     result = model.load_state_dict(checkpoint["model"], strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path}: state dict does not match the BEATs config in the file; "
-                         f"missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
+        raise EncoderCheckpointError(f"{path}: state dict does not match the BEATs config in the file; "
+                                     f"missing {result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
     return model.to(dtype), dict(checkpoint.get("label_dict") or {})
 
 

@@ -4,6 +4,11 @@
 any size, tiny to large-v3 / turbo (128 mel bins); only the ``encoder.*`` weights are loaded.
 Nothing is downloaded: a model *name* such as ``"large-v3"`` is not accepted, pass the file.
 
+Speech longer than 30 s is encoded in consecutive 30 s chunks, up to the config's
+``max_seconds`` (``MultimodalLM`` cuts the clip; see :func:`num_chunks`): each chunk is one item,
+so a 70 s clip with ``max_seconds: 90`` is three items whose features are concatenated in order,
+the last chunk padded with silence exactly as Whisper pads any short input.
+
 Each item is padded or trimmed to 30 s and turned into Whisper's log-mel spectrogram on its
 own: the package's batched call normalises with the maximum of the whole batch, which would
 make one clip's features depend on the others. The encoder needs exactly 3000 mel frames and
@@ -35,6 +40,27 @@ NUM_SAMPLES = SAMPLE_RATE * CHUNK_SECONDS           # 480000
 HOP_LENGTH = 160                                     # samples per mel frame (10 ms)
 NUM_MEL_FRAMES = NUM_SAMPLES // HOP_LENGTH          # 3000
 SAMPLES_PER_POSITION = 2 * HOP_LENGTH                # conv2 has stride 2: 20 ms per position
+
+
+def num_chunks(max_seconds: float | None) -> int:
+    """30 s chunks a clip of up to ``max_seconds`` is encoded in (None: one)."""
+    return 1 if max_seconds is None else math.ceil(max_seconds / CHUNK_SECONDS)
+
+
+def check_speech_cut(cfg) -> None:
+    """Refuse encoder settings that would trim speech silently, or say two things at once."""
+    from mllm.config import ConfigError
+
+    windowed = cfg.window_seconds is not None or cfg.num_windows != 1
+    if cfg.max_seconds is not None:
+        if not cfg.max_seconds > 0:
+            raise ConfigError(f"the whisper encoder's max_seconds must be positive, got {cfg.max_seconds}")
+        if windowed:
+            raise ConfigError("the whisper encoder takes either max_seconds (consecutive 30 s chunks) or "
+                              "num_windows / window_seconds (windows spread over the clip), not both")
+    if cfg.window_seconds is not None and cfg.window_seconds > CHUNK_SECONDS:
+        raise ConfigError(f"the whisper encoder reads at most {CHUNK_SECONDS} s per item, so window_seconds="
+                          f"{cfg.window_seconds} would be trimmed; use max_seconds for consecutive 30 s chunks")
 
 
 def load_whisper_checkpoint(path: str, dtype: torch.dtype = torch.float32):
@@ -90,6 +116,7 @@ class WhisperSpeechEncoder(MediaEncoder):
     layers_path = "audio_encoder.blocks"
     attention_projections = ("attn.query", "attn.out")   # openai-whisper's names
     sample_rate = SAMPLE_RATE
+    chunk_seconds = CHUNK_SECONDS
 
     def __init__(self, audio_encoder: torch.nn.Module, n_mels: int, select_layer: int | None = None):
         super().__init__()
@@ -107,6 +134,7 @@ class WhisperSpeechEncoder(MediaEncoder):
 
     @classmethod
     def from_config(cls, cfg) -> "WhisperSpeechEncoder":
+        check_speech_cut(cfg)
         dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
         audio_encoder, dims = load_whisper_checkpoint(cfg.path, dtype)
         return cls(audio_encoder, dims.n_mels, select_layer=cfg.select_layer)

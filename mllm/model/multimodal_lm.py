@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -42,12 +43,26 @@ MLLM_CONFIG = "mllm_config.json"
 ADAPTER_DIR = "adapter"
 
 
+class AudioCut(NamedTuple):
+    """Parts one audio / speech clip is cut into (``split_audio_windows``' arguments, in samples)."""
+
+    count: int
+    samples: int | None                 # None: the whole clip is one part
+    hop: int | None                     # None: parts spread evenly over the clip
+    offset: int
+    max_seconds: float | None = None    # audio past it is not encoded (chunked speech)
+
+
 def add_placeholder_tokens(tokenizer) -> dict[str, int]:
     """Add every placeholder as one special token (idempotent); return placeholder -> id."""
     missing = [ph for ph in PLACEHOLDERS if ph not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
     return {ph: tokenizer.convert_tokens_to_ids(ph) for ph in PLACEHOLDERS}
+
+
+def _samples(seconds: float | None) -> int | None:
+    return None if seconds is None else round(seconds * AUDIO_SAMPLE_RATE)
 
 
 def _local_device() -> str:
@@ -199,14 +214,27 @@ class MultimodalLM(nn.Module):
         if field == "video":
             return self.config.video_frames
         if field in ("audio", "speech"):
-            return self.config.encoders[PLACEHOLDERS[placeholder][0].name.lower()].num_windows
+            return self._audio_cut(placeholder).count
         return 1
 
     def _window_samples(self, placeholder: str) -> int | None:
+        return self._audio_cut(placeholder).samples
+
+    def _audio_cut(self, placeholder: str) -> AudioCut:
+        """How one clip of this placeholder is cut into the parts its encoder takes as items.
+
+        An encoder with a fixed input length (Whisper, 30 s) and no windows configured takes
+        consecutive chunks of that length up to ``max_seconds`` (one chunk by default): every clip
+        gives the same number of chunks, so the placeholder's token count is fixed, and audio past
+        the last chunk is trimmed (the data pipeline counts and reports such clips)."""
         cfg = self.config.encoders[PLACEHOLDERS[placeholder][0].name.lower()]
-        if cfg.window_seconds is None:
-            return None
-        return int(round(cfg.window_seconds * AUDIO_SAMPLE_RATE))
+        chunk_seconds = self.encoder_for(placeholder).chunk_seconds
+        if chunk_seconds is not None and cfg.window_seconds is None and cfg.num_windows == 1:
+            chunk = _samples(chunk_seconds)
+            count = 1 if cfg.max_seconds is None else math.ceil(cfg.max_seconds / chunk_seconds)
+            return AudioCut(count, chunk, chunk, 0, max_seconds=count * chunk_seconds)
+        return AudioCut(cfg.num_windows, _samples(cfg.window_seconds), _samples(cfg.window_hop_seconds),
+                        _samples(cfg.window_offset_seconds))
 
     def num_media_tokens(self, placeholder: str) -> int:
         """How many sequence positions one item of this placeholder occupies."""
@@ -222,9 +250,11 @@ class MultimodalLM(nn.Module):
         specs = {}
         for placeholder in self.supported_placeholders:
             media_field = PLACEHOLDERS[placeholder][1]
+            max_seconds = self._audio_cut(placeholder).max_seconds if media_field in ("audio", "speech") else None
             specs[placeholder] = MediaSpec(
                 placeholder=placeholder, field=media_field, token_id=self.placeholder_ids[placeholder],
-                num_tokens=self.num_media_tokens(placeholder), load_item=self._item_loader(placeholder))
+                num_tokens=self.num_media_tokens(placeholder), load_item=self._item_loader(placeholder),
+                max_seconds=max_seconds)
         return specs
 
     def _item_loader(self, placeholder: str):
@@ -245,11 +275,8 @@ class MultimodalLM(nn.Module):
             return encoder.preprocess([decoded])[0]
         if media_field == "video":
             return encoder.preprocess(decoded)
-        cfg = self.config.encoders[PLACEHOLDERS[placeholder][0].name.lower()]
-        hop = None if cfg.window_hop_seconds is None else int(round(cfg.window_hop_seconds * AUDIO_SAMPLE_RATE))
-        offset = int(round(cfg.window_offset_seconds * AUDIO_SAMPLE_RATE))
-        return encoder.preprocess(split_audio_windows(
-            decoded, self._parts_per_item(placeholder), self._window_samples(placeholder), hop, offset))
+        cut = self._audio_cut(placeholder)
+        return encoder.preprocess(split_audio_windows(decoded, cut.count, cut.samples, cut.hop, cut.offset))
 
     def dummy_media(self, placeholder: str) -> torch.Tensor:
         """One blank item (white image or frames, one second of silence) as a batch of one."""

@@ -8,6 +8,8 @@ import pytest
 from mllm.data.media import (
     MediaError,
     load_audio,
+    probe_audio,
+    report_audio_conversions,
     resample_audio,
     select_audio_paths,
     write_audio,
@@ -101,6 +103,41 @@ def test_audio_track_of_a_video(tmp_path):
     assert 16000 <= waveform.size <= 16000 + 2048
     correlation = np.correlate(waveform, soundtrack, mode="valid").max()
     assert correlation / np.sqrt((soundtrack ** 2).sum() * (waveform ** 2).sum()) > 0.9
+
+
+# --- saying what was converted ---------------------------------------------------
+
+
+def test_conversions_are_counted_per_file_from_the_headers_and_logged_once(tmp_path, caplog):
+    import logging
+
+    write_audio(tmp_path / "stereo44k.wav", np.stack([tone(44100, 0.5)] * 2, axis=1), 44100)
+    write_audio(tmp_path / "stereo16k.wav", np.stack([tone(16000, 0.5)] * 2, axis=1), 16000)
+    write_audio(tmp_path / "mono16k.flac", tone(16000, 0.5))
+    write_audio(tmp_path / "mono8k.wav", tone(8000, 2.0), 8000)
+    write_video(tmp_path / "clip.mp4", frames(), fps=4, audio=tone(44100, 1.0), audio_rate=44100)
+    info = probe_audio(tmp_path / "clip.mp4")
+    assert (info.channels, info.sample_rate) == (1, 44100) and 0.9 < info.seconds < 1.2
+    assert probe_audio(tmp_path / "stereo44k.wav") == type(info)(2, 44100, 0.5)
+    assert probe_audio(tmp_path / "missing.wav") is None
+
+    records = [{"audio": ["stereo44k.wav", "mono16k.flac"]}, {"audio": ["stereo44k.wav"]},   # same file twice
+               {"speech": ["stereo16k.wav", "mono8k.wav"]}, {"audio": ["clip.mp4"]}, {"audio": ["missing.wav"]},
+               {"image": ["a.png"]}]
+    with caplog.at_level(logging.INFO, logger="mllm.data.media"):
+        counts = report_audio_conversions("train.jsonl", records, {"speech": 1.5}, media_root=tmp_path)
+    assert (counts.files, counts.converted, counts.multi_channel, counts.other_rate) == (5, 4, 2, 3)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        ("train.jsonl: converting 4 of 5 audio files to mono 16 kHz as they load (2 with several channels, "
+         "averaged; 3 at other rates, resampled)"),
+        ("train.jsonl: 1 speech clip(s) run past 1.5 s (the longest 2.0 s): only the first 1.5 s of each are "
+         "encoded; raise model.encoders.speech.max_seconds to encode more")]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mllm.data.media"):
+        counts = report_audio_conversions("eval.jsonl", [{"audio": ["mono16k.flac"]}], media_root=tmp_path)
+    assert counts.files == 1 and counts.converted == 0 and caplog.records == []   # nothing to say
 
 
 def test_explicit_audio_wins_over_the_video_track():

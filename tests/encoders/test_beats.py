@@ -149,6 +149,33 @@ def test_bad_checkpoints_fail_with_the_file_name(tmp_path):
         build_encoder(EncoderConfig(type="beats", path=str(tmp_path / "missing.pt")))
 
 
+def test_cfg_missing_an_architecture_key_is_refused_naming_it(tmp_path):
+    """The official BEATsConfig fills a missing key with its class default (deep_norm=False),
+    ours would fill iter3's (True): the two networks differ, so such a cfg is refused."""
+    from mllm.demo.assets import build_tiny_beats
+    from mllm.encoders.base import EncoderCheckpointError
+    from mllm.encoders.beats import ARCHITECTURE_KEYS
+    from mllm.errors import UserError
+
+    model = BEATsModel(BEATsConfig.from_dict(SMALL))
+    lacking = tmp_path / "no_deep_norm.pt"
+    torch.save({"cfg": {k: v for k, v in SMALL.items() if k != "deep_norm"}, "model": model.state_dict()}, lacking)
+    with pytest.raises(EncoderCheckpointError, match=r"no_deep_norm\.pt: the BEATs cfg lacks the architecture "
+                                                     r"key\(s\) deep_norm;") as refused:
+        build_encoder(EncoderConfig(type="beats", path=str(lacking)))
+    assert isinstance(refused.value, UserError)   # one line from the CLI, no traceback
+
+    several = {k: v for k, v in SMALL.items() if k not in ("max_distance", "gru_rel_pos", "predictor_class")}
+    with pytest.raises(EncoderCheckpointError, match="max_distance, gru_rel_pos, predictor_class;"):
+        BEATsConfig.from_dict(several)
+    # Training-only keys may be absent; a pretrained (not fine-tuned) cfg needs no predictor_class.
+    minimal = {k: SMALL[k] for k in ARCHITECTURE_KEYS}
+    assert BEATsConfig.from_dict({**minimal, "finetuned_model": False}).encoder_layers == SMALL["encoder_layers"]
+    # The tiny BEATs the demo writes lists every key, as the released files do.
+    demo = torch.load(build_tiny_beats(str(tmp_path / "demo" / "beats.pt")), weights_only=True)
+    assert set(ARCHITECTURE_KEYS) <= set(demo["cfg"]) and set(ARCHITECTURE_KEYS) <= set(SMALL)
+
+
 def test_registry_has_both_audio_encoders():
     assert ENCODER_REGISTRY["beats"].modality is Modality.AUDIO
     assert ENCODER_REGISTRY["whisper"].modality is Modality.SPEECH

@@ -152,3 +152,24 @@ def test_bfloat16_encoder_runs_and_stays_close_to_float32(tiny):
         expected = reference.encoder(mel)
     assert out.dtype == torch.bfloat16 and out.shape == (1, 1500, 32)
     assert float((out.float() - expected).abs().max()) < 0.1 * float(expected.abs().max())
+
+
+def test_speech_cut_settings_that_would_trim_silently_or_conflict_are_refused(tiny, tmp_path):
+    """max_seconds chunks Whisper input; a window longer than 30 s would be trimmed inside
+    Whisper, and BEATs has no fixed input length to chunk by."""
+    from mllm.config import ConfigError
+    from mllm.demo.assets import build_tiny_beats
+    from mllm.encoders.whisper import num_chunks
+
+    path = tiny[0]
+    assert [num_chunks(s) for s in (None, 30, 30.5, 70, 90)] == [1, 1, 2, 3, 3]
+    assert build_encoder(EncoderConfig(type="whisper", path=path, max_seconds=90)).chunk_seconds == 30
+    with pytest.raises(ConfigError, match="either max_seconds .* or num_windows / window_seconds"):
+        build_encoder(EncoderConfig(type="whisper", path=path, max_seconds=60, num_windows=2, window_seconds=10))
+    with pytest.raises(ConfigError, match="window_seconds=45 would be trimmed; use max_seconds"):
+        build_encoder(EncoderConfig(type="whisper", path=path, window_seconds=45))
+    with pytest.raises(ConfigError, match="max_seconds must be positive"):
+        build_encoder(EncoderConfig(type="whisper", path=path, max_seconds=0))
+    beats = build_tiny_beats(str(tmp_path / "beats.pt"))
+    with pytest.raises(ConfigError, match="'beats' takes no max_seconds"):
+        build_encoder(EncoderConfig(type="beats", path=beats, max_seconds=60))

@@ -12,7 +12,7 @@ import torch
 
 from mllm.config import config_from_dict
 from mllm.data.dataset import MultimodalCollator, MultimodalDataset
-from mllm.data.media import split_audio_windows, write_audio, write_video
+from mllm.data.media import load_audio, split_audio_windows, write_audio, write_video
 from mllm.modality import Modality
 from mllm.model import MultimodalLM
 from tests.conftest import TINY_PROJECTOR, model_section
@@ -97,6 +97,30 @@ def test_audio_speech_and_image_in_one_record(av_model, demo_data, tmp_path):
         assert av_model.projectors[name].query_tokens.grad is not None
 
 
+def test_dataset_says_once_which_audio_files_it_converts(av_model, tmp_path, caplog):
+    """Averaging channels and resampling are said once, when the dataset is built, with counts
+    per file (not per load: a file read every epoch, or by several records, counts once)."""
+    import logging
+
+    write_audio(tmp_path / "stereo44k.wav", np.stack([_sine(2.0, 440)] * 2, axis=1), 44100)
+    write_audio(tmp_path / "talk22k.flac", _sine(3.0, 200), 22050)
+    write_audio(tmp_path / "talk16k.flac", _sine(3.0, 200), 16000)
+    records = [{"id": f"r{i}", "audio": str(tmp_path / "stereo44k.wav"), "speech": str(tmp_path / speech),
+                "conversations": [{"from": "human", "value": "<audio>\n<speech>\nWhat is it?"},
+                                  {"from": "gpt", "value": "a beep"}]}
+               for i, speech in enumerate(["talk22k.flac", "talk16k.flac", "talk22k.flac"])]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with caplog.at_level(logging.INFO):
+        dataset = MultimodalDataset(str(path), av_model.tokenizer, av_model.media_specs(), progress=False)
+        for _ in range(2):   # two epochs
+            samples = [dataset[i] for i in range(len(dataset))]
+    said = [r.getMessage() for r in caplog.records if "audio files" in r.getMessage()]
+    assert said == [(f"{path}: converting 2 of 3 audio files to mono 16 kHz as they load (1 with several "
+                     f"channels, averaged; 2 at other rates, resampled)")]
+    assert samples[0]["speech_inputs"].shape == (1, 1, 80, 3000)
+
+
 def test_audio_comes_from_the_video_track_when_no_audio_file(av_model, tmp_path):
     from PIL import Image
 
@@ -134,6 +158,111 @@ def test_speech_projector_attends_over_all_positions_padding_included(av_model):
         attend = ~position_mask
         attend[:, ::projector.config.window_size] = True   # no window without a position to attend to
         assert not torch.allclose(projector(features, attend), unmasked)
+
+
+# ----------------------------------------------------------------- long speech in 30 s chunks
+
+def _speech_like(seconds, seed):
+    """Noise shaped differently in every second, so no two 30 s chunks look alike."""
+    rng = np.random.default_rng(seed)
+    gains = np.repeat(rng.uniform(0.05, 0.5, int(np.ceil(seconds))), 16000)[: int(seconds * 16000)]
+    return (gains * rng.standard_normal(gains.size)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def long_speech_model(audio_model_section):
+    """Speech up to 90 s: three 30 s chunks of 15 tokens each (windows of 100 positions)."""
+    section = {**audio_model_section, "encoders": {**audio_model_section["encoders"]}}
+    section["encoders"]["speech"] = dict(section["encoders"]["speech"], max_seconds=90)
+    torch.manual_seed(0)
+    return MultimodalLM.from_config(config_from_dict({"model": section}).model).eval()
+
+
+def test_70_s_of_speech_is_three_chunks_each_equal_to_encoding_that_chunk_alone(long_speech_model):
+    import whisper
+
+    model = long_speech_model
+    encoder, projector = model.encoders["speech"], model.projectors["speech"]
+    assert model.num_media_tokens("<speech>") == 3 * 15
+    clip = _speech_like(70, seed=0)
+    inputs = model._preprocess_item("<speech>", clip)[None]
+    assert inputs.shape == (1, 3, 80, 3000)                                  # one clip, three chunks
+    with torch.no_grad():
+        features = model.encode_media("<speech>", inputs)
+        assert features.shape[:2] == (1, 45)
+        for k in range(3):
+            alone = clip[k * 480000:(k + 1) * 480000]                        # the last one is 10 s
+            assert alone.size == (480000 if k < 2 else 160000)
+            # Whisper's own front end pads the short last chunk with silence to 30 s, as we do.
+            packaged = whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(alone)))
+            torch.testing.assert_close(inputs[0, k], packaged, rtol=0, atol=0)
+            expected = projector(encoder(encoder.preprocess([alone])))      # (1, 15, llm_hidden)
+            torch.testing.assert_close(features[:, 15 * k:15 * (k + 1)], expected, rtol=1e-5, atol=1e-6)
+        # Tokens are in chunk order: swapping two chunks swaps their tokens.
+        swapped = model.encode_media("<speech>", inputs[:, [1, 0, 2]])
+        torch.testing.assert_close(swapped[:, :15], features[:, 15:30], rtol=1e-5, atol=1e-6)
+
+
+def test_long_speech_through_dataset_collator_cache_and_generation(long_speech_model, tmp_path, caplog):
+    """The 45-token count is the same in tokenisation, collation, splicing, the feature cache and
+    generation; a clip past max_seconds is trimmed with a counted warning."""
+    import dataclasses
+    import glob
+    import logging
+
+    from mllm.encoders.cache import FeatureCache
+
+    model = long_speech_model
+    records = []
+    for name, seconds in (("long", 70), ("short", 5), ("too_long", 100)):
+        write_audio(tmp_path / f"{name}.flac", _speech_like(seconds, seed=seconds), 16000)
+        records.append({"id": name, "speech": str(tmp_path / f"{name}.flac"),
+                        "conversations": [{"from": "human", "value": "<speech>\nTranscribe the speech."},
+                                          {"from": "gpt", "value": "one two"}]})
+    path = tmp_path / "speech.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with caplog.at_level(logging.INFO):
+        dataset = MultimodalDataset(str(path), model.tokenizer, model.media_specs(), progress=False)
+    trimmed = [r for r in caplog.records if "run past" in r.getMessage()]
+    assert len(trimmed) == 1 and trimmed[0].levelno == logging.WARNING
+    assert "1 speech clip(s) run past 90 s (the longest 100.0 s)" in trimmed[0].getMessage()
+    assert str(path) in trimmed[0].getMessage()
+    assert dataset.audio_conversions.trimmed == {"speech": 1}
+
+    speech_id = model.placeholder_ids["<speech>"]
+    samples = [dataset[i] for i in range(3)]
+    assert all(int((s["input_ids"] == speech_id).sum()) == 45 for s in samples)
+    assert all(s["speech_inputs"].shape == (1, 3, 80, 3000) for s in samples)
+    # The 5 s clip: its second and third chunks are silence; the 100 s clip ends at 90 s.
+    silence = model.encoders["speech"].preprocess([np.zeros(16000, np.float32)])[0]
+    assert torch.equal(samples[1]["speech_inputs"][0, 2], silence)
+    too_long = model._preprocess_item("<speech>", load_audio(tmp_path / "too_long.flac")[:90 * 16000])
+    assert torch.equal(samples[2]["speech_inputs"][0], too_long)
+
+    batch = MultimodalCollator(model.tokenizer.pad_token_id)(samples)
+    assert batch["speech_inputs"].shape == (3, 3, 80, 3000)
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+        # Cached features (one entry per distinct chunk; the silent chunk is shared) splice alike.
+        cache_dir = tmp_path / "cache"
+        model.feature_caches["speech"] = FeatureCache(str(cache_dir), model.encoders["speech"],
+                                                      model.config.encoders["speech"])
+        try:
+            cached = model.encode_media("<speech>", batch["speech_inputs"])
+            again = model.encode_media("<speech>", batch["speech_inputs"])
+        finally:
+            del model.feature_caches["speech"]
+        assert len(glob.glob(str(cache_dir / "*" / "*.safetensors"))) == 3 + 2 + 3
+        torch.testing.assert_close(cached, model.encode_media("<speech>", batch["speech_inputs"]))
+        assert torch.equal(cached, again)
+
+    prompts = MultimodalDataset(str(path), model.tokenizer, model.media_specs(), progress=False,
+                                for_generation=True)
+    left = MultimodalCollator(model.tokenizer.pad_token_id, padding_side="left")([prompts[i] for i in range(3)])
+    new_tokens = model.generate(**{k: v for k, v in left.items() if k != "labels"}, max_new_tokens=2,
+                                do_sample=False)
+    assert new_tokens.shape == (3, 2)
+    assert dataclasses.asdict(model.config.encoders["speech"])["max_seconds"] == 90
 
 
 # ----------------------------------------------------------------- stage 1 and 2 on speech
@@ -224,6 +353,34 @@ def test_speech_stage1_asr_then_stage2_lora_reloads_with_identical_logits(tiny_a
     with torch.no_grad():
         live, again = trained(**batch).logits, reloaded(**batch).logits
     assert torch.equal(live, again)
+
+
+def test_stage1_trains_on_a_long_speech_record_in_two_chunks(tiny_assets, demo_data, speech_stage_data, tmp_path,
+                                                             caplog):
+    """A 50 s clip with max_seconds 60: two 30 s chunks of 88 tokens in every speech record,
+    through stage 1's dataset, collator, model and save; the reloaded model keeps the count."""
+    import logging
+
+    from mllm.train.stages import run_pretrain
+
+    write_audio(tmp_path / "long.flac", _speech_like(50, seed=5), 16000)
+    with open(speech_stage_data["pretrain"]) as f:
+        records = [json.loads(line) for line in f]
+    long_record = dict(records[1], id="long-speech", speech=str(tmp_path / "long.flac"))
+    train = tmp_path / "pretrain.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in [long_record, *records]))
+    cfg = _speech_config(tiny_assets, demo_data, speech_stage_data["whisper"], tmp_path / "out", "pretrain", train)
+    cfg.model.encoders["speech"].max_seconds = 60
+    model = MultimodalLM.from_config(cfg.model)
+    assert model.num_media_tokens("<speech>") == 2 * 88
+    before = {n: p.detach().clone() for n, p in model.projectors["speech"].state_dict().items()}
+    with caplog.at_level(logging.INFO):
+        run_pretrain(cfg, model)
+    assert not any("run past" in r.getMessage() for r in caplog.records)   # nothing trimmed
+    after = model.projectors["speech"].state_dict()
+    assert sum(not torch.equal(before[n], after[n]) for n in before) > 0.8 * len(before)
+    reloaded = MultimodalLM.from_pretrained(str(tmp_path / "out"))
+    assert reloaded.config.encoders["speech"].max_seconds == 60 and reloaded.num_media_tokens("<speech>") == 176
 
 
 # ----------------------------------------------------------------- shipped audio recipes
