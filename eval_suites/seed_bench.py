@@ -88,7 +88,9 @@ class SeedBench(Suite):
     def write_official_files(self, samples, predictions, out_dir):
         """``seed_bench_answers.jsonl`` for LLaVA's ``convert_seed_for_submission.py
         --result-file`` and ``seed_bench_submission.jsonl`` (``{question_id, prediction}`` for
-        the leaderboard, the letter extracted robustly).
+        the leaderboard, line for line what the converter's ``--result-upload-file`` holds):
+        both carry the raw output -- no letter is extracted, so the leaderboard scores what
+        ``official`` scores.
 
         The converter looks each annotation question up under ``int(question_id)`` (the
         question id itself when that fails, e.g. "v1738"), so the answers file writes
@@ -103,8 +105,7 @@ class SeedBench(Suite):
         question_ids = self.question_ids or [s.meta.get("question_id", s.id) for s in samples]
         answers = [{"question_id": converter_key(qid), "text": predictions.get(str(qid), "")
                     if str(qid) in by_id else ""} for qid in question_ids]
-        upload = [{"question_id": s.meta.get("question_id", s.id),
-                   "prediction": self.parse(predictions.get(s.id, ""), s, "strict") or ""} for s in samples]
+        upload = [{"question_id": qid, "prediction": row["text"]} for qid, row in zip(question_ids, answers)]
         return [write_json_lines(os.path.join(out_dir, "seed_bench_answers.jsonl"), answers),
                 write_json_lines(os.path.join(out_dir, "seed_bench_submission.jsonl"), upload)]
 
