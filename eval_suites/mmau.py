@@ -30,8 +30,8 @@ import os
 import re
 import string
 
-from eval_suites.base import (EvalSample, Suite, check_mode, check_option_choice, iter_json_items, mean_of,
-                              require_fields, results_header)
+from eval_suites.base import (AnnotationError, EvalSample, Suite, check_mode, check_option_choice, iter_json_items,
+                              mean_of, require_fields, results_header)
 from eval_suites.parsing import normalize_text, strict_choice
 
 BREAKDOWNS = ("task", "category", "sub-category", "difficulty")
@@ -66,6 +66,8 @@ class Mmau(Suite):
     media_fields = ("speech",)
     max_new_tokens = 128  # lmms-eval's mmau_test_mini
     prompt_suffix = "\nAnswer with the option's letter from the given choices directly."
+    id_scheme = "ID, the record's id"
+    answer_format = "evaluation.py's input (the annotation records, each with model_output, as a JSON list)"
 
     def __init__(self, subset: str = "speech", letter_to_text: bool = False):
         """``subset``: the ``task`` to keep -- speech (default), sound, music -- or all;
@@ -93,8 +95,33 @@ class Mmau(Suite):
             samples.append(EvalSample(
                 id=str(item["id"]), question=question, media={media_field: [item["audio_id"]]},
                 target=item["answer"], meta={"options": options, "choices": choices, "record": item,
-                                             **{k: item.get(k) for k in BREAKDOWNS}}))
+                                             **{k: item.get(k) for k in BREAKDOWNS}}, where=where))
         return samples
+
+    def read_answer_file(self, path, samples):
+        """``evaluation.py``'s input: records with ``id`` and ``model_output``. A record without
+        ``model_output`` is no answer (the official script skips it)."""
+        from eval_suites.answers import AnswerRow, read_records
+
+        records = read_records(path)
+        if not records or not all(isinstance(item, dict) for _, item in records):
+            return None
+        if not any("model_output" in item for _, item in records):
+            if any("model_prediction" in item for _, item in records):
+                raise AnnotationError(path, "its records hold 'model_prediction' (the name in MMAU's README and "
+                                            "lmms-eval's file) but evaluation.py reads 'model_output', so it would "
+                                            "score none of them; rename the field")
+            return None
+        rows = []
+        for where, item in records:
+            require_fields(where, item, ("id",))
+            output = item.get("model_output")
+            if output is not None and not isinstance(output, str):
+                raise AnnotationError(where, "field 'model_output' must be text")
+            rows.append(AnswerRow(where, str(item["id"]), output))
+        without = sum(row.prediction is None for row in rows)
+        notes = [f"{without} records have no model_output (skipped, as evaluation.py does)"] if without else []
+        return "MMAU evaluation.py input", rows, notes
 
     def score(self, samples, predictions, mode="official"):
         check_mode(mode)

@@ -121,7 +121,7 @@ def _mmau_file(tmp_path):
     path = tmp_path / "mmau.json"
     path.write_text(json.dumps(records))
     answers = tmp_path / "mmau_answers.jsonl"
-    answers.write_text('{"id": "sp", "prediction": "A"}\n{"id": "so", "prediction": "B"}\n')
+    answers.write_text('{"id": "sp", "prediction": "yes"}\n{"id": "so", "prediction": "a cat"}\n')
     return str(path), str(answers)
 
 
