@@ -133,6 +133,18 @@ def _describe(identity: dict | None) -> str:
     return f"{where} (sha256 {str(identity.get('sha256'))[:12]})"
 
 
+def refuse_foreign_log(log_path: str, identity: dict) -> None:
+    """Stop if the answer log at ``log_path`` holds answers of another checkpoint."""
+    header, rows = answer_log_rows(log_path)
+    if header is None and not rows:
+        return
+    recorded = (header or {}).get("checkpoint")
+    if recorded is None or recorded.get("sha256") != identity["sha256"]:
+        raise UserError(f"{log_path} holds answers of {_describe(recorded)}, not of {_describe(identity)}; "
+                        f"pass --new-log (new_log=True) to set that log aside and start a new one, or use "
+                        f"another --output-dir")
+
+
 def _open_log(log_path: str, identity: dict, settings: dict, new_log: bool) -> dict[str, str]:
     """The answers already in the log of this checkpoint; a new log with its header line when
     there is none (or, with ``new_log``, after setting the old one aside)."""
@@ -141,17 +153,12 @@ def _open_log(log_path: str, identity: dict, settings: dict, new_log: bool) -> d
         aside = f"{stem}.replaced-{time.strftime('%Y%m%d-%H%M%S')}{ext}"
         os.replace(log_path, aside)
         logger.info("--new-log: the previous answer log is now %s", aside)
+    refuse_foreign_log(log_path, identity)
     header, rows = answer_log_rows(log_path, repair=True)
     if header is None and not rows:
         with open(log_path, "w", encoding="utf-8") as f:
             f.write(json.dumps({HEADER_KEY: 1, "checkpoint": identity, "settings": settings},
                                ensure_ascii=False) + "\n")
-        return {}
-    recorded = (header or {}).get("checkpoint")
-    if recorded is None or recorded.get("sha256") != identity["sha256"]:
-        raise UserError(f"{log_path} holds answers of {_describe(recorded)}, not of {_describe(identity)}; "
-                        f"pass --new-log (new_log=True) to set that log aside and start a new one, or use "
-                        f"another --output-dir")
     return {row.id: row.prediction for row in rows if row.prediction is not None}
 
 
@@ -615,6 +622,8 @@ def eval_command(argv: list[str] | None = None) -> int:
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
+            if not args.new_log:  # before the model loads: a log of another checkpoint is refused at once
+                refuse_foreign_log(os.path.join(output_dir, LOG_NAME), checkpoint_identity(None, args.checkpoint))
             model = MultimodalLM.from_pretrained(args.checkpoint).to(device)
         except FileNotFoundError as e:
             raise UserError(f"--checkpoint: {e}") from None
