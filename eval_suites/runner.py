@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import contextlib
 import hashlib
 import json
@@ -194,9 +195,14 @@ def _write_prompt_records(suite: Suite, samples: list[EvalSample], output_dir: s
 def _inline_file(sample: EvalSample, name: str, output_dir: str) -> str:
     path = os.path.abspath(os.path.join(output_dir, "media", name))
     if not os.path.exists(path):
+        try:
+            data = base64.b64decode(sample.inline_media[name])
+        except binascii.Error as e:
+            raise AnnotationError(sample.where or name, f"sample {sample.id!r}: its image is not valid base64 "
+                                                        f"({e})") from None
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
-            f.write(base64.b64decode(sample.inline_media[name]))
+            f.write(data)
     return path
 
 
