@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from eval_suites.base import AnnotationError, EvalSample
+from eval_suites.base import AnnotationError, AnnotationFileNotFoundError, EvalSample
 
 logger = logging.getLogger(__name__)
 
@@ -166,11 +166,17 @@ def read_answers(suite, samples: list[EvalSample], path: str) -> Answers:
     """The answers in ``path`` (an answer log or the suite's own answer format) matched to
     ``samples``."""
     if not os.path.exists(path):
-        raise AnnotationError(path, "answers file not found")
+        raise AnnotationFileNotFoundError(path, "answers file not found")
     if is_answer_log(path):
         header, rows = answer_log_rows(path)
         return match_answers(path, LOG_FORMAT, rows, samples, header=header)
-    found = suite.read_answer_file(path, samples)
+    try:
+        found = suite.read_answer_file(path, samples)
+    except IsADirectoryError:
+        raise AnnotationError(path, f"is a folder; {suite.name} answers are a file ({suite.answer_format}, or "
+                                    f"an {LOG_FORMAT})") from None
+    except UnicodeDecodeError as e:
+        raise AnnotationError(path, f"not a text file ({e.reason} at byte {e.start})") from None
     if found is None:
         raise AnnotationError(path, f"neither an {LOG_FORMAT} nor {suite.answer_format}")
     format, rows, notes = found

@@ -390,8 +390,10 @@ def score_and_write(suite: Suite, samples: list[EvalSample], predictions: dict[s
 def samples_and_answers(suite: Suite, data: str | None, answers_path: str, limit: int | None = None):
     """``(samples, Answers)`` for scoring ``answers_path``; without ``data`` the samples come from
     the answers themselves where they hold the ground truth (MME's results folder)."""
+    if not os.path.exists(answers_path):
+        raise AnnotationFileNotFoundError(answers_path, "answers file not found")
     if data is None:
-        samples = suite.samples_from_answers(answers_path) if os.path.exists(answers_path) else None
+        samples = suite.samples_from_answers(answers_path)
         if samples is None:
             raise UserError(f"give --data (the {suite.name} annotation file or folder) to score {answers_path}"
                             + ("; only an MME results folder is scored without it" if suite.name == "mme" else ""))

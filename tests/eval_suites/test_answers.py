@@ -215,6 +215,12 @@ def test_mme_answers_with_wrong_ids_report_nothing_as_a_result(tmp_path, capsys)
     assert eval_main(["--suite", "mme", "--data", str(folder), "--answers", answers,
                       "--output-dir", str(tmp_path / "o")]) == 2
     assert "expected ids such as 'count/1.jpg/0'" in capsys.readouterr().err
+    # a results folder beside the benchmark folder: matched by subtask, image and question
+    results = tmp_path / "Your_Results"
+    results.mkdir()
+    (results / "count.txt").write_text("1.jpg\tHow many? Please answer yes or no.\tYes\tYes\n")
+    result = _score_cli(tmp_path, "mme", results, folder)
+    assert result["answers"]["matched"] == 1 and result["answers"]["examples"]["unanswered"] == ["count/1.jpg/1"]
 
 
 # --------------------------------------------------------------------------- one-line user errors
@@ -243,6 +249,9 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     binary.write_bytes(b"\xff\xfe\x00garbage")
     status, err = _mllm_eval(capsys, "--suite", "pope", "--data", str(binary), "--answers", labels)
     assert status == 2 and err.count("\n") == 1 and "coco_pope_adversarial.json" in err and "Traceback" not in err
+
+    status, err = _mllm_eval(capsys, "--suite", "pope", "--data", labels, "--answers", str(tmp_path))
+    assert status == 2 and err.count("\n") == 1 and "is a folder; pope answers are a file" in err
 
     bad_record = _jsonl(tmp_path / "Foundation_result_modelx.jsonl",
                         [{"uniq_id": 1, "response": "A"}, {"response": "B"}])
