@@ -116,8 +116,10 @@ def _trained_weights(model) -> dict:
 
 
 def prompt_format(model) -> dict:
-    """The template options the runner renders prompts with, and a sha256 of the chat template
-    they resolve to (the tokenizer's, from the checkpoint)."""
+    """The template options the runner renders prompts with (``generate_into_log`` passes
+    ``template`` and ``system_prompt`` on to the dataset), and a sha256 of the chat template they
+    resolve to (the tokenizer's, from the checkpoint). The one place that decides them, so what
+    is recorded is what is used."""
     from mllm.data.templates import resolve_chat_template
 
     options = {"template": "auto", "system_prompt": None}
@@ -296,7 +298,8 @@ def bad_media_error(sample: EvalSample, reason: str, media_root: str | None) -> 
 def generate_into_log(suite: Suite, samples: list[EvalSample], model, output_dir: str, *, media_root=None,
                       batch_size: int = 16, max_new_tokens: int | None = None, prompt_suffix: str | None = None,
                       progress: bool = True, total: int | None = None, on_bad_media: str = "error",
-                      bad_media: dict[str, str] | None = None, **generate_kwargs) -> None:
+                      bad_media: dict[str, str] | None = None, prompt_options: dict | None = None,
+                      **generate_kwargs) -> None:
     """Generate answers for ``samples`` and append them to the log, one batch at a time.
 
     Each sample's media are read before its batch is generated; one that cannot be read stops
@@ -309,8 +312,10 @@ def generate_into_log(suite: Suite, samples: list[EvalSample], model, output_dir
     from mllm.inference import generate_answers
 
     bad_media = {} if bad_media is None else bad_media
+    prompt_options = prompt_format(model) if prompt_options is None else prompt_options
     prompts_path = _write_prompt_records(suite, samples, output_dir, prompt_suffix)
     dataset = MultimodalDataset(prompts_path, model.tokenizer, model.media_specs(), media_root=media_root,
+                                template=prompt_options["template"], system_prompt=prompt_options["system_prompt"],
                                 for_generation=True, progress=False)
     total = total or len(samples)
     bar = tqdm(total=total, initial=total - len(samples), desc=suite.name, disable=not progress)
@@ -478,7 +483,7 @@ def run_suite(suite: Suite | str, model, data: str, output_dir: str, *, media_ro
             generate_into_log(suite, pending, model, output_dir, media_root=media_root, batch_size=batch_size,
                               max_new_tokens=max_new_tokens, prompt_suffix=prompt_suffix, progress=progress,
                               total=len(samples), on_bad_media=on_bad_media, bad_media=bad_media,
-                              **generate_kwargs)
+                              prompt_options=settings["prompt_format"], **generate_kwargs)
     if bad_media:
         logger.warning("%s: %d samples skipped for bad media (unanswered; see bad_media in the results)",
                        suite.name, len(bad_media))
