@@ -36,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -295,6 +296,16 @@ def bad_media_error(sample: EvalSample, reason: str, media_root: str | None) -> 
                                                          f"--on-bad-media skip skips and counts such samples")
 
 
+def _on_annotation_line(error: UserError, prompts_path: str, samples: list[EvalSample]) -> UserError:
+    """``error`` about line N of the internal prompts file, restated for sample N's annotation line."""
+    found = re.search(re.escape(prompts_path) + r":(\d+)", str(error))
+    if not found or not 0 < int(found.group(1)) <= len(samples):
+        return error
+    sample = samples[int(found.group(1)) - 1]
+    message = str(error).replace(found.group(0), "").lstrip(": ")
+    return AnnotationError(sample.where or "annotation", f"sample {sample.id!r}: {message}")
+
+
 def generate_into_log(suite: Suite, samples: list[EvalSample], model, output_dir: str, *, media_root=None,
                       batch_size: int = 16, max_new_tokens: int | None = None, prompt_suffix: str | None = None,
                       progress: bool = True, total: int | None = None, on_bad_media: str = "error",
@@ -314,9 +325,13 @@ def generate_into_log(suite: Suite, samples: list[EvalSample], model, output_dir
     bad_media = {} if bad_media is None else bad_media
     prompt_options = prompt_format(model) if prompt_options is None else prompt_options
     prompts_path = _write_prompt_records(suite, samples, output_dir, prompt_suffix)
-    dataset = MultimodalDataset(prompts_path, model.tokenizer, model.media_specs(), media_root=media_root,
-                                template=prompt_options["template"], system_prompt=prompt_options["system_prompt"],
-                                for_generation=True, progress=False)
+    try:
+        dataset = MultimodalDataset(prompts_path, model.tokenizer, model.media_specs(), media_root=media_root,
+                                    template=prompt_options["template"],
+                                    system_prompt=prompt_options["system_prompt"], for_generation=True,
+                                    progress=False)
+    except UserError as e:  # it names a line of the prompts file: name the sample's annotation line
+        raise _on_annotation_line(e, prompts_path, samples) from None
     total = total or len(samples)
     bar = tqdm(total=total, initial=total - len(samples), desc=suite.name, disable=not progress)
     with open(os.path.join(output_dir, LOG_NAME), "a", encoding="utf-8") as log:
@@ -602,7 +617,19 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def eval_command(argv: list[str] | None = None) -> int:
-    """``mllm eval``; a user error raises ``UserError`` (``mllm.cli`` prints it as one line)."""
+    """``mllm eval``; a user error raises ``UserError`` (``mllm.cli`` prints it as one line), and so
+    does a file that cannot be opened (permissions, a folder where a file belongs)."""
+    try:
+        return _eval_command(argv)
+    except UserError:
+        raise
+    except OSError as e:
+        if not e.filename:
+            raise
+        raise UserError(f"{e.filename}: {e.strerror or e}") from None
+
+
+def _eval_command(argv: list[str] | None) -> int:
     args = eval_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     modes = MODES if args.mode == "both" else (args.mode,)

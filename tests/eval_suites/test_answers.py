@@ -250,6 +250,11 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     status, err = _mllm_eval(capsys, "--suite", "pope", "--data", str(binary), "--answers", labels)
     assert status == 2 and err.count("\n") == 1 and "coco_pope_adversarial.json" in err and "Traceback" not in err
 
+    answers = _jsonl(tmp_path / "good.jsonl", [{"id": "random/1", "prediction": "yes"}])
+    status, err = _mllm_eval(capsys, "--suite", "pope", "--data", labels, "--answers", answers,
+                             "--output-dir", labels)  # a file where the output folder goes
+    assert status == 2 and err.count("\n") == 1 and f"{labels}: File exists" in err
+
     status, err = _mllm_eval(capsys, "--suite", "pope", "--data", labels, "--answers", str(tmp_path))
     assert status == 2 and err.count("\n") == 1 and "is a folder; pope answers are a file" in err
 

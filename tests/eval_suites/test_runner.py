@@ -399,3 +399,16 @@ def test_partial_modality_must_be_routed_by_the_adapter(moka_model, pope_file, t
         run_suite("pope", moka_model, pope_file, str(tmp_path / "b"), partial_modality="audio", progress=False)
     with pytest.raises(ValueError, match=r"unknown modality 'image'"):
         run_suite("pope", moka_model, pope_file, str(tmp_path / "c"), partial_modality="image", progress=False)
+
+
+def test_a_bad_prompt_names_the_annotation_line_not_the_prompts_file(tiny_model, demo_data, tmp_path):
+    with open(demo_data["eval"]) as f:
+        image = json.loads(f.readline())["image"]
+    labels = tmp_path / "coco_pope_random.json"
+    labels.write_text(json.dumps({"question_id": 1, "image": image, "text": "Is there a circle?", "label": "yes"})
+                      + "\n" + json.dumps({"question_id": 2, "image": image, "text": "Is <image> there a circle?",
+                                           "label": "no"}) + "\n")
+    with pytest.raises(UserError) as info:
+        run_suite("pope", tiny_model, str(labels), str(tmp_path / "o"), media_root=demo_data["media_root"],
+                  max_new_tokens=2, progress=False)
+    assert str(info.value).startswith(f"{labels}:2: sample 'random/2': ") and "pending_prompts" not in str(info.value)
