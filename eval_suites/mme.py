@@ -65,8 +65,8 @@ class Mme(Suite):
     id_scheme = ("SUBTASK/IMAGE/N, N = 0 or 1 the question's line in the image's txt file "
                  "(e.g. existence/000000006040.jpg/0)")
     answer_format = ("MME's results folder (one SUBTASK.txt per subtask, lines "
-                     "image<TAB>question<TAB>answer<TAB>response, as calculation.py reads; it holds the answers, "
-                     "so --data is optional)")
+                     "image<TAB>question<TAB>answer<TAB>response, as calculation.py reads; it holds the ground "
+                     "truth, so --data is optional)")
 
     def load(self, path: str) -> list[EvalSample]:
         if not os.path.isdir(path):

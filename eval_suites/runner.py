@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import sys
+import textwrap
 import time
 
 from eval_suites import MODES, SUITES, get_suite, suite_options
@@ -559,8 +560,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _answers_help() -> str:
-    schemes = "".join(f"  {name:<11} id: {SUITES[name].id_scheme}\n"
-                      f"  {'':<11} own format: {SUITES[name].answer_format}\n" for name in sorted(SUITES))
+    indent = " " * 14
+
+    def wrapped(first: str, text: str) -> str:
+        return textwrap.fill(text, width=100, initial_indent=first, subsequent_indent=indent + "  ") + "\n"
+
+    schemes = "".join(wrapped(f"  {name:<11} ", f"id: {SUITES[name].id_scheme}")
+                      + wrapped(indent, f"own format: {SUITES[name].answer_format}") for name in sorted(SUITES))
     return ("answers (--answers FILE):\n"
             "  The answer log mllm eval writes (OUTPUT/samples.jsonl) is JSON lines: a first line\n"
             '  {"log_header": 1, "checkpoint": {...}, "settings": {...}} naming the checkpoint and prompt\n'
