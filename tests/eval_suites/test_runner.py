@@ -108,6 +108,8 @@ def test_resume_with_another_checkpoint_is_refused(tiny_model, pope_file, demo_d
         results = json.load(f)
     assert results["checkpoint"] == header["checkpoint"]
     assert results["generation"]["prompt_format"]["template"] == "auto"
+    rescored = score_answers("pope", pope_file, os.path.join(out, "samples.jsonl"), limit=2)
+    assert rescored["checkpoint"] == header["checkpoint"] and rescored["answers"]["matched"] == 2
     capsys.readouterr()
 
     assert eval_main(common + ["--checkpoint", second]) == 2
