@@ -47,6 +47,9 @@ class AirBench(Suite):
     media_fields = ("speech",)
     max_new_tokens = 64
     prompt_suffix = ""  # the instruction comes first, as in the official prompt
+    id_scheme = "UNIQ_ID, the record's uniq_id"
+    answer_format = ("score_foundation.py's input (Foundation_result_modelx.jsonl: each meta record with "
+                     "response, as JSON lines)")
 
     def __init__(self, subset: str = "speech"):
         """``subset``: speech (the 9 speech tasks, default) or all (every Foundation task)."""
@@ -73,8 +76,23 @@ class AirBench(Suite):
             samples.append(EvalSample(
                 id=str(item["uniq_id"]), question=question, media={media_field: [f"{folder}/{item['path']}"]},
                 target=answer, meta={"task": folder, "task_name": item["task_name"], "options": options,
-                                     "record": item}))
+                                     "record": item}, where=where))
         return samples
+
+    def read_answer_file(self, path, samples):
+        """``score_foundation.py``'s input: meta records with ``uniq_id`` and ``response``."""
+        from eval_suites.answers import AnswerRow, read_records
+
+        records = read_records(path)
+        if not records or not isinstance(records[0][1], dict) or "response" not in records[0][1]:
+            return None
+        rows = []
+        for where, item in records:
+            require_fields(where, item, ("uniq_id", "response"))
+            if not isinstance(item["response"], str):
+                raise AnnotationError(where, "field 'response' must be text")
+            rows.append(AnswerRow(where, str(item["uniq_id"]), item["response"]))
+        return "AIR-Bench result lines", rows, []
 
     def score(self, samples, predictions, mode="official"):
         check_mode(mode)
@@ -103,7 +121,7 @@ class AirBench(Suite):
         correct = sum(t["correct"] for t in tasks.values())
         denominator = scored - failures if mode == "official" else scored
         accuracies = [t["accuracy"] for t in tasks.values()]
-        out = results_header(self, mode, samples, predictions, failures, scored)
+        out = results_header(self, mode, samples, predictions, failures, denominator)
         out["metrics"] = {
             "accuracy": ratio(correct, denominator), "total_sum": denominator, "fail_num": failures,
             "mean_task_accuracy": mean_of(accuracies) if None not in accuracies else None,

@@ -41,8 +41,9 @@ from __future__ import annotations
 import os
 import re
 
-from eval_suites.base import (AnnotationError, EvalSample, Suite, check_media_template, check_mode,
-                              check_option_choice, ratio, results_header, write_json_lines)
+from eval_suites.base import (AnnotationError, AnnotationFileNotFoundError, EvalSample, Suite, check_media_template,
+                              check_mode, check_option_choice, ratio, require_fields, results_header,
+                              write_json_lines)
 from eval_suites.parsing import normalize_text
 
 SEGMENTS = 10
@@ -58,7 +59,7 @@ def read_annotation_lines(path: str) -> list[dict]:
     try:
         f = open(path, encoding="utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file not found: {path}") from None
+        raise AnnotationFileNotFoundError(path) from None
     rows = []
     with f:
         for lineno, line in enumerate(f, start=1):
@@ -124,6 +125,9 @@ class Ave(Suite):
     max_new_tokens = 48
     prompt_suffix = ("Which audio-visual event happens in this video, and in which seconds? Answer as "
                      "<event>event name</event><range>start,end</range>.")
+    id_scheme = "VIDEO_ID, the annotation line's VideoID"
+    answer_format = ("MokA's inference_ave.jsonl (JSON lines with predict and video_path, the video id being the "
+                     "file name's stem) or lines with vid and predict")
 
     def __init__(self, vocabulary_path: str | None = None, video_path: str = "videos/{video_id}.mp4",
                  audio_path: str = "audios/{video_id}.wav", protocol: str = "default"):
@@ -149,8 +153,31 @@ class Ave(Suite):
             media = {"video": [self.video_path.format(video_id=row["video_id"])],
                      "audio": [self.audio_path.format(video_id=row["video_id"])]}
             samples.append(EvalSample(id=row["video_id"], question="", media=media, target=row["event"],
-                                      meta={"start": row["start"], "end": row["end"], "vocabulary": vocabulary}))
+                                      meta={"start": row["start"], "end": row["end"], "vocabulary": vocabulary},
+                                      where=row["where"]))
         return samples
+
+    def read_answer_file(self, path, samples):
+        """MokA's log: ``predict`` with the video named by ``vid``, ``video_id`` or the stem of
+        ``video_path``."""
+        from eval_suites.answers import AnswerRow, read_records
+
+        records = read_records(path)
+        if not records or not isinstance(records[0][1], dict) or "predict" not in records[0][1]:
+            return None
+        rows = []
+        for where, item in records:
+            require_fields(where, item, ("predict",))
+            if "vid" in item or "video_id" in item:
+                video = str(item.get("vid", item.get("video_id")))
+            elif "video_path" in item:
+                video = os.path.splitext(os.path.basename(str(item["video_path"])))[0]
+            else:
+                raise AnnotationError(where, "missing field 'video_path' (or 'vid'): a line must name its video")
+            if not isinstance(item["predict"], str):
+                raise AnnotationError(where, "field 'predict' must be text")
+            rows.append(AnswerRow(where, video, item["predict"]))
+        return "AVE MokA-style log", rows, []
 
     def score(self, samples, predictions, mode="official"):
         check_mode(mode)

@@ -34,6 +34,13 @@ class AnnotationError(UserError):
         self.where = where
 
 
+class AnnotationFileNotFoundError(AnnotationError, FileNotFoundError):
+    """A file or folder the user named is not there (a user error, and a FileNotFoundError)."""
+
+    def __init__(self, path: str, message: str = "annotation file not found"):
+        super().__init__(path, message)
+
+
 @dataclass
 class EvalSample:
     id: str                                   # unique within one run; the key of the answer log
@@ -42,6 +49,7 @@ class EvalSample:
     target: Any                               # the reference answer as the benchmark states it
     meta: dict[str, Any] = field(default_factory=dict)  # categories, options, original fields
     inline_media: dict[str, bytes] = field(default_factory=dict)  # path -> bytes (MMBench TSVs)
+    where: str = ""                           # "file:line" of the annotation it comes from
 
 
 class Suite:
@@ -58,12 +66,27 @@ class Suite:
     max_new_tokens: int = 16
     #: appended to every question, as the benchmark's protocol (or its reference harness) says
     prompt_suffix: str = ""
+    #: how a sample's id (the key of an answer log line) is made from the annotation
+    id_scheme: str = ""
+    #: the benchmark's own answer format, which ``mllm eval --answers`` also reads
+    answer_format: str = "the benchmark's own answer format"
 
     def load(self, path: str) -> list[EvalSample]:
         raise NotImplementedError
 
     def score(self, samples: list[EvalSample], predictions: dict[str, str], mode: str = "official") -> dict:
         raise NotImplementedError
+
+    def read_answer_file(self, path: str, samples: list[EvalSample]):
+        """Read ``path`` if it is in the benchmark's own answer format (``answer_format``):
+        ``(format name, [AnswerRow], notes)``, or None when it is not. Rows carry sample ids
+        (``id_scheme``); matching and counting are ``eval_suites.answers``' job."""
+        return None
+
+    def samples_from_answers(self, path: str) -> list[EvalSample] | None:
+        """Samples built from an answer file that holds the ground truth too (MME's results
+        folder), for scoring without the annotation files; None when it cannot."""
+        return None
 
     def write_official_files(self, samples: list[EvalSample], predictions: dict[str, str],
                              out_dir: str) -> list[str]:
@@ -126,7 +149,7 @@ def read_json(path: str) -> Any:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file not found: {path}") from None
+        raise AnnotationFileNotFoundError(path) from None
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{path}:{e.lineno}", f"invalid JSON at column {e.colno}: {e.msg}") from None
 
@@ -136,7 +159,7 @@ def iter_json_lines(path: str) -> Iterator[tuple[str, Any]]:
     try:
         f = open(path, encoding="utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file not found: {path}") from None
+        raise AnnotationFileNotFoundError(path) from None
     with f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -157,7 +180,7 @@ def iter_json_items(path: str) -> Iterator[tuple[str, Any]]:
         with open(path, encoding="utf-8-sig") as f:
             head = f.read(1024).lstrip()
     except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file not found: {path}") from None
+        raise AnnotationFileNotFoundError(path) from None
     if head.startswith("["):
         for index, (line, item) in enumerate(read_json_list(path)):
             yield f"{path}:{line} (record {index} of the JSON list, 0-based)", item
@@ -188,7 +211,7 @@ def _read_text(path: str) -> str:
         with open(path, encoding="utf-8-sig") as f:
             return f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"annotation file not found: {path}") from None
+        raise AnnotationFileNotFoundError(path) from None
 
 
 def _decode(decoder: json.JSONDecoder, text: str, pos: int, path: str) -> tuple[Any, int]:

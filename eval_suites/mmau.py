@@ -5,16 +5,22 @@ holds 2-5 strings; audio at ``<media-root>/<audio_id>``). Reported: accuracy ove
 task, category, sub-category and difficulty. State the file version you score (v05.15.25
 revised about a quarter of the questions).
 
-The official ``evaluation.py`` reads option text in ``model_output``. The model is prompted for
-a letter, so the harness submits the chosen option's text when the output is just a letter
-("B", "(B)", "B.") and the output verbatim otherwise -- the conversion the official numbers
-need (a bare letter scores 0 %).
-``official`` reproduces ``string_match``: lower-case word sets (``\\b\\w+\\b``); right iff every
-answer word is in the output and the output has no word that belongs to a wrong choice but
-not to the answer ("The answer is <text>" can fail on filler words); an empty output is
-wrong; **records without an output are skipped** (left out of the denominator).
-``strict`` picks the option with ``parsing.strict_choice`` and compares it with the answer;
-records without an output or without a recognisable choice count as wrong.
+``official`` scores ``model_output`` exactly as the official ``evaluation.py`` does, on the raw
+output: ``string_match`` -- lower-case word sets (``\\b\\w+\\b``); right iff every answer word
+is in the output and the output has no word that belongs to a wrong choice but not to the
+answer ("The answer is <text>" can fail on filler words); an empty output is wrong; **a bare
+letter ("B", "(B)") is scored as the one word it is, so it is wrong** unless that letter is the
+answer's only word; **records without an output are
+skipped** (left out of the denominator). ``mmau_predictions.json`` (the official script's
+input) holds the raw outputs, so ``evaluation.py`` prints the same number.
+``strict`` picks the option with ``parsing.strict_choice`` (letters included) and compares it
+with the answer; records without an output or without a recognisable choice count as wrong.
+
+Option ``letter_to_text`` (default false): in ``official`` mode, submit the chosen option's
+text for an output that is just a letter ("B", "(B)", "B.") -- the conversion the MMAU authors
+ask submitters to do before running ``evaluation.py``. It is recorded in the results
+(``suite_options``), and the official file then holds the converted text in ``model_output``
+(the raw output stays in ``raw_output``).
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import os
 import re
 import string
 
-from eval_suites.base import (EvalSample, Suite, check_mode, check_option_choice, iter_json_items, mean_of,
-                              require_fields, results_header)
+from eval_suites.base import (AnnotationError, EvalSample, Suite, check_mode, check_option_choice, iter_json_items,
+                              mean_of, require_fields, results_header)
 from eval_suites.parsing import normalize_text, strict_choice
 
 BREAKDOWNS = ("task", "category", "sub-category", "difficulty")
@@ -60,11 +66,17 @@ class Mmau(Suite):
     media_fields = ("speech",)
     max_new_tokens = 128  # lmms-eval's mmau_test_mini
     prompt_suffix = "\nAnswer with the option's letter from the given choices directly."
+    id_scheme = "ID, the record's id"
+    answer_format = "evaluation.py's input (the annotation records, each with model_output, as a JSON list)"
 
-    def __init__(self, subset: str = "speech"):
-        """``subset``: the ``task`` to keep -- speech (default), sound, music -- or all."""
+    def __init__(self, subset: str = "speech", letter_to_text: bool = False):
+        """``subset``: the ``task`` to keep -- speech (default), sound, music -- or all;
+        ``letter_to_text``: submit a bare letter's option text in ``official`` mode."""
         check_option_choice(self.name, "subset", subset, SUBSETS)
+        if not isinstance(letter_to_text, bool):
+            raise ValueError(f"mmau option letter_to_text must be true or false, got {letter_to_text!r}")
         self.subset = subset
+        self.letter_to_text = letter_to_text
         if subset != "speech":
             self.media_fields = ("audio", "speech")
 
@@ -83,8 +95,33 @@ class Mmau(Suite):
             samples.append(EvalSample(
                 id=str(item["id"]), question=question, media={media_field: [item["audio_id"]]},
                 target=item["answer"], meta={"options": options, "choices": choices, "record": item,
-                                             **{k: item.get(k) for k in BREAKDOWNS}}))
+                                             **{k: item.get(k) for k in BREAKDOWNS}}, where=where))
         return samples
+
+    def read_answer_file(self, path, samples):
+        """``evaluation.py``'s input: records with ``id`` and ``model_output``. A record without
+        ``model_output`` is no answer (the official script skips it)."""
+        from eval_suites.answers import AnswerRow, read_records
+
+        records = read_records(path)
+        if not records or not all(isinstance(item, dict) for _, item in records):
+            return None
+        if not any("model_output" in item for _, item in records):
+            if any("model_prediction" in item for _, item in records):
+                raise AnnotationError(path, "its records hold 'model_prediction' (the name in MMAU's README and "
+                                            "lmms-eval's file) but evaluation.py reads 'model_output', so it would "
+                                            "score none of them; rename the field")
+            return None
+        rows = []
+        for where, item in records:
+            require_fields(where, item, ("id",))
+            output = item.get("model_output")
+            if output is not None and not isinstance(output, str):
+                raise AnnotationError(where, "field 'model_output' must be text")
+            rows.append(AnswerRow(where, str(item["id"]), output))
+        without = sum(row.prediction is None for row in rows)
+        notes = [f"{without} records have no model_output (skipped, as evaluation.py does)"] if without else []
+        return "MMAU evaluation.py input", rows, notes
 
     def score(self, samples, predictions, mode="official"):
         check_mode(mode)
@@ -95,7 +132,7 @@ class Mmau(Suite):
             if output is None and mode == "official":
                 continue  # evaluation.py skips records without model_output
             if mode == "official":
-                hit = official_string_match(sample.target, submitted_text(output, sample.meta["choices"]),
+                hit = official_string_match(sample.target, self.model_output(output, sample),
                                             sample.meta["choices"])
             else:
                 letter = strict_choice(output or "", sample.meta["options"])
@@ -111,11 +148,23 @@ class Mmau(Suite):
         out["score"] = out["metrics"]["accuracy"]
         return out
 
+    def model_output(self, output: str, sample: EvalSample) -> str:
+        """What ``official`` mode scores, and the official file holds: the raw output, or with
+        ``letter_to_text`` a bare letter's option text."""
+        return submitted_text(output, sample.meta["choices"]) if self.letter_to_text else output
+
     def write_official_files(self, samples, predictions, out_dir):
         """``mmau_predictions.json`` for ``evaluation.py --input``: the records that have an
-        output, each with ``model_output`` (the key the code reads, not the README's)."""
-        rows = [dict(s.meta["record"], model_output=submitted_text(predictions[s.id], s.meta["choices"]))
-                for s in samples if s.id in predictions]
+        output, each with ``model_output`` (the key the code reads, not the README's) as
+        ``official`` mode scores it -- the raw output unless ``letter_to_text`` is on."""
+        rows = []
+        for s in samples:
+            if s.id not in predictions:
+                continue
+            row = dict(s.meta["record"], model_output=self.model_output(predictions[s.id], s))
+            if row["model_output"] != predictions[s.id]:
+                row["raw_output"] = predictions[s.id]
+            rows.append(row)
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, "mmau_predictions.json")
         with open(path, "w", encoding="utf-8") as f:

@@ -37,7 +37,8 @@ import string
 import sys
 from typing import Callable
 
-from eval_suites.base import AnnotationError, EvalSample, Suite, check_mode, mean_of, results_header
+from eval_suites.base import (AnnotationError, AnnotationFileNotFoundError, EvalSample, Suite, check_mode, mean_of,
+                              results_header)
 from eval_suites.parsing import strict_choice
 
 CIRCULAR_STRIDE = 1_000_000
@@ -114,6 +115,9 @@ class Mmbench(Suite):
     media_fields = ("image",)
     max_new_tokens = 128
     prompt_suffix = "Please select the correct answer from the options above. \n"
+    id_scheme = "INDEX, the TSV's index column (circular copies: INDEX + k*1000000)"
+    answer_format = ("a VLMEvalKit prediction table (the dataset TSV plus a 'prediction' column, as .tsv or .csv; "
+                     "save an .xlsx as one of these)")
 
     def __init__(self, circular: bool = True, judge: Judge | str | None = None):
         if not isinstance(circular, bool):
@@ -144,7 +148,7 @@ class Mmbench(Suite):
         try:
             f = open(path, encoding="utf-8", newline="")
         except FileNotFoundError:
-            raise FileNotFoundError(f"annotation file not found: {path}") from None
+            raise AnnotationFileNotFoundError(path) from None
         rows = []
         with f:
             reader = csv.DictReader(f, delimiter="\t")
@@ -201,7 +205,31 @@ class Mmbench(Suite):
                     columns={k: v for k, v in row.items() if k not in ("image", "options", "where")})
         answer = None if _missing(row.get("answer")) else row["answer"].strip()
         return EvalSample(id=str(row["index"]), question=format_question(row, row["options"]), media=media,
-                          target=answer, meta=meta, inline_media=inline)
+                          target=answer, meta=meta, inline_media=inline, where=row.get("where", ""))
+
+    def read_answer_file(self, path, samples):
+        """A prediction table: rows with ``index`` and ``prediction`` (tab-separated, or
+        comma-separated for .csv)."""
+        from eval_suites.answers import AnswerRow
+
+        if path.lower().endswith((".xlsx", ".xls")):
+            raise AnnotationError(path, "reading .xlsx needs openpyxl, which is not installed; save the sheet as "
+                                        ".tsv or .csv (VLMEvalKit reads those too)")
+        csv.field_size_limit(sys.maxsize)
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f, delimiter="," if path.lower().endswith(".csv") else "\t")
+            header = reader.fieldnames or []
+            if "index" not in header or "prediction" not in header:
+                return None
+            rows = []
+            for row in reader:
+                where = f"{path}:{reader.line_num}"
+                try:
+                    index = str(int(float(row["index"])))
+                except (TypeError, ValueError):
+                    raise AnnotationError(where, f"field 'index' {row['index']!r} is not a number") from None
+                rows.append(AnswerRow(where, index, row["prediction"] or ""))
+        return "VLMEvalKit prediction table", rows, []
 
     # ------------------------------------------------------------------ scoring
     def choose(self, sample: EvalSample, answer: str, mode: str) -> tuple[str | None, bool]:

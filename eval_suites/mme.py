@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 
-from eval_suites.base import AnnotationError, EvalSample, Suite, check_mode, mean_of, results_header
+from eval_suites.base import (AnnotationError, AnnotationFileNotFoundError, EvalSample, Suite, check_mode, mean_of,
+                              results_header)
 from eval_suites.parsing import strict_yes_no
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
@@ -61,10 +62,15 @@ class Mme(Suite):
     media_fields = ("image",)
     max_new_tokens = 16      # only the first four characters are ever read
     prompt_suffix = ""       # the questions already end in "Please answer yes or no."
+    id_scheme = ("SUBTASK/IMAGE/N, N = 0 or 1 the question's line in the image's txt file "
+                 "(e.g. existence/000000006040.jpg/0)")
+    answer_format = ("MME's results folder (one SUBTASK.txt per subtask, lines "
+                     "image<TAB>question<TAB>answer<TAB>response, as calculation.py reads; it holds the ground "
+                     "truth, so --data is optional)")
 
     def load(self, path: str) -> list[EvalSample]:
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path}: expected the MME_Benchmark_release_version folder")
+            raise AnnotationFileNotFoundError(path, "expected the MME_Benchmark_release_version folder")
         samples = []
         for subtask in sorted(os.listdir(path)):
             subtask_dir = os.path.join(path, subtask)
@@ -74,7 +80,7 @@ class Mme(Suite):
             for name in names:
                 samples += self._read_pair(subtask, os.path.join(text_dir, name), image_dir)
         if not samples:
-            raise FileNotFoundError(f"{path}: no MME subtask folders with question files")
+            raise AnnotationFileNotFoundError(path, "no MME subtask folders with question files")
         return samples
 
     def _read_pair(self, subtask: str, txt_path: str, image_dir: str) -> list[EvalSample]:
@@ -94,10 +100,65 @@ class Mme(Suite):
                     raise AnnotationError(f"{txt_path}:{lineno}", "expected 'question<TAB>Yes|No'")
                 samples.append(EvalSample(
                     id=f"{subtask}/{image}/{len(samples)}", question=fields[0], media={"image": [image_path]},
-                    target=fields[1].strip(), meta={"subtask": subtask, "image_name": image}))
+                    target=fields[1].strip(), meta={"subtask": subtask, "image_name": image},
+                    where=f"{txt_path}:{lineno}"))
         if len(samples) != 2:
             raise AnnotationError(txt_path, f"expected 2 questions per image, found {len(samples)}")
         return samples
+
+    # ------------------------------------------------------------------ results folder
+    @staticmethod
+    def _results_lines(path: str):
+        """``(where, subtask, image, question, answer, response)`` of every line of a results
+        folder, in file order."""
+        if not os.path.isdir(path):
+            return None
+        names = sorted(n for n in os.listdir(path) if n.endswith(".txt"))
+        if not names:
+            raise AnnotationError(path, "an MME results folder holds SUBTASK.txt files; this folder has none")
+        for name in names:
+            txt_path = os.path.join(path, name)
+            with open(txt_path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    fields = line.rstrip("\n").split("\t")
+                    where = f"{txt_path}:{lineno}"
+                    if len(fields) != 4:
+                        raise AnnotationError(where, f"expected image<TAB>question<TAB>answer<TAB>response, found "
+                                                     f"{len(fields)} tab-separated fields")
+                    if fields[2].strip().lower() not in ("yes", "no"):
+                        raise AnnotationError(where, f"the answer field (3rd) must be Yes or No, got {fields[2]!r}")
+                    yield where, os.path.splitext(name)[0], *fields
+
+    def samples_from_answers(self, path):
+        """A results folder holds each question's ground truth: samples built from it alone
+        (no image folder needed), in file order, so that ``official`` pairs lines as
+        ``calculation.py`` does."""
+        if not os.path.isdir(path):
+            return None
+        samples, seen = [], {}
+        for where, subtask, image, question, answer, _ in self._results_lines(path):
+            position = seen[(subtask, image)] = seen.get((subtask, image), -1) + 1
+            samples.append(EvalSample(id=f"{subtask}/{image}/{position}", question=question, media={},
+                                      target=answer.strip().capitalize(), where=where,
+                                      meta={"subtask": subtask, "image_name": image}))
+        return samples
+
+    def read_answer_file(self, path, samples):
+        """A results folder: each line answers the sample of its subtask, image and question
+        (the position in the pair when the question text differs)."""
+        from eval_suites.answers import AnswerRow
+
+        if not os.path.isdir(path):
+            return None
+        by_question = {(s.meta["subtask"], s.meta["image_name"], s.question): s.id for s in samples}
+        rows, seen = [], {}
+        for where, subtask, image, question, _, response in self._results_lines(path):
+            position = seen[(subtask, image)] = seen.get((subtask, image), -1) + 1
+            sample_id = by_question.get((subtask, image, question), f"{subtask}/{image}/{position}")
+            rows.append(AnswerRow(where, sample_id, response))
+        return "MME results folder", rows, []
 
     def score(self, samples, predictions, mode="official"):
         check_mode(mode)

@@ -105,6 +105,8 @@ class MusicAvqa(Suite):
     media_fields = ("video", "audio")
     max_new_tokens = 32
     prompt_suffix = "\nAnswer with a single word, written as <answer>word</answer>."
+    id_scheme = "QUESTION_ID, the annotation's question_id"
+    answer_format = "a MokA-style log (JSON lines with question_id and predict, as avqa_eval.py reads)"
 
     def __init__(self, video_path: str = "videos/{video_id}.mp4", audio_path: str = "audios/{video_id}.wav",
                  protocol: str = "default"):
@@ -133,9 +135,28 @@ class MusicAvqa(Suite):
                 raise AnnotationError(where, f"answer {item['anser']!r} is not in the 42-word vocabulary")
             media = {"video": [self.video_path.format(video_id=item["video_id"])],
                      "audio": [self.audio_path.format(video_id=item["video_id"])]}
-            samples.append(EvalSample(id=str(item["question_id"]), question=self.question_prefix + question, media=media, target=answer,
+            samples.append(EvalSample(id=str(item["question_id"]), question=self.question_prefix + question,
+                                      media=media, target=answer, where=where,
                                       meta={"type": question_type, "video_id": item["video_id"]}))
         return samples
+
+    def read_answer_file(self, path, samples):
+        """MokA-style lines: ``predict`` and the ``question_id`` it answers."""
+        from eval_suites.answers import AnswerRow, read_records
+
+        records = read_records(path)
+        if not records or not isinstance(records[0][1], dict) or "predict" not in records[0][1]:
+            return None
+        rows = []
+        for where, item in records:
+            if "question_id" not in item:
+                raise AnnotationError(where, "missing field 'question_id': a line must name the annotation question "
+                                             "it answers (several questions share a video)")
+            require_fields(where, item, ("predict",))
+            if not isinstance(item["predict"], str):
+                raise AnnotationError(where, "field 'predict' must be text")
+            rows.append(AnswerRow(where, str(item["question_id"]), item["predict"]))
+        return "MUSIC-AVQA MokA-style log", rows, []
 
     def score(self, samples, predictions, mode="official"):
         check_mode(mode)

@@ -26,8 +26,8 @@ import glob
 import os
 import re
 
-from eval_suites.base import (AnnotationError, EvalSample, Suite, check_mode, iter_json_lines, mean_of, ratio,
-                              require_fields, results_header, write_json_lines)
+from eval_suites.base import (AnnotationError, AnnotationFileNotFoundError, EvalSample, Suite, check_mode,
+                              iter_json_lines, mean_of, ratio, require_fields, results_header, write_json_lines)
 from eval_suites.parsing import strict_yes_no
 
 SPLITS = ("random", "popular", "adversarial")
@@ -51,7 +51,7 @@ def label_files(path: str) -> list[str]:
     found = {split_name(p): p for p in glob.glob(os.path.join(path, "*pope_*.json*"))}
     files = [found.pop(s) for s in SPLITS if s in found] + [found[k] for k in sorted(found)]
     if not files:
-        raise FileNotFoundError(f"{path}: no POPE label files (coco_pope_<split>.json) in this folder")
+        raise AnnotationFileNotFoundError(path, "no POPE label files (coco_pope_<split>.json) in this folder")
     return files
 
 
@@ -74,6 +74,9 @@ class Pope(Suite):
     media_fields = ("image",)
     max_new_tokens = 128  # lmms-eval's pope and LLaVA-1.5's model_vqa_loader
     prompt_suffix = "\nAnswer the question using a single word or phrase."
+    id_scheme = "SPLIT/QUESTION_ID, SPLIT from the label file's name coco_pope_SPLIT.json (e.g. random/1)"
+    answer_format = ("POPE's evaluate.py answer file ({question, answer} JSON lines in label-file order, paired with "
+                     "the label file by position; with several splits in --data, the split named in its file name)")
 
     def load(self, path: str) -> list[EvalSample]:
         samples = []
@@ -85,8 +88,47 @@ class Pope(Suite):
                     raise AnnotationError(where, f"label must be 'yes' or 'no', got {item['label']!r}")
                 samples.append(EvalSample(
                     id=f"{split}/{item['question_id']}", question=item["text"], media={"image": [item["image"]]},
-                    target=item["label"], meta={"split": split, "position": position, "record": item}))
+                    target=item["label"], meta={"split": split, "position": position, "record": item},
+                    where=where))
         return samples
+
+    def read_answer_file(self, path, samples):
+        """``evaluate.py``'s answer file: ``{question, answer}`` lines, the n-th answering the
+        n-th question of one split's label file (it zips them by position). Lines past the end of
+        the split match no sample; a question text that differs from the label file's is noted
+        (label files of other POPE versions differ in wording, not in labels)."""
+        from eval_suites.answers import AnswerRow
+
+        records = list(iter_json_lines(path))
+        if not records or not isinstance(records[0][1], dict) or not {"question", "answer"} <= set(records[0][1]):
+            return None
+        splits = list(dict.fromkeys(s.meta["split"] for s in samples))
+        named = [split for split in splits if re.search(rf"(^|[^A-Za-z]){split}([^A-Za-z]|$)", os.path.basename(path))]
+        if len(splits) == 1:
+            split = splits[0]
+        elif len(named) == 1:
+            split = named[0]
+        else:
+            raise AnnotationError(path, f"POPE's answer file pairs with one label file by position, and --data holds "
+                                        f"the splits {', '.join(splits)}: name the split in the answer file's name "
+                                        f"(e.g. coco_pope_{splits[0]}_answers.jsonl) or give that split's label "
+                                        f"file as --data")
+        questions = [s for s in samples if s.meta["split"] == split]
+        rows, reworded = [], 0
+        for position, (where, item) in enumerate(records):
+            require_fields(where, item, ("answer",))
+            if not isinstance(item["answer"], str):
+                raise AnnotationError(where, "field 'answer' must be text")
+            if position < len(questions):
+                sample_id = questions[position].id
+                reworded += item.get("question", questions[position].question) != questions[position].question
+            else:
+                sample_id = f"{split}/(line {position + 1}, past the {len(questions)} questions of the split)"
+            rows.append(AnswerRow(where, sample_id, item["answer"]))
+        notes = [f"paired by position with the {split} split"]
+        if reworded:
+            notes.append(f"{reworded} answers carry a question worded differently from the label file's")
+        return "POPE evaluate.py answer file", rows, notes
 
     def score(self, samples, predictions, mode="official"):
         check_mode(mode)

@@ -29,6 +29,9 @@ class SeedBench(Suite):
     media_fields = ("image",)
     max_new_tokens = 128
     prompt_suffix = "\nAnswer with the option's letter from the given choices directly."
+    id_scheme = "QUESTION_ID, the annotation's question_id (e.g. 101669)"
+    answer_format = ("LLaVA's answer file ({question_id, text} JSON lines, convert_seed_for_submission.py's "
+                     "--result-file) or the leaderboard upload ({question_id, prediction} JSON lines)")
 
     def __init__(self):
         #: every ``question_id`` of the last loaded annotation file (video questions too), as the
@@ -59,8 +62,32 @@ class SeedBench(Suite):
                 id=str(item["question_id"]), question=question, media={"image": [item["data_id"]]},
                 target=item["answer"],
                 meta={"dimension": dimension_names.get(dimension, str(dimension)), "dimension_id": dimension,
-                      "options": options, "question_id": item["question_id"]}))
+                      "options": options, "question_id": item["question_id"]}, where=where))
         return samples
+
+    def read_answer_file(self, path, samples):
+        """LLaVA's answer lines or the leaderboard upload; answers to the video questions of the
+        annotation file (not scored here) are set aside and noted."""
+        from eval_suites.answers import AnswerRow, read_records
+
+        records = read_records(path)
+        if not records or not isinstance(records[0][1], dict) or "question_id" not in records[0][1]:
+            return None
+        key = "text" if "text" in records[0][1] else "prediction"
+        image_ids = {s.id for s in samples}
+        other = {str(q) for q in self.question_ids} - image_ids
+        rows, set_aside = [], 0
+        for where, item in records:
+            require_fields(where, item, ("question_id", key))
+            if str(item["question_id"]) in other:
+                set_aside += 1
+                continue
+            if not isinstance(item[key], str):
+                raise AnnotationError(where, f"field {key!r} must be text")
+            rows.append(AnswerRow(where, str(item["question_id"]), item[key]))
+        notes = [f"{set_aside} answers to questions not scored here (video questions, or cut by --limit) "
+                 f"set aside"] if set_aside else []
+        return f"SEED-Bench {{question_id, {key}}} lines", rows, notes
 
     def parse(self, answer: str, sample: EvalSample, mode: str) -> str | None:
         if mode == "official":
@@ -88,7 +115,9 @@ class SeedBench(Suite):
     def write_official_files(self, samples, predictions, out_dir):
         """``seed_bench_answers.jsonl`` for LLaVA's ``convert_seed_for_submission.py
         --result-file`` and ``seed_bench_submission.jsonl`` (``{question_id, prediction}`` for
-        the leaderboard, the letter extracted robustly).
+        the leaderboard, line for line what the converter's ``--result-upload-file`` holds):
+        both carry the raw output -- no letter is extracted, so the leaderboard scores what
+        ``official`` scores.
 
         The converter looks each annotation question up under ``int(question_id)`` (the
         question id itself when that fails, e.g. "v1738"), so the answers file writes
@@ -103,8 +132,7 @@ class SeedBench(Suite):
         question_ids = self.question_ids or [s.meta.get("question_id", s.id) for s in samples]
         answers = [{"question_id": converter_key(qid), "text": predictions.get(str(qid), "")
                     if str(qid) in by_id else ""} for qid in question_ids]
-        upload = [{"question_id": s.meta.get("question_id", s.id),
-                   "prediction": self.parse(predictions.get(s.id, ""), s, "strict") or ""} for s in samples]
+        upload = [{"question_id": qid, "prediction": row["text"]} for qid, row in zip(question_ids, answers)]
         return [write_json_lines(os.path.join(out_dir, "seed_bench_answers.jsonl"), answers),
                 write_json_lines(os.path.join(out_dir, "seed_bench_submission.jsonl"), upload)]
 

@@ -130,12 +130,12 @@ def demo_main(argv: list[str] | None = None) -> int:
 
 def eval_main(argv: list[str] | None = None) -> int:
     try:
-        from eval_suites.runner import eval_main as run_eval
+        from eval_suites.runner import eval_command
     except ImportError as e:
         print(f"mllm eval: cannot import the evaluation suites ({e}); install from a clone of the repository "
               f"with `pip install -e .`", file=sys.stderr)
         return 2
-    return run_eval(argv)
+    return eval_command(argv)  # its user errors reach run_reporting_user_errors: one line, or --debug
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         "instruct": (STAGE_HELP["instruct"], lambda a: stage_main("instruct", a)),
         **{name: (text, lambda a, name=name: sectioned_stage_main(name, a))
            for name, (text, *_) in SECTIONED_STAGES.items()},
-        "eval": ("Generate a benchmark's answers with a checkpoint and score them as the official scripts do "
+        "eval": ("Generate a benchmark's answers with a checkpoint and score them as the official scripts do, "
+                 "or score existing answers (--answers: an answer log or the benchmark's own answer file) "
                  "(suites: pope, mme, mmbench, seed_bench, mmau, air_bench, music_avqa, ave).", eval_main),
         "push": ("Publish a trained model (adapter, projectors, configs, model card) to the Hugging Face Hub.",
                  lambda a: __import__("mllm.hub", fromlist=["push_main"]).push_main(a)),

@@ -46,10 +46,32 @@ def test_official_mode_by_hand(mmau_file):
     assert [s.id for s in samples] == ["r1", "r2", "r3", "r4"] and samples[0].media == {
         "speech": ["./test-mini-audios/r1.wav"]}
     result = suite.score(samples, ANSWERS, "official")
-    # r2 fails on "the", a word of a wrong choice; r4 has no output and is skipped
-    assert result["num_scored"] == 3 and result["metrics"]["accuracy"] == pytest.approx(2 / 3)
-    assert result["metrics"]["difficulty"] == {"easy": 1.0, "hard": 0.0}
-    assert result["metrics"]["task"] == {"speech": pytest.approx(2 / 3)}
+    # r1's bare letter "C" is wrong, as in evaluation.py; r2 fails on "the", a word of a wrong
+    # choice; r4 has no output and is skipped
+    assert result["num_scored"] == 3 and result["metrics"]["accuracy"] == pytest.approx(1 / 3)
+    assert result["metrics"]["difficulty"] == {"easy": 0.5, "hard": 0.0}
+    assert result["metrics"]["task"] == {"speech": pytest.approx(1 / 3)}
+
+
+def test_official_mode_scores_bare_letters_as_the_official_script(mmau_file, tmp_path):
+    """evaluation.py scores model_output as it is: "C", "(C)" and "C." name no answer word, so
+    they are wrong (the official file holds them raw); the letter mapping is an option, off by
+    default, recorded when on."""
+    letters = {"r1": "C", "r2": "(C)", "r3": "B.", "r4": "A"}  # each the right option's letter
+    suite = get_suite("mmau")
+    samples = suite.load(mmau_file)
+    assert suite.score(samples, letters, "official")["metrics"]["accuracy"] == 0.0
+    assert suite.score(samples, letters, "strict")["metrics"]["accuracy"] == 1.0
+    [path] = suite.write_official_files(samples, letters, str(tmp_path / "raw"))
+    with open(path) as f:
+        assert {r["id"]: r["model_output"] for r in json.load(f)} == letters
+    mapped = get_suite("mmau", letter_to_text=True)
+    assert mapped.options == {"letter_to_text": True}
+    assert mapped.score(samples, letters, "official")["metrics"]["accuracy"] == 1.0
+    [path] = mapped.write_official_files(samples, letters, str(tmp_path / "mapped"))
+    with open(path) as f:
+        rows = json.load(f)
+    assert rows[0]["model_output"] == SARCASM[2] and rows[0]["raw_output"] == "C"
 
 
 def test_strict_mode_by_hand(mmau_file):
@@ -64,7 +86,7 @@ def test_official_file_has_model_output_text(mmau_file, tmp_path):
     [path] = suite.write_official_files(suite.load(mmau_file), ANSWERS, str(tmp_path))
     with open(path) as f:
         rows = json.load(f)
-    assert [r["id"] for r in rows] == ["r1", "r2", "r3"] and rows[0]["model_output"] == SARCASM[2]
+    assert [r["id"] for r in rows] == ["r1", "r2", "r3"] and rows[0]["model_output"] == "C"  # raw
 
 
 def test_malformed_record_names_file(tmp_path):

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 
 import pytest
 
 import mllm.inference
+from eval_suites import AnnotationError
 from eval_suites.runner import eval_main, read_answer_log, run_suite, score_answers
+from mllm.errors import UserError
 
 
 @pytest.fixture
@@ -72,6 +76,126 @@ def test_run_interrupt_and_resume(tiny_model, pope_file, demo_data, tmp_path, mo
     assert calls["prompts"] == 0  # nothing left to do
 
 
+# --------------------------------------------------------------------------- checkpoint identity
+
+
+def _saved_checkpoints(tiny_model, tmp_path):
+    """Two checkpoint folders that differ only in one projector weight."""
+    import torch
+
+    first = str(tmp_path / "ckpt-a")
+    tiny_model.save_pretrained(first)
+    with torch.no_grad():
+        next(tiny_model.projectors.parameters()).add_(0.5)
+    second = str(tmp_path / "ckpt-b")
+    tiny_model.save_pretrained(second)
+    return first, second
+
+
+def test_resume_with_another_checkpoint_is_refused(tiny_model, pope_file, demo_data, tmp_path, capsys):
+    """A log of one checkpoint used to be 'resumed' by another (0 generated, the old score reported)."""
+    first, second = _saved_checkpoints(tiny_model, tmp_path)
+    out = str(tmp_path / "eval")
+    common = ["--suite", "pope", "--data", pope_file, "--media-root", demo_data["media_root"], "--output-dir", out,
+              "--limit", "2", "--max-new-tokens", "2", "--device", "cpu", "--no-progress"]
+    assert eval_main(common + ["--checkpoint", first]) == 0
+    with open(os.path.join(out, "samples.jsonl")) as f:
+        header = json.loads(f.readline())
+    assert header["log_header"] == 1
+    assert header["checkpoint"]["path"] == os.path.abspath(first)
+    assert "projectors.safetensors" in header["checkpoint"]["files"]
+    with open(os.path.join(out, "results_official.json")) as f:
+        results = json.load(f)
+    assert results["checkpoint"] == header["checkpoint"]
+    assert results["generation"]["prompt_format"]["template"] == "auto"
+    rescored = score_answers("pope", pope_file, os.path.join(out, "samples.jsonl"), limit=2)
+    assert rescored["checkpoint"] == header["checkpoint"] and rescored["answers"]["matched"] == 2
+    capsys.readouterr()
+
+    assert eval_main(common + ["--checkpoint", second]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds answers of" in err
+    assert os.path.abspath(first) in err and os.path.abspath(second) in err and "--new-log" in err
+
+    assert eval_main(common + ["--checkpoint", second, "--new-log"]) == 0
+    with open(os.path.join(out, "results_official.json")) as f:
+        results = json.load(f)
+    assert results["checkpoint"]["path"] == os.path.abspath(second) and results["generation"]["generated_now"] == 2
+    assert results["checkpoint"]["sha256"] != header["checkpoint"]["sha256"]
+    assert len([n for n in os.listdir(out) if n.startswith("samples.replaced-")]) == 1  # the old log, set aside
+    assert eval_main(common + ["--checkpoint", second]) == 0  # its own log resumes
+
+
+def test_in_memory_model_identity_follows_its_weights(tiny_model, pope_file, demo_data, tmp_path):
+    import torch
+
+    kwargs = dict(media_root=demo_data["media_root"], max_new_tokens=2, progress=False, limit=2)
+    out = str(tmp_path / "run")
+    run_suite("pope", tiny_model, pope_file, out, **kwargs)
+    with torch.no_grad():
+        next(tiny_model.projectors.parameters()).add_(0.5)
+    with pytest.raises(UserError, match=r"holds answers of a model built in memory \(sha256 [0-9a-f]{12}\), not "
+                                        r"of a model built in memory"):
+        run_suite("pope", tiny_model, pope_file, out, **kwargs)
+
+
+# --------------------------------------------------------------------------- bad media
+
+
+@pytest.fixture
+def pope_with_bad_media(tmp_path, demo_data):
+    """Four POPE questions over copied images: the second image is missing, the third corrupt."""
+    with open(demo_data["eval"]) as f:
+        images = [json.loads(line)["image"] for line in f][:4]
+    media = tmp_path / "media"
+    media.mkdir()
+    for i, image in enumerate(images):
+        if i == 1:
+            continue
+        target = media / f"{i}.png"
+        if i == 2:
+            target.write_bytes(b"not an image")
+        else:
+            shutil.copy(os.path.join(demo_data["media_root"], image), target)
+    path = tmp_path / "coco_pope_random.json"
+    path.write_text("".join(json.dumps({"question_id": i + 1, "image": f"{i}.png", "text": "Is there a circle?",
+                                        "label": "yes"}) + "\n" for i in range(4)))
+    return str(path), str(media)
+
+
+def test_bad_media_names_the_annotation_line(tiny_model, pope_with_bad_media, tmp_path):
+    labels, media = pope_with_bad_media
+    kwargs = dict(media_root=media, max_new_tokens=2, progress=False)
+    with pytest.raises(AnnotationError, match=rf"{re.escape(labels)}:2: sample 'random/2': media file not found: "
+                                              rf".*1\.png.*--on-bad-media skip"):
+        run_suite("pope", tiny_model, labels, str(tmp_path / "a"), **kwargs)
+    with open(labels) as f:
+        lines = f.readlines()
+    with open(labels, "w") as f:  # only the corrupt image left: found when its batch is read
+        f.writelines([lines[0], lines[2]])
+    with pytest.raises(AnnotationError, match=rf"{re.escape(labels)}:2: sample 'random/3': cannot read "
+                                              rf".*2\.png") as info:
+        run_suite("pope", tiny_model, labels, str(tmp_path / "b"), **kwargs)
+    assert "pending_prompts" not in str(info.value)
+
+
+def test_bad_media_skipped_and_counted(tiny_model, pope_with_bad_media, tmp_path):
+    labels, media = pope_with_bad_media
+    results = run_suite("pope", tiny_model, labels, str(tmp_path / "run"), media_root=media, max_new_tokens=2,
+                        progress=False, modes=("official", "strict"), on_bad_media="skip")
+    for mode in ("official", "strict"):
+        bad = results[mode]["bad_media"]
+        assert bad["count"] == 2 and bad["policy"] == "skip"
+        assert bad["samples"][0].startswith(f"{labels}:2: random/2: media file not found")
+        assert bad["samples"][1].startswith(f"{labels}:3: random/3: cannot read")
+        assert results[mode]["num_answered"] == 2
+    assert results["official"]["num_scored"] == 2  # left out, as evaluate.py has no answer to zip
+    strict = results["strict"]["metrics"]["splits"]["random"]
+    assert results["strict"]["num_scored"] == 4 and strict["num_questions"] == 4 and strict["unanswered"] == 2
+    assert results["official"]["metrics"]["splits"]["random"]["unanswered"] == 2
+    assert read_answer_log(str(tmp_path / "run" / "samples.jsonl")).keys() == {"random/1", "random/4"}
+
+
 def test_model_without_the_needed_encoder_fails_clearly(tiny_model, tmp_path):
     path = tmp_path / "mmau.json"
     path.write_text(json.dumps([{"id": "r1", "audio_id": "a.wav", "question": "q", "answer": "x",
@@ -121,7 +245,7 @@ def _mmau_file(tmp_path):
     path = tmp_path / "mmau.json"
     path.write_text(json.dumps(records))
     answers = tmp_path / "mmau_answers.jsonl"
-    answers.write_text('{"id": "sp", "prediction": "A"}\n{"id": "so", "prediction": "B"}\n')
+    answers.write_text('{"id": "sp", "prediction": "yes"}\n{"id": "so", "prediction": "a cat"}\n')
     return str(path), str(answers)
 
 
@@ -277,3 +401,16 @@ def test_partial_modality_must_be_routed_by_the_adapter(moka_model, pope_file, t
         run_suite("pope", moka_model, pope_file, str(tmp_path / "b"), partial_modality="audio", progress=False)
     with pytest.raises(ValueError, match=r"unknown modality 'image'"):
         run_suite("pope", moka_model, pope_file, str(tmp_path / "c"), partial_modality="image", progress=False)
+
+
+def test_a_bad_prompt_names_the_annotation_line_not_the_prompts_file(tiny_model, demo_data, tmp_path):
+    with open(demo_data["eval"]) as f:
+        image = json.loads(f.readline())["image"]
+    labels = tmp_path / "coco_pope_random.json"
+    labels.write_text(json.dumps({"question_id": 1, "image": image, "text": "Is there a circle?", "label": "yes"})
+                      + "\n" + json.dumps({"question_id": 2, "image": image, "text": "Is <image> there a circle?",
+                                           "label": "no"}) + "\n")
+    with pytest.raises(UserError) as info:
+        run_suite("pope", tiny_model, str(labels), str(tmp_path / "o"), media_root=demo_data["media_root"],
+                  max_new_tokens=2, progress=False)
+    assert str(info.value).startswith(f"{labels}:2: sample 'random/2': ") and "pending_prompts" not in str(info.value)

@@ -79,7 +79,7 @@ def test_official_files(seed_file, tmp_path):
     answers_path, upload_path = suite.write_official_files(samples, ANSWERS, str(tmp_path))
     with open(upload_path) as f:
         upload = [json.loads(line) for line in f]
-    assert upload[1] == {"question_id": "2", "prediction": "B"} and upload[3]["prediction"] == ""
+    assert upload[1] == {"question_id": "2", "prediction": "B."} and upload[3]["prediction"] == ""  # raw
     with open(answers_path) as f:
         rows = [json.loads(line) for line in f]
     # numeric ids as numbers (the converter's int() key), "v4" as is, every annotation question present
@@ -89,6 +89,7 @@ def test_official_files(seed_file, tmp_path):
     accuracy, converted = _as_the_converter_reads(answers_path, seed_file)
     assert accuracy == suite.score(samples, ANSWERS, "official")["metrics"]["image_accuracy"] == 0.25
     assert [r["question_id"] for r in converted] == ["1", "2", "3", "v4", "5"]
+    assert upload == converted  # the converter's own upload file
 
 
 def test_official_files_with_integer_ids_and_a_limit(tmp_path):
@@ -109,6 +110,17 @@ def test_official_files_with_integer_ids_and_a_limit(tmp_path):
     assert accuracy == pytest.approx(1 / 3)
     with open(upload_path) as f:
         assert json.loads(f.readline()) == {"question_id": 11, "prediction": "A"}
+
+
+def test_upload_file_holds_the_raw_output(tmp_path):
+    """As the converter's upload file: the output as generated, no letter extracted ("(A)" stays)."""
+    data = {"question_type": {"Scene Understanding": 1}, "questions": [_question("11", 1, "A")]}
+    path = tmp_path / "SEED-Bench.json"
+    path.write_text(json.dumps(data))
+    suite = get_suite("seed_bench")
+    _, upload_path = suite.write_official_files(suite.load(str(path)), {"11": "(A) a cat"}, str(tmp_path / "o"))
+    with open(upload_path) as f:
+        assert json.loads(f.readline()) == {"question_id": "11", "prediction": "(A) a cat"}
 
 
 def test_bad_question_names_file_line_and_index(tmp_path):
