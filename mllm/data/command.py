@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import yaml
+
 from mllm.config import parse_yaml
 
 
@@ -45,7 +47,12 @@ def convert_main(argv: list[str]) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"mllm data convert: --option {item!r} must look like KEY=VALUE")
-        spec[key] = parse_yaml(value)
+        try:
+            parsed = parse_yaml(value)
+        except yaml.YAMLError:
+            parsed = value
+        # A path template such as {video_id}.mp4 reads as a YAML mapping: keep it as text.
+        spec[key] = value if isinstance(parsed, dict) else parsed
     records, summary = build_mixture(spec, where="--from " + args.source_type)
     write_records(records, args.out)
     print(format_summary(summary))
