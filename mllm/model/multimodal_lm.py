@@ -29,6 +29,7 @@ from mllm.data.media import (
     AUDIO_SAMPLE_RATE, load_audio, load_image, load_video_frames, split_audio_windows,
 )
 from mllm.encoders import MediaEncoder, build_encoder
+from mllm.data.media_cache import cached_video_loader
 from mllm.encoders.cache import FeatureCache
 from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS
 from mllm.model import paired_encoder
@@ -234,7 +235,10 @@ class MultimodalLM(nn.Module):
             return lambda path, rid: self._preprocess_item(placeholder, load_image(path, rid))
         if media_field == "video":
             frames = self.config.video_frames
-            return lambda path, rid: self._preprocess_item(placeholder, load_video_frames(path, frames, rid))
+            load = lambda path, rid: self._preprocess_item(placeholder, load_video_frames(path, frames, rid))  # noqa: E731
+            cache = self.feature_caches.get(PLACEHOLDERS[placeholder][0].name.lower())
+            # With the feature cache on, a video seen before is not even decoded (keyed on its bytes).
+            return cached_video_loader(cache, load, {"video_frames": frames}) if cache else load
         return lambda path, rid: self._preprocess_item(placeholder, load_audio(path, record_id=rid))
 
     def _preprocess_item(self, placeholder: str, decoded) -> torch.Tensor:
