@@ -41,6 +41,10 @@ class EncoderConfig:
     # (MUSIC-AVQA in MokA: 10 x 2 s windows, offset -0.5, hop 6; AVE: 10 x 1 s, offset 0, hop 1).
     window_hop_seconds: float | None = None
     window_offset_seconds: float = 0.0
+    # MokA's placement relative to each clip's length: with T here, the three window values above
+    # count in units of len(clip) // T samples (MUSIC-AVQA T = 60, AVE T = 10), each window padded
+    # or cut to window_seconds (mllm.data.audio_windows). None: real seconds.
+    window_clip_seconds: float | None = None
 
 
 @dataclass

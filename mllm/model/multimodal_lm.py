@@ -29,6 +29,7 @@ from mllm.data.media import (
     AUDIO_SAMPLE_RATE, load_audio, load_image, load_video_frames, split_audio_windows,
 )
 from mllm.encoders import MediaEncoder, build_encoder
+from mllm.data.audio_windows import clip_relative_windows
 from mllm.data.media_cache import cached_video_loader
 from mllm.encoders.cache import FeatureCache
 from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS
@@ -250,6 +251,10 @@ class MultimodalLM(nn.Module):
         if media_field == "video":
             return encoder.preprocess(decoded)
         cfg = self.config.encoders[PLACEHOLDERS[placeholder][0].name.lower()]
+        if cfg.window_clip_seconds is not None:  # MokA's placement, relative to the clip's length
+            return encoder.preprocess(clip_relative_windows(
+                decoded, self._parts_per_item(placeholder), cfg.window_seconds, cfg.window_clip_seconds,
+                AUDIO_SAMPLE_RATE, cfg.window_hop_seconds, cfg.window_offset_seconds))
         hop = None if cfg.window_hop_seconds is None else int(round(cfg.window_hop_seconds * AUDIO_SAMPLE_RATE))
         offset = int(round(cfg.window_offset_seconds * AUDIO_SAMPLE_RATE))
         return encoder.preprocess(split_audio_windows(
