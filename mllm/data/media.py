@@ -314,7 +314,7 @@ def _sample_frames(path: str, num_frames: int) -> list[Image.Image]:
     if not timestamps:
         raise _BadVideo("video has no frames")
     indices = uniform_frame_indices(len(timestamps), num_frames)
-    picked = _decode_at(path, sorted({timestamps[i] for i in indices}), keyframes)
+    picked = _decode_at(path, sorted({timestamps[i] for i in indices}), keyframes, timestamps)
     if picked is None:
         return _sample_frames_fully_decoded(path, num_frames)
     return [picked[timestamps[i]] for i in indices]
@@ -337,9 +337,16 @@ def _frame_index(path: str) -> tuple[list[int] | None, list[int]]:
     return sorted(timestamps), sorted(keyframes)
 
 
-def _decode_at(path: str, wanted: list[int], keyframes: list[int]) -> dict[int, Image.Image] | None:
+#: A seek (which flushes the decoder and its threads) pays off only when it skips at least this
+#: many frames; nearer targets are reached by decoding on.
+MIN_FRAMES_SKIPPED_PER_SEEK = 16
+
+
+def _decode_at(path: str, wanted: list[int], keyframes: list[int],
+               timestamps: list[int]) -> dict[int, Image.Image] | None:
     """Frames whose pts are ``wanted`` (sorted) as RGB images, or None when a seek lands past its
-    target or the frames decode with other timestamps (then only a full decode is safe)."""
+    target or the frames decode with other timestamps (then only a full decode is safe).
+    ``timestamps``: every frame's pts, sorted."""
     if not keyframes or keyframes[0] > wanted[0]:
         return None
     picked: dict[int, Image.Image] = {}
@@ -349,8 +356,10 @@ def _decode_at(path: str, wanted: list[int], keyframes: list[int]) -> dict[int, 
         frames, position = None, None
         for target in wanted:
             keyframe = keyframes[bisect.bisect_right(keyframes, target) - 1]
-            # Seek unless decoding on from the current position reaches the target sooner.
-            if frames is None or position >= target or keyframe > position:
+            # Seek when nothing is decoded yet, or when it skips enough frames to beat decoding on.
+            skipped = 0 if position is None else (bisect.bisect_left(timestamps, keyframe)
+                                                  - bisect.bisect_right(timestamps, position))
+            if frames is None or position >= target or skipped >= MIN_FRAMES_SKIPPED_PER_SEEK:
                 container.seek(keyframe, stream=stream, backward=True, any_frame=False)
                 frames = container.decode(stream)
             for frame in frames:
