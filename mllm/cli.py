@@ -150,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         "eval": ("Generate a benchmark's answers with a checkpoint and score them as the official scripts do, "
                  "or score existing answers (--answers: an answer log or the benchmark's own answer file) "
                  "(suites: pope, mme, mmbench, seed_bench, mmau, air_bench, music_avqa, ave).", eval_main),
+        "data": ("Native datasets: convert one to LLaVA JSONL, import MokA's released stage-1 projectors.",
+                 lambda a: __import__("mllm.data.command", fromlist=["data_main"]).data_main(a)),
         "push": ("Publish a trained model (adapter, projectors, configs, model card) to the Hugging Face Hub.",
                  lambda a: __import__("mllm.hub", fromlist=["push_main"]).push_main(a)),
     }

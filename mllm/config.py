@@ -45,6 +45,10 @@ class EncoderConfig:
     # consecutive 30 s chunks (the last padded with silence), each its own item: every clip
     # gives chunks x the projector's tokens. None = 30 s. Longer audio is trimmed, with a warning.
     max_seconds: float | None = None
+    # MokA's placement relative to each clip's length: with T here, the three window values above
+    # count in units of len(clip) // T samples (MUSIC-AVQA T = 60, AVE T = 10), each window padded
+    # or cut to window_seconds (mllm.data.audio_windows). None: real seconds.
+    window_clip_seconds: float | None = None
 
 
 @dataclass
@@ -110,8 +114,10 @@ class TunerConfig:
 
 @dataclass
 class DataConfig:
-    train: str | None = None            # LLaVA-style JSON / JSONL
-    eval: str | None = None
+    # A LLaVA-style JSON / JSONL file, or native sources by type, alone or as a mixture with
+    # per-source media_root, count / ratio, replace and seed (mllm.data.mixture).
+    train: str | dict | list | None = None
+    eval: str | dict | list | None = None
     media_root: str | None = None       # relative media paths resolve against it
     template: str = "auto"              # auto (tokenizer's own, else LLaMA-2-chat) | llama-2 | plain | <jinja>
     system_prompt: str | None = None
@@ -121,6 +127,11 @@ class DataConfig:
     def __post_init__(self):
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
+        from mllm.data.mixture import is_source_value, parse_sources
+
+        for name in ("train", "eval"):
+            if is_source_value(getattr(self, name)):
+                parse_sources(getattr(self, name), f"data.{name}")
 
 
 @dataclass
@@ -296,8 +307,11 @@ def _resolve_relative_paths(cfg: ExperimentConfig, base: str) -> None:
     cfg.tuner.continue_from = fix(cfg.tuner.continue_from)
     for enc in cfg.model.encoders.values():
         enc.path = fix(enc.path)
-    for name in ("train", "eval", "media_root"):
-        setattr(cfg.data, name, fix(getattr(cfg.data, name)))
+    from mllm.data.mixture import fix_source_paths
+
+    for name in ("train", "eval"):
+        setattr(cfg.data, name, fix_source_paths(getattr(cfg.data, name), fix))
+    cfg.data.media_root = fix(cfg.data.media_root)
     if "output_dir" in cfg.training:
         cfg.training["output_dir"] = fix(cfg.training["output_dir"])
 

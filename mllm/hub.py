@@ -117,8 +117,10 @@ def model_card(checkpoint_dir: str, repo_id: str, base_model: str | None = None,
             experiment = yaml.safe_load(f) or {}
     data = experiment.get("data") or {}
     # Local paths are named by their last part only: the card must not expose a machine's layout.
+    from mllm.data.mixture import data_paths
+
     training_data = [os.path.basename(p) if os.path.exists(p) else p
-                     for p in (data.get("train"), data.get("eval")) if p]
+                     for p in data_paths(data.get("train")) + data_paths(data.get("eval"))]
     modalities = sorted(model.get("encoders", {}))
     has_adapter = os.path.isfile(os.path.join(checkpoint_dir, "adapter", "adapter_config.json"))
     tuner_type = tuner["type"] if tuner and has_adapter else "none"

@@ -10,6 +10,7 @@ Video (and the audio track of a video) is decoded with PyAV, audio files with
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import os
@@ -416,6 +417,81 @@ def _check_file(path, record_id) -> None:
 
 
 def _sample_frames(path: str, num_frames: int) -> list[Image.Image]:
+    """The frames at :func:`uniform_frame_indices`, decoding only what reaching them takes.
+
+    The packet index (read without decoding) gives every frame's timestamp in presentation
+    order, so frame k is the k-th smallest pts, for constant and variable frame rates alike.
+    Each wanted frame is then reached by seeking to the keyframe before it and decoding forward
+    (consecutive targets after one keyframe share one pass). Streams without timestamps, and
+    containers whose seek lands elsewhere (no index), fall back to decoding everything.
+    """
+    timestamps, keyframes = _frame_index(path)
+    if timestamps is None:
+        return _sample_frames_fully_decoded(path, num_frames)
+    if not timestamps:
+        raise _BadVideo("video has no frames")
+    indices = uniform_frame_indices(len(timestamps), num_frames)
+    picked = _decode_at(path, sorted({timestamps[i] for i in indices}), keyframes, timestamps)
+    if picked is None:
+        return _sample_frames_fully_decoded(path, num_frames)
+    return [picked[timestamps[i]] for i in indices]
+
+
+def _frame_index(path: str) -> tuple[list[int] | None, list[int]]:
+    """(sorted pts of every video frame, sorted pts of the keyframes), from the packets alone;
+    (None, []) when some packet has no timestamp."""
+    with av.open(path) as container:
+        stream = _video_stream(container)
+        timestamps, keyframes = [], []
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the demuxer's end-of-stream marker
+                continue
+            if packet.pts is None:
+                return None, []
+            timestamps.append(packet.pts)
+            if packet.is_keyframe:
+                keyframes.append(packet.pts)
+    return sorted(timestamps), sorted(keyframes)
+
+
+#: A seek (which flushes the decoder and its threads) pays off only when it skips at least this
+#: many frames; nearer targets are reached by decoding on.
+MIN_FRAMES_SKIPPED_PER_SEEK = 16
+
+
+def _decode_at(path: str, wanted: list[int], keyframes: list[int],
+               timestamps: list[int]) -> dict[int, Image.Image] | None:
+    """Frames whose pts are ``wanted`` (sorted) as RGB images, or None when a seek lands past its
+    target or the frames decode with other timestamps (then only a full decode is safe).
+    ``timestamps``: every frame's pts, sorted."""
+    if not keyframes or keyframes[0] > wanted[0]:
+        return None
+    picked: dict[int, Image.Image] = {}
+    with av.open(path) as container:
+        stream = _video_stream(container)
+        stream.thread_type = "AUTO"
+        frames, position = None, None
+        for target in wanted:
+            keyframe = keyframes[bisect.bisect_right(keyframes, target) - 1]
+            # Seek when nothing is decoded yet, or when it skips enough frames to beat decoding on.
+            skipped = 0 if position is None else (bisect.bisect_left(timestamps, keyframe)
+                                                  - bisect.bisect_right(timestamps, position))
+            if frames is None or position >= target or skipped >= MIN_FRAMES_SKIPPED_PER_SEEK:
+                container.seek(keyframe, stream=stream, backward=True, any_frame=False)
+                frames = container.decode(stream)
+            for frame in frames:
+                if frame.pts is None:
+                    return None
+                position = frame.pts
+                if frame.pts >= target:
+                    break
+            if position != target:
+                return None  # landed after the target, or the stream ended first
+            picked[target] = frame.to_image()
+    return picked
+
+
+def _sample_frames_fully_decoded(path: str, num_frames: int) -> list[Image.Image]:
     # Only the picked frames are kept, so long videos never sit in memory whole.
     # The container's frame count is a hint: when it is missing or wrong, the
     # decoded count decides and the frames are picked again.

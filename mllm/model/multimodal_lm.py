@@ -30,6 +30,8 @@ from mllm.data.media import (
     AUDIO_SAMPLE_RATE, load_audio, load_image, load_video_frames, split_audio_windows,
 )
 from mllm.encoders import MediaEncoder, build_encoder
+from mllm.data.audio_windows import clip_relative_windows
+from mllm.data.media_cache import cached_video_loader
 from mllm.encoders.cache import FeatureCache
 from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS
 from mllm.model import paired_encoder
@@ -264,7 +266,10 @@ class MultimodalLM(nn.Module):
             return lambda path, rid: self._preprocess_item(placeholder, load_image(path, rid))
         if media_field == "video":
             frames = self.config.video_frames
-            return lambda path, rid: self._preprocess_item(placeholder, load_video_frames(path, frames, rid))
+            load = lambda path, rid: self._preprocess_item(placeholder, load_video_frames(path, frames, rid))  # noqa: E731
+            cache = self.feature_caches.get(PLACEHOLDERS[placeholder][0].name.lower())
+            # With the feature cache on, a video seen before is not even decoded (keyed on its bytes).
+            return cached_video_loader(cache, load, {"video_frames": frames}) if cache else load
         return lambda path, rid: self._preprocess_item(placeholder, load_audio(path, record_id=rid))
 
     def _preprocess_item(self, placeholder: str, decoded) -> torch.Tensor:
@@ -275,7 +280,12 @@ class MultimodalLM(nn.Module):
             return encoder.preprocess([decoded])[0]
         if media_field == "video":
             return encoder.preprocess(decoded)
+        cfg = self.config.encoders[PLACEHOLDERS[placeholder][0].name.lower()]
         cut = self._audio_cut(placeholder)
+        if cfg.window_clip_seconds is not None:  # MokA's placement, relative to the clip's length
+            return encoder.preprocess(clip_relative_windows(
+                decoded, cut.count, cfg.window_seconds, cfg.window_clip_seconds,
+                AUDIO_SAMPLE_RATE, cfg.window_hop_seconds, cfg.window_offset_seconds))
         return encoder.preprocess(split_audio_windows(decoded, cut.count, cut.samples, cut.hop, cut.offset))
 
     def dummy_media(self, placeholder: str) -> torch.Tensor:

@@ -54,7 +54,13 @@ def read_projector_configs(checkpoint_dir: str) -> dict[str, ProjectorConfig]:
 
 def load_projector_weights(projectors: nn.ModuleDict, checkpoint_dir: str) -> None:
     """Load saved weights into existing projectors, refusing any missing, unexpected or
-    wrongly shaped tensor with an error that names it."""
+    wrongly shaped tensor with an error that names it. ``checkpoint_dir`` may also name MokA /
+    Crab released projector files (a file or a list of files; ``mllm.projectors.released``)."""
+    from mllm.projectors.released import load_released_projectors, released_files
+
+    files = released_files(checkpoint_dir)
+    if files is not None:
+        return load_released_projectors(projectors, files)
     path = os.path.join(checkpoint_dir, PROJECTOR_WEIGHTS)
     if not os.path.isfile(path):
         raise ProjectorCheckpointError(f"{checkpoint_dir}: no {PROJECTOR_WEIGHTS}; not a projector checkpoint")

@@ -17,6 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from mllm.config import ConfigError, ExperimentConfig, config_to_dict
 from mllm.data.dataset import MultimodalCollator, MultimodalDataset
+from mllm.data.mixture import data_file
 from mllm.model.multimodal_lm import MultimodalLM
 from mllm.train.trainer import MllmTrainingArguments, MultimodalTrainer
 from mllm.tuners.delo.sequence import loading_overrides, previous_task_output, start_task
@@ -79,8 +80,11 @@ def _resume_point(args: MllmTrainingArguments) -> str | None:
 def _train(cfg: ExperimentConfig, args: MllmTrainingArguments, model: MultimodalLM, template: str) -> MultimodalLM:
     if not cfg.data.train:
         raise ConfigError("data.train is required")
-    train_dataset = build_dataset(cfg, model, cfg.data.train, template)
-    eval_dataset = build_dataset(cfg, model, cfg.data.eval, template) if cfg.data.eval else None
+    # Native sources and mixtures are written once as LLaVA JSONL under output_dir/data/.
+    train_path = data_file(cfg.data.train, args.output_dir, "train", cfg.data.on_bad_sample)
+    eval_path = data_file(cfg.data.eval, args.output_dir, "eval", cfg.data.on_bad_sample) if cfg.data.eval else None
+    train_dataset = build_dataset(cfg, model, train_path, template)
+    eval_dataset = build_dataset(cfg, model, eval_path, template) if eval_path else None
     trainer = MultimodalTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=MultimodalCollator(model.tokenizer.pad_token_id, padding_side="right"),

@@ -156,6 +156,7 @@ def test_wrong_declared_frame_count_falls_back_to_decoded_count(tmp_path, monkey
     path = tmp_path / "clip.mp4"
     write_video(str(path), solid_frames(10))
     monkeypatch.setattr(media, "_declared_frame_count", lambda _: declared)
+    monkeypatch.setattr(media, "_frame_index", lambda _: (None, []))  # the full-decode path
     assert [palette_index(f) for f in load_video_frames(str(path), 4)] == [0, 3, 6, 9]
 
 

@@ -1,0 +1,105 @@
+"""``mllm data``: ``convert`` (a native dataset -> LLaVA JSONL) and ``import-projectors`` (MokA /
+Crab released stage-1 projectors -> a projector folder that ``model.pretrained_projectors`` loads)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from mllm.config import parse_yaml
+
+
+def _convert_parser() -> argparse.ArgumentParser:
+    from mllm.data.sources import source_options, source_summaries
+
+    epilog = "source types (options with defaults):\n" + "".join(
+        f"  {name:<16} {summary}\n{'':<19}options: "
+        f"{', '.join(f'{k}={v!r}' for k, v in source_options(name).items()) or 'none'}\n"
+        for name, summary in source_summaries().items())
+    parser = argparse.ArgumentParser(
+        prog="mllm data convert", epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Read a dataset in its released layout and write the same records as LLaVA-format JSONL "
+                    "(what data.train: {type: TYPE, path: SRC} trains on).")
+    parser.add_argument("--from", dest="source_type", required=True, help="source type (listed below)")
+    parser.add_argument("src", help="the native file or folder")
+    parser.add_argument("out", help="output .jsonl")
+    parser.add_argument("--media-root", help="folder the source's media paths are relative to; written paths "
+                                             "are then absolute (default: left relative)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a source option (value parsed as YAML); repeatable")
+    parser.add_argument("--count", type=int, help="draw this many records (seeded)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def convert_main(argv: list[str]) -> int:
+    from mllm.data.mixture import build_mixture, format_summary, write_records
+
+    args = _convert_parser().parse_args(argv)
+    spec = {"type": args.source_type, "path": args.src, "seed": args.seed}
+    if args.media_root:
+        spec["media_root"] = args.media_root
+    if args.count:
+        spec["count"] = args.count
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"mllm data convert: --option {item!r} must look like KEY=VALUE")
+        try:
+            parsed = parse_yaml(value)
+        except yaml.YAMLError:
+            parsed = value
+        # A path template such as {video_id}.mp4 reads as a YAML mapping: keep it as text.
+        spec[key] = value if isinstance(parsed, dict) else parsed
+    records, summary = build_mixture(spec, where="--from " + args.source_type)
+    write_records(records, args.out)
+    print(format_summary(summary))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def import_projectors_main(argv: list[str]) -> int:
+    from mllm.projectors.released import import_released_projectors
+
+    parser = argparse.ArgumentParser(
+        prog="mllm data import-projectors",
+        description="Convert MokA / Crab released stage-1 projectors (audio_pretrain.bin, visual_pretrain.bin: "
+                    "LAVIS BERT Q-Former keys under model.vl_projector. / model.al_projector.) into a projector "
+                    "folder (projectors.safetensors + projectors.json) for model.pretrained_projectors. Every "
+                    "key is mapped or skipped by name; leftover, missing or misshapen keys stop the import.")
+    parser.add_argument("files", nargs="+", help="released .bin files (torch.load with weights_only=True)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--num-heads", type=int, default=12, help="Q-Former attention heads (BERT-base: 12)")
+    args = parser.parse_args(argv)
+    projectors = import_released_projectors(args.files, num_heads=args.num_heads)
+    from mllm.projectors import save_projectors
+
+    save_projectors(projectors, args.out)
+    for name, projector in projectors.items():
+        cfg = projector.config
+        print(f"{name}: {cfg.num_queries} queries, {cfg.num_layers} layers, encoder width {cfg.encoder_hidden_size}, "
+              f"LLM width {cfg.llm_hidden_size}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+COMMANDS = {
+    "convert": ("Write a native dataset (MokA's MUSIC-AVQA / AVE, LLaVA-Pretrain, mix665k, AudioCaps, Clotho, "
+                "WavCaps, LibriSpeech) as LLaVA-format JSONL.", convert_main),
+    "import-projectors": ("Convert MokA / Crab released stage-1 projectors into a projector folder.",
+                          import_projectors_main),
+}
+
+
+def data_main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: mllm data <command> [options]\n\ncommands:")
+        for name, (text, _) in COMMANDS.items():
+            print(f"  {name:<18} {text}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nmllm data: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    return COMMANDS[argv[0]][1](argv[1:])
