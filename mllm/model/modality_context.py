@@ -58,6 +58,7 @@ class ModalityContext:
         #: The ids were supplied by the caller (set_modality_ids): they stay until set again.
         self.caller_supplied: bool = False
         self._hook = None   # the forward pre-hook's handle on a tracking context
+        self.tuner_attached = False   # created or hooked by a tuner (tracking_context)
 
     def set(self, modality_ids: torch.Tensor, question_mask: torch.Tensor | None = None,
             decode_step: bool = False) -> None:
@@ -200,8 +201,22 @@ def tracking_context(model: nn.Module) -> ModalityContext:
     tracking hook, so forwards without caller-supplied ids publish what their inputs give."""
     context = get_modality_context(model)
     if context is None or getattr(model, CONTEXT_ATTR, None) is context:
+        hooked = context is not None and context._hook is not None
         context = attach_modality_context(model)
+        context.tuner_attached = context.tuner_attached or not hooked
     return context
+
+
+def release_tracking_context(model: nn.Module) -> None:
+    """Undo ``tracking_context`` when its tuner is unloaded: the hook (and the context) it put on
+    ``model`` go, so the returned base model runs as it did before. A context a ``MultimodalLM``
+    attached stays."""
+    context = getattr(model, CONTEXT_ATTR, None)
+    if context is None or not context.tuner_attached:
+        return
+    if context._hook is not None:
+        context._hook.remove()
+    del model.__dict__[CONTEXT_ATTR]
 
 
 def set_modality_ids(model: nn.Module, modality_ids: torch.Tensor | None,

@@ -342,6 +342,9 @@ class DeloModel(BaseTuner):
         if handle is not None:
             handle.remove()
         self.__dict__.pop("_delo_state", None)
+        from mllm.model.modality_context import release_tracking_context
+
+        release_tracking_context(self.model)
         return super().unload()
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:

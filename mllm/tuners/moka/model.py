@@ -69,6 +69,14 @@ class MokaModel(BaseTuner):
     def _check_merge_allowed(self):
         raise NotImplementedError(MERGE_ERROR)
 
+    def unload(self) -> nn.Module:
+        # The returned base model must not keep the modality-tracking hook we gave it.
+        from mllm.model.modality_context import release_tracking_context
+
+        if self.__dict__.pop("_moka_router", None) is not None:
+            release_tracking_context(self.model)
+        return super().unload()
+
     # -- partial-modality inference (paper section 4.3, figures 1 and 5) ----------------------------
     def set_partial_modality(self, modality: Optional[str]) -> None:
         """On the prompt pass ("the first generation", section 4.3), let only ``modality``'s tokens
