@@ -149,7 +149,7 @@ class Linear(nn.Module, DeloLayer):
             # form one (B, R, in) / (B, R, out) pair, so the update is two batched matmuls.
             a_rows, b_rows, gates = [], [], []
             for route in self.state.routes:
-                for modality, query in (("visual", route.query_visual), ("text", route.query_text)):
+                for modality, query in zip(MODALITIES, route.queries()):
                     index, gate = self.select(name, modality, route.task, query)
                     a_rows.append(pools.get("a", modality, route.task)[index])      # (B, r, in)
                     b_rows.append(pools.get("b", modality, route.task)[index])      # (B, r, out)

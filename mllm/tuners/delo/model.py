@@ -292,14 +292,11 @@ class DeloModel(BaseTuner):
 
         routes, pairs = [], []
         for task in task_ids.unique().tolist():
-            q_visual = pooled[:, 0].to(queries.proj_visual[task].dtype) @ queries.proj_visual[task].T
-            q_text = pooled[:, 1].to(queries.proj_text[task].dtype) @ queries.proj_text[task].T
-            # Cross-modal guided routing: the available modality's query stands in for the missing one.
-            q_visual_hat = torch.where(available[:, :1], q_visual, q_text)
-            q_text_hat = torch.where(available[:, 1:], q_text, q_visual)
-            weight = (task_ids == task).to(q_visual.dtype)
-            routes.append(TaskRoute(task, q_visual_hat, q_text_hat, weight))
-            pairs.append((q_visual, q_text, complete & (task_ids == task)))
+            proj_visual = queries.proj_visual[task]
+            route = TaskRoute(task, pooled, available, proj_visual, queries.proj_text[task],
+                              (task_ids == task).to(proj_visual.dtype))
+            routes.append(route)
+            pairs.append((*route.raw_queries(), complete & (task_ids == task)))
         state.routes, state.align_pairs, state.task_ids = routes, pairs, task_ids
 
     # -- task partitioning follows every peft operation that sets requires_grad -------------------------
