@@ -170,3 +170,18 @@ def test_delo_in_half_precision_follows_lora_adapter_dtype(dtype, autocast):
     assert out.dtype == dtype and torch.isfinite(out).all()
     out.float().pow(2).mean().backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "a_text" in n)
+
+
+@pytest.mark.parametrize("tuner", ["moka", "delo"])
+def test_unload_leaves_the_base_model_without_the_tracking_hook(tuner):
+    base = tiny_llama(0)
+    config = MokaConfig(r=4, target_modules=TARGETS) if tuner == "moka" else \
+        DeloConfig(r=2, num_experts=4, target_modules=TARGETS)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        model(input_ids=_input_ids())
+    plain = model.base_model.unload()
+    assert plain is base and not plain._forward_pre_hooks
+    from mllm.model import get_modality_context
+
+    assert get_modality_context(plain) is None
