@@ -96,6 +96,8 @@ class Case:
     prefix: str                                      # every adapter parameter's name carries it
     modules_to_save: str                             # a module of the base model to train and save in full
     mergeable: bool = True                           # False: merging is refused with a clear error
+    injectable: bool = True                          # False: state on the tuner, so peft's
+                                                     # inject_adapter_in_model is refused
     publish: Optional[Callable[[nn.Module], None]] = None   # per-token metadata, before each forward
 
 
@@ -111,10 +113,10 @@ CASES = [
          mergeable=False, publish=publish_media_ids),
     Case("mora", lambda init, **kw: MoraConfig(dropout=0.0, init_weights=init, **kw),
          lambda dtype: tiny_clip(0, dtype=dtype), lambda: clip_inputs(batch=2), clip_embeddings, "mora_",
-         "visual_projection"),
+         "visual_projection", injectable=False),
     Case("delo", lambda init, **kw: DeloConfig(r=2, num_experts=4, target_modules=LLAMA_TARGETS, init_weights=init, **kw),
          lambda dtype: tiny_llama(0, dtype=dtype), llama_inputs, lambda out: out.logits, "delo_", "lm_head",
-         mergeable=False, publish=publish_media_ids),
+         mergeable=False, injectable=False, publish=publish_media_ids),
 ]
 CASE_BY_NAME = {case.name: case for case in CASES}
 

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 
@@ -28,6 +28,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 HALF = (torch.float16, torch.bfloat16)
 
 every_tuner = pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+
+
+def _cases(where):
+    """The cases a check applies to (e.g. mergeable ones), for a pair of tests: the behaviour
+    where the tuner supports it, the clear refusal where it does not by design."""
+    chosen = [case for case in CASES if where(case)]
+    return pytest.mark.parametrize("case", chosen, ids=[case.name for case in chosen])
 
 
 def adapted(case: Case, *, init: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -98,6 +105,28 @@ def test_low_cpu_mem_usage_builds_on_meta_and_loads_the_weights(case, tmp_path):
     model.load_adapter(str(tmp_path), adapter_name="again", low_cpu_mem_usage=True)
     model.set_adapter("again")
     torch.testing.assert_close(infer(case, model), expected)
+
+
+@_cases(lambda case: case.injectable)
+def test_inject_adapter_in_model_with_low_cpu_mem_usage(case, tmp_path):
+    """peft's low-level API (also transformers' native load_adapter): inject on meta, then load."""
+    model = adapted(case).eval()
+    expected = infer(case, model)
+    model.save_pretrained(tmp_path)
+    injected = inject_adapter_in_model(case.config(False), case.model(torch.float32), low_cpu_mem_usage=True)
+    assert any(p.device.type == "meta" for n, p in injected.named_parameters() if case.prefix in n)
+    loaded = set_peft_model_state_dict(injected, load_peft_weights(str(tmp_path)), low_cpu_mem_usage=True)
+    assert not loaded.unexpected_keys
+    assert not [n for n, p in injected.named_parameters() if p.device.type == "meta"]
+    torch.testing.assert_close(infer(case, injected.eval()), expected)
+
+
+@_cases(lambda case: not case.injectable)
+def test_inject_adapter_in_model_is_refused_by_design_for_tuner_held_state(case):
+    """MoRA's shared factors and DeLo's query maps and Task-Key Memory live on the tuner, which
+    inject_adapter_in_model does not keep: peft refuses, naming get_peft_model."""
+    with pytest.raises(ValueError, match="shared state stored on the tuner.*get_peft_model"):
+        inject_adapter_in_model(case.config(False), case.model(torch.float32))
 
 
 @every_tuner
@@ -190,7 +219,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(case, reentrant):
             torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.mergeable], ids=[c.name for c in CASES if c.mergeable])
+@_cases(lambda case: case.mergeable)
 def test_merge_and_unload_equals_the_adapted_model(case):
     model = adapted(case).eval()
     expected = infer(case, model)
@@ -203,8 +232,7 @@ def test_merge_and_unload_equals_the_adapted_model(case):
     torch.testing.assert_close(infer(case, merged), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if not c.mergeable],
-                         ids=[c.name for c in CASES if not c.mergeable])
+@_cases(lambda case: not case.mergeable)
 def test_merge_is_refused_by_design_with_a_clear_error(case):
     """Per-token (MokA) or per-sample (DeLo) updates are not one weight matrix."""
     model = adapted(case).eval()
