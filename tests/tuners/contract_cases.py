@@ -138,10 +138,11 @@ def infer(case: Case, model: nn.Module) -> torch.Tensor:
 
 
 # -- the fresh-process half: load what the test saved, in a process that has seen nothing ------------
-def _check_fresh(case_name: str, folder: str) -> dict:
+def check_fresh(case: Case, folder: str) -> dict:
+    """Reload ``folder`` (written by the test: safetensors/ and pickle/, each with the adapter
+    "default" and the adapter "other" in other/, and expected.pt) and compare; returns the checks."""
     from peft import PeftModel
 
-    case = CASE_BY_NAME[case_name]
     expected = torch.load(f"{folder}/expected.pt", weights_only=True)
     checks = {}
     for kind in ("safetensors", "pickle"):
@@ -163,5 +164,19 @@ def _check_fresh(case_name: str, folder: str) -> dict:
     return checks
 
 
+def main(root: str, names: list[str]) -> None:
+    """One process for every case (imports cost more than the checks): prints one JSON line,
+    case name -> {"checks": ..., "error": the traceback or None}."""
+    import traceback
+
+    results = {}
+    for name in names:
+        try:
+            results[name] = {"checks": check_fresh(CASE_BY_NAME[name], f"{root}/{name}"), "error": None}
+        except Exception:  # reported per case by the test
+            results[name] = {"checks": {}, "error": traceback.format_exc()}
+    print(json.dumps(results))
+
+
 if __name__ == "__main__":
-    print(json.dumps(_check_fresh(sys.argv[1], sys.argv[2])))
+    main(sys.argv[1], sys.argv[2:])

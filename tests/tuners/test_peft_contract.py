@@ -62,10 +62,9 @@ def test_identity_at_init_and_a_visible_update_otherwise(case):
     assert not torch.allclose(infer(case, adapted(case, init=False).eval()), base, atol=1e-4)
 
 
-@every_tuner
-def test_save_and_load_in_a_fresh_process(case, tmp_path):
-    """safetensors and pickle, two adapters, modules_to_save, and low_cpu_mem_usage, loaded by a
-    process that imports nothing but the case table."""
+def save_for_a_fresh_process(case: Case, folder) -> None:
+    """Two adapters with modules_to_save, saved as safetensors and as pickle, with the outputs the
+    fresh process must reproduce (``contract_cases.check_fresh``)."""
     model = adapted(case, modules_to_save=True).eval()
     add_adapter(case, model, "other", seed=1, modules_to_save=[case.modules_to_save])
     with torch.no_grad():  # the saved module copies must differ from the base's to be seen
@@ -77,18 +76,41 @@ def test_save_and_load_in_a_fresh_process(case, tmp_path):
     expected["other"] = infer(case, model)
     assert not torch.allclose(expected["default"], expected["other"])
     model.set_adapter("default")
-    model.save_pretrained(tmp_path / "safetensors")
-    model.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+    model.save_pretrained(folder / "safetensors")
+    model.save_pretrained(folder / "pickle", safe_serialization=False)
     for kind, weights in (("safetensors", "adapter_model.safetensors"), ("pickle", "adapter_model.bin")):
-        for folder in (tmp_path / kind, tmp_path / kind / "other"):
-            assert {"adapter_config.json", weights} <= set(os.listdir(folder)), os.listdir(folder)
-    torch.save(expected, tmp_path / "expected.pt")
+        for where in (folder / kind, folder / kind / "other"):
+            assert {"adapter_config.json", weights} <= set(os.listdir(where)), os.listdir(where)
+    torch.save(expected, folder / "expected.pt")
+
+
+@pytest.fixture(scope="module")
+def fresh_process_results(tmp_path_factory):
+    """Every case saved here, then reloaded by ONE fresh process (importing torch, transformers and
+    peft costs more than all the checks): case name -> {"checks", "error"}."""
+    root = tmp_path_factory.mktemp("contract")
+    results, saved = {}, []
+    for case in CASES:
+        try:
+            save_for_a_fresh_process(case, root / case.name)
+            saved.append(case.name)
+        except Exception as error:  # reported by that case's test
+            results[case.name] = {"checks": {}, "error": f"saving failed: {error!r}"}
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "tests.tuners.contract_cases", case.name, str(tmp_path)],
+    done = subprocess.run([sys.executable, "-m", "tests.tuners.contract_cases", str(root), *saved],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    checks = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(checks) == 3 and all(checks.values()), checks
+    results.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    return results
+
+
+@every_tuner
+def test_save_and_load_in_a_fresh_process(case, fresh_process_results):
+    """safetensors and pickle, two adapters, modules_to_save, and low_cpu_mem_usage, loaded by a
+    process that imports nothing but the case table."""
+    result = fresh_process_results[case.name]
+    assert result["error"] is None, result["error"]
+    assert len(result["checks"]) == 3 and all(result["checks"].values()), result["checks"]
 
 
 @every_tuner
