@@ -92,8 +92,9 @@ class DeloModel(BaseTuner):
     sample's visual tokens and over its text tokens. Token modalities come from the model's
     ``ModalityContext``: published by a ``MultimodalLM``, supplied with
     ``mllm.model.set_modality_ids``, or all text for a forward given ``input_ids`` alone; for ViLT
-    they are derived (text tokens first, then image patches). Missing modalities come from ``set_missing`` (MMP codes: 0 complete,
-    1 text missing, 2 image missing), else from which modalities have tokens.
+    they are derived (text tokens first, then image patches). Missing modalities come from
+    ``set_missing`` (MMP codes: 0 complete, 1 text missing, 2 image missing), else from which
+    modalities have tokens.
 
     * Cross-modal guided routing: a missing modality's query is replaced by the available one's
       (q_t := q_v for image-only inputs and q_v := q_t for text-only ones), figure 2 top.
