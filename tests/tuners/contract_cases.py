@@ -27,7 +27,7 @@ from mllm.model import set_modality_ids
 from mllm.tuners.delo import DeloConfig
 from mllm.tuners.moka import MokaConfig
 from mllm.tuners.mora import MoraConfig
-from tests.tuners.moka_helpers import P, sample_ids, tiny_llama
+from tests.tuners.moka_helpers import P, T, V, sample_ids, tiny_llama
 from tests.tuners.mora_helpers import clip_inputs, tiny_clip
 
 
@@ -79,6 +79,11 @@ def publish_media_ids(model: nn.Module) -> None:
     set_modality_ids(model, ids, question)
 
 
+def publish_row_ids(model: nn.Module) -> None:
+    """MokA on 2-D inputs: each row of ``mlp_inputs`` is one token (ids of shape (batch, 1))."""
+    set_modality_ids(model, torch.tensor([[T], [V], [T], [V]]))
+
+
 def clip_embeddings(out: Any) -> torch.Tensor:
     return torch.cat([out.image_embeds, out.text_embeds], dim=-1)
 
@@ -111,6 +116,9 @@ CASES = [
                                                modality_ranks={"audio": 2}, init_weights=init, **kw),
          lambda dtype: tiny_llama(0, dtype=dtype), llama_inputs, lambda out: out.logits, "moka_", "lm_head",
          mergeable=False, publish=publish_media_ids),
+    Case("moka_2d", lambda init, **kw: MokaConfig(r=4, target_modules=["lin0", "lin1"], modalities=["text", "visual"],
+                                                  init_weights=init, **kw),
+         tiny_mlp, mlp_inputs, lambda out: out, "moka_", "head", mergeable=False, publish=publish_row_ids),
     Case("mora", lambda init, **kw: MoraConfig(dropout=0.0, init_weights=init, **kw),
          lambda dtype: tiny_clip(0, dtype=dtype), lambda: clip_inputs(batch=2), clip_embeddings, "mora_",
          "visual_projection", injectable=False),
