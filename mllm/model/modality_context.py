@@ -22,8 +22,19 @@ cache object, but an empty one, and a forward without a cache is never a decode 
 ``input_ids``-only calls would misread a text-only prompt pass.) It is sticky like the ids, so
 gradient-checkpointing recomputation sees the value of its forward.
 
-A caller with a plain model (no ``MultimodalLM``) supplies ids with ``set_modality_ids``, and
-says there whether the forward is a decode step (no hook is installed on such a model).
+A plain model (no ``MultimodalLM``) gets a tracking context from the tuner (MokA, DeLo) that reads
+the ids. With no ``MultimodalLM`` publishing pending ids, what a forward publishes is, in order:
+
+* ids the caller supplied with ``set_modality_ids`` (they stay until set again or cleared with
+  ``set_modality_ids(model, None)``; the caller also says there whether the forward is a decode
+  step);
+* every token TEXT (PAD where the attention mask is 0) when the forward receives integer
+  ``input_ids`` and no other input that could carry media (``pixel_values``, ``input_features``,
+  a float tensor, ...): tokens that arrive as ids are text, and a model with a single modality
+  is a text model (MokA with one modality is LoRA, paper section 3);
+* nothing otherwise -- e.g. a forward given only ``inputs_embeds``, where media could be hidden in
+  the embeddings: the tuner layer then raises its clear "needs per-token modality ids" error
+  rather than guess.
 """
 
 from __future__ import annotations
@@ -44,6 +55,10 @@ class ModalityContext:
         self.decode_step: bool = False
         # What the next forward that receives `inputs_embeds` should publish.
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: The ids were supplied by the caller (set_modality_ids): they stay until set again.
+        self.caller_supplied: bool = False
+        self._hook = None   # the forward pre-hook's handle on a tracking context
+        self.tuner_attached = False   # created or hooked by a tuner (tracking_context)
 
     def set(self, modality_ids: torch.Tensor, question_mask: torch.Tensor | None = None,
             decode_step: bool = False) -> None:
@@ -63,16 +78,26 @@ class ModalityContext:
             question_mask = torch.zeros_like(modality_ids, dtype=torch.bool)
         self._pending = (modality_ids.long(), question_mask.bool())
 
+    def supply(self, modality_ids: torch.Tensor | None, question_mask: torch.Tensor | None = None,
+               decode_step: bool = False) -> None:
+        """Caller-supplied ids (``set_modality_ids``), sticky until supplied again; None goes back
+        to what each forward's inputs give (module docstring)."""
+        if modality_ids is None:
+            self.modality_ids = self.question_mask = None
+            self.caller_supplied, self.decode_step = False, decode_step
+            return
+        self.set(modality_ids, question_mask, decode_step)
+        self.caller_supplied = True
+
     def clear(self) -> None:
         self.modality_ids = self.question_mask = self._pending = None
         self.decode_step = False
+        self.caller_supplied = False
 
     # -- the hook ---------------------------------------------------------------------------
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         decode_step = cached_length(kv_cache(kwargs)) > 0
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
         inputs_embeds = kwargs.get("inputs_embeds")
-        attention_mask = kwargs.get("attention_mask")
         if inputs_embeds is not None and self._pending is not None:
             ids, question = self._pending
             batch, length = inputs_embeds.shape[:2]
@@ -83,15 +108,42 @@ class ModalityContext:
             if repeat > 1:  # beam search / num_return_sequences
                 ids, question = ids.repeat_interleave(repeat, 0), question.repeat_interleave(repeat, 0)
             self.set(ids.to(inputs_embeds.device), question.to(inputs_embeds.device), decode_step)
-        elif input_ids is not None:
-            # Tokens that arrive as ids are text: decode steps, or a text-only call.
+            return
+        if self.caller_supplied:
+            return  # set_modality_ids: the caller's ids (and decode flag) stay until set again
+        input_ids = text_only_input_ids(args, kwargs)
+        if input_ids is not None:
+            # Tokens that arrive as ids, with nothing beside them that could carry media, are text:
+            # decode steps, or a text-only call.
             ids = torch.full_like(input_ids, int(Modality.TEXT))
+            attention_mask = kwargs.get("attention_mask")
             if attention_mask is not None and attention_mask.shape == input_ids.shape:
                 ids = ids.masked_fill(attention_mask == 0, int(Modality.PAD))
             self.set(ids, decode_step=decode_step)
         else:
-            # Caller-supplied ids (set_modality_ids) stay; only the decode flag follows the call.
+            # Nothing to read the ids from (e.g. only inputs_embeds): publish none, so that a tuner
+            # raises its clear error instead of reusing an earlier forward's ids.
+            self.modality_ids = self.question_mask = None
             self.decode_step = decode_step
+
+
+#: Keyword inputs of a causal LM's forward that carry no media (anything else that is a tensor might).
+_TEXT_ONLY_INPUTS = frozenset({"input_ids", "attention_mask", "position_ids", "token_type_ids", "labels",
+                               "cache_position", "logits_to_keep", "cache", "past_key_values"})
+
+
+def text_only_input_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The forward's integer ``input_ids`` (keyword or first positional argument) when no other
+    input could carry media: no ``inputs_embeds``, no other tensor keyword (``pixel_values``,
+    ``input_features``, ...) and no floating-point positional tensor. None otherwise."""
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if not torch.is_tensor(input_ids) or input_ids.is_floating_point() or input_ids.dim() != 2:
+        return None
+    if any(torch.is_tensor(value) and name not in _TEXT_ONLY_INPUTS for name, value in kwargs.items()):
+        return None
+    if any(torch.is_tensor(value) and value.is_floating_point() for value in args[1:]):
+        return None
+    return input_ids
 
 
 def kv_cache(forward_kwargs: dict):
@@ -115,15 +167,16 @@ def cached_length(past_key_values) -> int:
 
 def attach_modality_context(model: nn.Module, track_inputs: bool = True) -> ModalityContext:
     """Return the model's context, creating it on first use. With ``track_inputs`` a forward
-    pre-hook publishes the right ids and ``decode_step`` on every call (see the module docstring);
-    without it the caller sets them (``set_modality_ids``)."""
+    pre-hook publishes the right ids and ``decode_step`` on every call (see the module docstring),
+    also on a context that existed without one; without it the caller sets them
+    (``set_modality_ids``)."""
     context = getattr(model, CONTEXT_ATTR, None)
     if context is None:
         context = ModalityContext()
         # object.__setattr__: not an nn.Module attribute, so it is no submodule and not saved.
         object.__setattr__(model, CONTEXT_ATTR, context)
-        if track_inputs:
-            model.register_forward_pre_hook(context._pre_forward, with_kwargs=True)
+    if track_inputs and context._hook is None:
+        context._hook = model.register_forward_pre_hook(context._pre_forward, with_kwargs=True)
     return context
 
 
@@ -141,11 +194,36 @@ def get_modality_context(model: nn.Module) -> ModalityContext | None:
     return None
 
 
-def set_modality_ids(model: nn.Module, modality_ids: torch.Tensor,
+def tracking_context(model: nn.Module) -> ModalityContext:
+    """The context a tuner on ``model`` reads: the one already on the model or on a model it wraps
+    (a ``MultimodalLM`` attaches one to its LLM), else a new tracking context on ``model``. A
+    context on ``model`` itself that has no hook yet (ids supplied before the tuner came) gets the
+    tracking hook, so forwards without caller-supplied ids publish what their inputs give."""
+    context = get_modality_context(model)
+    if context is None or getattr(model, CONTEXT_ATTR, None) is context:
+        hooked = context is not None and context._hook is not None
+        context = attach_modality_context(model)
+        context.tuner_attached = context.tuner_attached or not hooked
+    return context
+
+
+def release_tracking_context(model: nn.Module) -> None:
+    """Undo ``tracking_context`` when its tuner is unloaded: the hook (and the context) it put on
+    ``model`` go, so the returned base model runs as it did before. A context a ``MultimodalLM``
+    attached stays."""
+    context = getattr(model, CONTEXT_ATTR, None)
+    if context is None or not context.tuner_attached:
+        return
+    if context._hook is not None:
+        context._hook.remove()
+    del model.__dict__[CONTEXT_ATTR]
+
+
+def set_modality_ids(model: nn.Module, modality_ids: torch.Tensor | None,
                      question_mask: torch.Tensor | None = None, decode_step: bool = False) -> None:
     """For plain models (a CLIP dual encoder, a ViLT-style stream): the caller supplies the
-    ids for the following forwards; they stay until set again. ``decode_step``: the forwards
-    extend a KV cache that already holds tokens (e.g. partial-modality inference then leaves
-    them alone)."""
+    ids for the following forwards; they stay until set again (None: back to what each forward's
+    inputs give, see the module docstring). ``decode_step``: the forwards extend a KV cache that
+    already holds tokens (e.g. partial-modality inference then leaves them alone)."""
     context = get_modality_context(model) or attach_modality_context(model, track_inputs=False)
-    context.set(modality_ids, question_mask, decode_step)
+    context.supply(modality_ids, question_mask, decode_step)

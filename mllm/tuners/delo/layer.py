@@ -149,12 +149,15 @@ class Linear(nn.Module, DeloLayer):
             # form one (B, R, in) / (B, R, out) pair, so the update is two batched matmuls.
             a_rows, b_rows, gates = [], [], []
             for route in self.state.routes:
-                for modality, query in (("visual", route.query_visual), ("text", route.query_text)):
+                for modality, query in zip(MODALITIES, route.queries()):
                     index, gate = self.select(name, modality, route.task, query)
                     a_rows.append(pools.get("a", modality, route.task)[index])      # (B, r, in)
                     b_rows.append(pools.get("b", modality, route.task)[index])      # (B, r, out)
                     gates.append(gate * route.weight[:, None])                       # (B, r)
-            a, b, gate = torch.cat(a_rows, 1), torch.cat(b_rows, 1), torch.cat(gates, 1)
+            # The gates follow the pools' dtype: routes computed in another precision (query maps
+            # and pools cast apart) must not promote the codes.
+            a, b = torch.cat(a_rows, 1), torch.cat(b_rows, 1)
+            gate = torch.cat(gates, 1).to(a.dtype)
             codes = torch.bmm(h, a.transpose(1, 2)) * gate[:, None, :]              # (B, T, R)
             result = result + (torch.bmm(codes, b) * self.scaling[name]).to(result.dtype)
         return result

@@ -34,12 +34,18 @@ class TaskQueries(nn.Module):
       modality be matched on the one it has.
     """
 
-    def __init__(self, num_tasks: int, query_dim: int):
+    def __init__(self, num_tasks: int, query_dim: int, device=None, dtype=None):
         super().__init__()
-        self.proj_visual = nn.ParameterList([nn.Parameter(torch.eye(query_dim)) for _ in range(num_tasks)])
-        self.proj_text = nn.ParameterList([nn.Parameter(torch.eye(query_dim)) for _ in range(num_tasks)])
-        self.register_buffer("keys", torch.zeros(num_tasks, 2, query_dim))
-        self.register_buffer("counts", torch.zeros(num_tasks, 2))
+        # Built directly on the device and in the dtype of the adapted weights, as peft's LoRA
+        # builds its factors (fp16/bf16 are upcast afterwards when autocast_adapter_dtype is on):
+        # no .to() afterwards, which would fail for peft's low_cpu_mem_usage (meta parameters).
+        self.proj_visual = nn.ParameterList([nn.Parameter(torch.eye(query_dim, device=device, dtype=dtype))
+                                             for _ in range(num_tasks)])
+        self.proj_text = nn.ParameterList([nn.Parameter(torch.eye(query_dim, device=device, dtype=dtype))
+                                           for _ in range(num_tasks)])
+        # The memory is an exact running mean: float32 whatever the model's dtype.
+        self.register_buffer("keys", torch.zeros(num_tasks, 2, query_dim, device=device))
+        self.register_buffer("counts", torch.zeros(num_tasks, 2, device=device))
 
     def task_parameters(self, task: int) -> list[nn.Parameter]:
         return [self.proj_visual[task], self.proj_text[task]]
@@ -84,9 +90,11 @@ class DeloModel(BaseTuner):
     Before every forward of the wrapped model a pre-hook runs the frozen backbone once (every DeLo
     path bypassed) to get per-sample query signals: the mean of the last hidden states over the
     sample's visual tokens and over its text tokens. Token modalities come from the model's
-    ``ModalityContext`` (``mllm.model.set_modality_ids``); for ViLT they are derived (text tokens
-    first, then image patches). Missing modalities come from ``set_missing`` (MMP codes: 0 complete,
-    1 text missing, 2 image missing), else from which modalities have tokens.
+    ``ModalityContext``: published by a ``MultimodalLM``, supplied with
+    ``mllm.model.set_modality_ids``, or all text for a forward given ``input_ids`` alone; for ViLT
+    they are derived (text tokens first, then image patches). Missing modalities come from
+    ``set_missing`` (MMP codes: 0 complete, 1 text missing, 2 image missing), else from which
+    modalities have tokens.
 
     * Cross-modal guided routing: a missing modality's query is replaced by the available one's
       (q_t := q_v for image-only inputs and q_v := q_t for text-only ones), figure 2 top.
@@ -117,12 +125,12 @@ class DeloModel(BaseTuner):
         # Created lazily (peft's injection hooks do not run for add_adapter / load_adapter).
         state = self.__dict__.get("_delo_state")
         if state is None:
-            from mllm.model.modality_context import attach_modality_context, get_modality_context
+            from mllm.model.modality_context import tracking_context
 
-            # Make sure the wrapped model has a modality context, so set_modality_ids on the peft
-            # wrapper finds it (a MultimodalLM has attached a tracking one already).
-            if get_modality_context(self.model) is None:
-                attach_modality_context(self.model, track_inputs=False)
+            # The wrapped model's modality context (a MultimodalLM has attached one already; a plain
+            # model gets a tracking one: input_ids alone are text). Attached before our own hook,
+            # so it has published this forward's ids when the query pass reads them.
+            tracking_context(self.model)
             state = self.__dict__["_delo_state"] = DeloState()
             self.__dict__["_delo_hook"] = self.model.register_forward_pre_hook(self._before_forward,
                                                                                with_kwargs=True)
@@ -148,11 +156,11 @@ class DeloModel(BaseTuner):
         self._pre_injection_hook(self.model, peft_config, adapter_name)
         query_dim = self._query_dim(peft_config)
         if adapter_name not in self.delo_query:
-            weight = target.weight if hasattr(target, "weight") else None
-            queries = TaskQueries(peft_config.num_tasks, query_dim)
-            if weight is not None and weight.device.type != "meta":
-                queries.to(weight.device)
-            self.delo_query[adapter_name] = queries
+            weight = getattr(target.get_base_layer() if isinstance(target, DeloLayer) else target, "weight", None)
+            real = weight is not None and weight.device.type != "meta"
+            self.delo_query[adapter_name] = TaskQueries(
+                peft_config.num_tasks, query_dim, device=weight.device if real else None,
+                dtype=weight.dtype if real and weight.is_floating_point() else None)
         if isinstance(target, DeloLayer):
             target.update_layer(adapter_name, peft_config, query_dim, inference_mode=peft_config.inference_mode)
         elif not isinstance(target, nn.Linear):
@@ -229,7 +237,8 @@ class DeloModel(BaseTuner):
             if mask is not None:
                 ids[:, :text_len] = ids[:, :text_len].masked_fill(mask.to(device) == 0, int(Modality.PAD))
             return ids
-        raise RuntimeError("DeLo needs per-token modality ids for this model: call "
+        raise RuntimeError("DeLo needs per-token modality ids for this forward (only input_ids with no media "
+                           "input are taken as text; inputs_embeds may hide media): call "
                            "mllm.model.set_modality_ids(model, ids) before the forward")
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -284,14 +293,11 @@ class DeloModel(BaseTuner):
 
         routes, pairs = [], []
         for task in task_ids.unique().tolist():
-            q_visual = pooled[:, 0].to(queries.proj_visual[task].dtype) @ queries.proj_visual[task].T
-            q_text = pooled[:, 1].to(queries.proj_text[task].dtype) @ queries.proj_text[task].T
-            # Cross-modal guided routing: the available modality's query stands in for the missing one.
-            q_visual_hat = torch.where(available[:, :1], q_visual, q_text)
-            q_text_hat = torch.where(available[:, 1:], q_text, q_visual)
-            weight = (task_ids == task).to(q_visual.dtype)
-            routes.append(TaskRoute(task, q_visual_hat, q_text_hat, weight))
-            pairs.append((q_visual, q_text, complete & (task_ids == task)))
+            proj_visual = queries.proj_visual[task]
+            route = TaskRoute(task, pooled, available, proj_visual, queries.proj_text[task],
+                              (task_ids == task).to(proj_visual.dtype))
+            routes.append(route)
+            pairs.append((*route.raw_queries(), complete & (task_ids == task)))
         state.routes, state.align_pairs, state.task_ids = routes, pairs, task_ids
 
     # -- task partitioning follows every peft operation that sets requires_grad -------------------------
@@ -334,6 +340,9 @@ class DeloModel(BaseTuner):
         if handle is not None:
             handle.remove()
         self.__dict__.pop("_delo_state", None)
+        from mllm.model.modality_context import release_tracking_context
+
+        release_tracking_context(self.model)
         return super().unload()
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:

@@ -23,12 +23,40 @@ COMPLETE, TEXT_MISSING, IMAGE_MISSING = 0, 1, 2
 @dataclass
 class TaskRoute:
     """Routing inputs of one task for the whole batch; ``weight`` (B,) is 1 for the samples routed
-    to this task, 0 elsewhere (dense masking, no boolean indexing)."""
+    to this task, 0 elsewhere (dense masking, no boolean indexing).
+
+    The query signals are computed from the frozen pooled features and the task's query maps on
+    every call (a (B, d) x (d, d) product per layer): a layer that reentrant gradient checkpointing
+    recomputes must build its own graph to the query maps, since one graph shared by every layer
+    would be freed by the first recomputed layer's backward."""
 
     task: int
-    query_visual: torch.Tensor   # (B, query_dim): q_v, or q_t standing in when the image is missing
-    query_text: torch.Tensor     # (B, query_dim): q_t, or q_v standing in when the text is missing
+    pooled: torch.Tensor         # (B, 2, query_dim) frozen pooled features (visual, text), detached
+    available: torch.Tensor      # (B, 2) bool: the sample has that modality
+    proj_visual: torch.Tensor    # the task's query maps (the parameters themselves)
+    proj_text: torch.Tensor
     weight: torch.Tensor         # (B,)
+
+    def raw_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_v, q_t before guided routing (the alignment loss compares these)."""
+        q_visual = self.pooled[:, 0].to(self.proj_visual.dtype) @ self.proj_visual.T
+        q_text = self.pooled[:, 1].to(self.proj_text.dtype) @ self.proj_text.T
+        return q_visual, q_text
+
+    def queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-modal guided routing: the available modality's query stands in for the missing one
+        (q_v for image-missing samples is q_t, and the other way round)."""
+        q_visual, q_text = self.raw_queries()
+        return (torch.where(self.available[:, :1], q_visual, q_text),
+                torch.where(self.available[:, 1:], q_text, q_visual))
+
+    @property
+    def query_visual(self) -> torch.Tensor:
+        return self.queries()[0]
+
+    @property
+    def query_text(self) -> torch.Tensor:
+        return self.queries()[1]
 
 
 @dataclass

@@ -145,14 +145,17 @@ class Linear(nn.Module, MokaLayer):
         result = self.base_layer(x.reshape(-1, x.shape[-1]), *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
+        # (batch, tokens, features); a 2-D input (batch, features) is a batch of one-token sequences,
+        # with modality ids of shape (batch, 1).
+        tokens = x if x.dim() > 2 else x.unsqueeze(1)
         for name in active:
             weight_A = moka_A[name]
             layout = self.moka_layout[name]
             routes = self.router.routes(layout, weight_A.dtype, weight_A.device)
-            if routes.shape != x.shape[:2]:
+            if routes.shape != tokens.shape[:2]:
                 raise RuntimeError(f"published modality ids {routes.shape} do not match this forward's tokens "
-                                   f"{tuple(x.shape[:2])}; set them for every forward (set_modality_ids)")
-            h = x if x.dtype == weight_A.dtype else self._cast_input_dtype(x, weight_A.dtype)
+                                   f"{tuple(tokens.shape[:2])}; set them for every forward (set_modality_ids)")
+            h = tokens if tokens.dtype == weight_A.dtype else self._cast_input_dtype(tokens, weight_A.dtype)
             dropout = self.moka_dropout[name]
             if not isinstance(dropout, nn.Identity):
                 h = dropout(h)

@@ -18,9 +18,10 @@ class MokaModel(BaseTuner):
     """Creates MokA adapters (paper eqs 4-13) in a (causal) language model.
 
     Layers read the per-token modality ids and question mask from the model's ``ModalityContext``
-    (DESIGN contract 2). A ``MultimodalLM`` attaches a tracking context to its LLM; for a plain
-    model with none, a non-tracking context is created and the caller supplies the ids with
-    ``mllm.model.set_modality_ids`` before each forward.
+    (DESIGN contract 2). A ``MultimodalLM`` attaches a tracking context to its LLM; a plain model
+    gets one here: a forward given ``input_ids`` alone is all text (MokA with one modality is LoRA,
+    paper section 3), and a caller with media tokens supplies the ids with
+    ``mllm.model.set_modality_ids``. A forward with neither (e.g. only ``inputs_embeds``) raises.
 
     ``merge_and_unload`` raises: routed A matrices and the cross-attention do not fold into one
     weight. ``unload`` (drop the adapter) works.
@@ -42,10 +43,9 @@ class MokaModel(BaseTuner):
         # Created lazily: peft's injection hooks do not run for add_adapter / load_adapter.
         router = self.__dict__.get("_moka_router")
         if router is None:
-            from mllm.model.modality_context import attach_modality_context, get_modality_context
+            from mllm.model.modality_context import tracking_context
 
-            context = get_modality_context(self.model) or attach_modality_context(self.model, track_inputs=False)
-            router = self.__dict__["_moka_router"] = ModalityRouter(context)
+            router = self.__dict__["_moka_router"] = ModalityRouter(tracking_context(self.model))
         return router
 
     def _create_and_replace(self, peft_config: MokaConfig, adapter_name: str, target: nn.Module,
@@ -68,6 +68,14 @@ class MokaModel(BaseTuner):
 
     def _check_merge_allowed(self):
         raise NotImplementedError(MERGE_ERROR)
+
+    def unload(self) -> nn.Module:
+        # The returned base model must not keep the modality-tracking hook we gave it.
+        from mllm.model.modality_context import release_tracking_context
+
+        if self.__dict__.pop("_moka_router", None) is not None:
+            release_tracking_context(self.model)
+        return super().unload()
 
     # -- partial-modality inference (paper section 4.3, figures 1 and 5) ----------------------------
     def set_partial_modality(self, modality: Optional[str]) -> None:

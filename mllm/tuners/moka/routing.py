@@ -154,8 +154,9 @@ class ModalityRouter:
         source = self._source
         if source[0] is not ids or source[1] is not question:
             if ids is None:
-                raise RuntimeError("MokA needs per-token modality ids, but none were published for this forward. "
-                                   "A MultimodalLM publishes them itself; for a plain model call "
+                raise RuntimeError("MokA needs per-token modality ids, but none were published for this forward "
+                                   "(only input_ids with no media input are taken as text; inputs_embeds may "
+                                   "hide media). A MultimodalLM publishes them itself; for a plain model call "
                                    "mllm.model.set_modality_ids(model, ids, question_mask) before the forward.")
             self._source, self._by_object, self._cache = (ids, question), {}, {}
         # Section 4.3 restricts the adapter on "the first generation", i.e. the prompt pass; decode
