@@ -195,8 +195,10 @@ def generate_into_log(suite: Suite, samples: list[EvalSample], model, output_dir
     from mllm.inference import generate_answers
 
     prompts_path = _write_prompt_records(suite, samples, output_dir, prompt_suffix)
+    record = model.prompt_record   # the checkpoint's own prompt format (mllm.checkpoint)
     dataset = MultimodalDataset(prompts_path, model.tokenizer, model.media_specs(), media_root=media_root,
-                                for_generation=True, progress=False)
+                                for_generation=True, progress=False, template=record.template,
+                                system_prompt=record.system_prompt)
     total = total or len(samples)
     bar = tqdm(total=total, initial=total - len(samples), desc=suite.name, disable=not progress)
     with open(os.path.join(output_dir, LOG_NAME), "a", encoding="utf-8") as log:

@@ -15,6 +15,7 @@ import torch
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from mllm.checkpoint import training_prompt_record
 from mllm.config import ConfigError, ExperimentConfig, config_to_dict
 from mllm.data.dataset import MultimodalCollator, MultimodalDataset
 from mllm.model.multimodal_lm import MultimodalLM
@@ -80,6 +81,7 @@ def _train(cfg: ExperimentConfig, args: MllmTrainingArguments, model: Multimodal
     if not cfg.data.train:
         raise ConfigError("data.train is required")
     train_dataset = build_dataset(cfg, model, cfg.data.train, template)
+    model.prompt_record = training_prompt_record(model.tokenizer, template, cfg.data.system_prompt)
     eval_dataset = build_dataset(cfg, model, cfg.data.eval, template) if cfg.data.eval else None
     trainer = MultimodalTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
