@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                  "(suites: pope, mme, mmbench, seed_bench, mmau, air_bench, music_avqa, ave).", eval_main),
         "push": ("Publish a trained model (adapter, projectors, configs, model card) to the Hugging Face Hub.",
                  lambda a: __import__("mllm.hub", fromlist=["push_main"]).push_main(a)),
+        "chat": ("Chat with a checkpoint in the terminal: multi-turn, /image /video /audio /speech PATH, streamed answers.",
+                 lambda a: __import__("mllm.chat", fromlist=["chat_main"]).chat_main(a)),
         "serve": ("Serve a checkpoint over the OpenAI chat-completions API (batched, streamed) with a chat page at /.",
                   lambda a: _extra_command("mllm.serve.app", "serve_main", a)),
     }

@@ -27,7 +27,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from mllm.data.media import MediaError
 from mllm.errors import UserError
 from mllm.serve.engine import Event, GenerationEngine, GenerationRequest
-from mllm.serve.inputs import InputError, Limits, build_prompt, decode_media, decode_media_file
+from mllm.serve.inputs import (
+    InputError, Limits, build_prompt, decode_media, decode_media_file, load_model_for_inference,
+)
 from mllm.serve.openai_api import MediaPolicy, ParsedRequest, parse_chat_request
 
 logger = logging.getLogger(__name__)
@@ -262,22 +264,6 @@ def serve_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_model_for_inference(checkpoint: str, device: str | None = None, template: str | None = None,
-                             system_prompt: str | None = None, max_new_tokens: int | None = None):
-    """A checkpoint loaded for generation, its prompt record overridden by any option given."""
-    import torch
-
-    from mllm.model import MultimodalLM
-
-    model = MultimodalLM.from_pretrained(checkpoint)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.prompt_record = model.prompt_record.overridden(template=template, system_prompt=system_prompt,
-                                                         max_new_tokens=max_new_tokens)
-    if model.prompt_record.overrides:
-        logger.info("prompt format overridden: %s", model.prompt_record.overrides)
-    return model
-
-
 def serve_main(argv: list[str] | None = None) -> int:
     args = serve_parser().parse_args(argv)
     import uvicorn
@@ -298,4 +284,4 @@ def serve_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["APIError", "ServerSettings", "create_app", "load_model_for_inference", "serve_main"]
+__all__ = ["APIError", "ServerSettings", "create_app", "serve_main"]

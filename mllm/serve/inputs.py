@@ -9,6 +9,7 @@ system prompt (``model.prompt_record``), exactly as the training data pipeline r
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import tempfile
@@ -74,13 +75,13 @@ def decode_media(model, field_name: str, data: bytes, what: str, limits: Limits)
     if field_name == "image":
         decoded = _decode_image(data, what, limits)
     elif field_name == "video":
-        with _temporary_file(data) as path:
-            decoded = load_video_frames(path, model.config.video_frames, record_id=what)
+        with _temporary_file(data, what) as path:
+            decoded = load_video_frames(path, model.config.video_frames)
         width, height = decoded[0].size
         _check_pixels(width, height, what, limits)
     else:
-        with _temporary_file(data) as path:
-            decoded = load_audio(path, record_id=what)
+        with _temporary_file(data, what) as path:
+            decoded = load_audio(path)
         seconds = len(decoded) / AUDIO_SAMPLE_RATE
         if seconds > limits.max_audio_seconds:
             raise InputError(f"{what}: audio is {seconds:.1f} s long; this server takes at most "
@@ -115,10 +116,11 @@ def _check_pixels(width: int, height: int, what: str, limits: Limits) -> None:
 
 
 class _temporary_file:
-    """The bytes in a named temporary file (PyAV and soundfile read paths), removed afterwards."""
+    """The bytes in a named temporary file (PyAV and soundfile read paths), removed afterwards;
+    a MediaError inside names ``what`` (the request part or the user's file), not the temporary file."""
 
-    def __init__(self, data: bytes):
-        self.data = data
+    def __init__(self, data: bytes, what: str):
+        self.data, self.what = data, what
 
     def __enter__(self) -> str:
         handle, self.path = tempfile.mkstemp(prefix="mllm-media-")
@@ -126,11 +128,29 @@ class _temporary_file:
             f.write(self.data)
         return self.path
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, traceback) -> None:
         os.remove(self.path)
+        if isinstance(error, MediaError):
+            raise MediaError(self.what, error.reason) from None
 
 
 # --------------------------------------------------------------------------- prompt
+
+
+def load_model_for_inference(checkpoint: str, device: str | None = None, template: str | None = None,
+                             system_prompt: str | None = None, max_new_tokens: int | None = None):
+    """A checkpoint loaded for generation, its prompt record overridden by any option given."""
+    import torch
+
+    from mllm.model import MultimodalLM
+
+    model = MultimodalLM.from_pretrained(checkpoint)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.prompt_record = model.prompt_record.overridden(template=template, system_prompt=system_prompt,
+                                                         max_new_tokens=max_new_tokens)
+    if model.prompt_record.overrides:
+        logging.getLogger(__name__).info("prompt format overridden: %s", model.prompt_record.overrides)
+    return model
 
 
 def context_length(model) -> int | None:
@@ -194,4 +214,4 @@ def generate_text(model, prompt: Prompt, **generate_kwargs) -> str:
 
 
 __all__ = ["InputError", "Limits", "Prompt", "build_prompt", "collate_prompts", "decode_media", "decode_media_file",
-           "generate_text", "placeholder_counts"]
+           "generate_text", "load_model_for_inference", "placeholder_counts"]
