@@ -149,5 +149,20 @@ def read_prompt_record(directory: str) -> PromptRecord:
     return PromptRecord(**raw)
 
 
-__all__ = ["PROMPT_RECORD_FILE", "PromptRecord", "PromptRecordError", "read_prompt_record", "resolved_template",
+def resolve_bundled_paths(model_section: dict, checkpoint_dir: str) -> dict:
+    """A saved ``model`` section with its ``./``-relative paths (an ``mllm export`` folder names
+    its LLM and encoders so) resolved against the checkpoint folder."""
+    def resolve(path):
+        if isinstance(path, str) and path.startswith("./"):
+            return os.path.normpath(os.path.join(checkpoint_dir, path))
+        return path
+
+    section = dict(model_section, llm=resolve(model_section.get("llm")),
+                   tokenizer=resolve(model_section.get("tokenizer")))
+    section["encoders"] = {name: dict(enc, path=resolve(enc.get("path")))
+                           for name, enc in (model_section.get("encoders") or {}).items()}
+    return section
+
+
+__all__ = ["PROMPT_RECORD_FILE", "PromptRecord", "PromptRecordError", "read_prompt_record", "resolve_bundled_paths", "resolved_template",
            "training_prompt_record", "write_prompt_record"]

@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from mllm.checkpoint import PromptRecord, read_prompt_record, write_prompt_record
+from mllm.checkpoint import PromptRecord, read_prompt_record, resolve_bundled_paths, write_prompt_record
 from mllm.config import EncoderConfig, ModelConfig, TunerConfig
 from mllm.data.media import (
     AUDIO_SAMPLE_RATE, load_audio, load_image, load_video_frames, split_audio_windows,
@@ -404,7 +404,7 @@ class MultimodalLM(nn.Module):
             raise FileNotFoundError(f"{checkpoint_dir}: no {MLLM_CONFIG}; not an mllm checkpoint")
         with open(config_path) as f:
             saved = json.load(f)
-        raw = dict(saved["model"], **overrides)
+        raw = dict(resolve_bundled_paths(saved["model"], checkpoint_dir), **overrides)
         encoders = {k: EncoderConfig(**v) for k, v in raw.pop("encoders").items()}
         projectors = read_projector_configs(checkpoint_dir)
         raw.pop("projectors")
