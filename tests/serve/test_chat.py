@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 from mllm.serve.inputs import Limits, build_prompt, decode_media_file, generate_text
-from tests.serve.conftest import av_checkpoint, png_bytes, served_model  # noqa: F401 - fixtures
+from tests.serve.conftest import png_bytes
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_two_turns_with_images_and_errors_that_do_not_end_the_session(av_checkpoint, served_model, tmp_path):
