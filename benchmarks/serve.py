@@ -36,7 +36,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-window-ms", type=float, default=10.0)
-    parser.add_argument("--threads", type=int, default=None, help="OMP/torch threads of the server process")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="`mllm serve --threads`: torch CPU threads of the server (default 1: the tiny demo model "
+                             "runs fastest on one thread, above all on a shared CPU)")
     return parser.parse_args()
 
 
@@ -91,9 +93,8 @@ def free_port() -> int:
 
 def start_server(args, checkpoint: str, port: int) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
     server = subprocess.Popen([sys.executable, "-m", "mllm.cli", "serve", checkpoint, "--port", str(port),
+                               "--threads", str(args.threads),
                                "--model-name", "bench", "--max-batch-size", str(args.max_batch_size),
                                "--batch-window-ms", str(args.batch_window_ms), "--device", "cpu"],
                               cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -136,15 +137,19 @@ async def run_load(url: str, requests: list[tuple[str, dict]], concurrency: int)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        before = (await client.get(f"{url}/health")).json()
         started = time.perf_counter()
         await asyncio.gather(*(one(client, body) for _, body in requests))
         elapsed = time.perf_counter() - started
+        after = (await client.get(f"{url}/health")).json()
+    batches = after["batches"] - before["batches"]
+    mean_batch = (after["batched_requests"] - before["batched_requests"]) / max(batches, 1)
     answered = len(latencies)
     return {"concurrency": concurrency, "seconds": elapsed, "rps": answered / elapsed, "answered": answered,
             "failed": len(failures), "lost": len(requests) - answered - len(failures),
             "p50": statistics.median(latencies) if latencies else float("nan"),
             "p95": sorted(latencies)[max(0, int(round(0.95 * answered)) - 1)] if latencies else float("nan"),
-            "first_failures": failures[:3]}
+            "mean_batch": mean_batch, "first_failures": failures[:3]}
 
 
 def main() -> int:
@@ -163,12 +168,14 @@ def main() -> int:
     mix = {}
     for kind, _ in requests:
         mix[kind] = mix.get(kind, 0) + 1
-    print(f"\nmllm serve on {checkpoint} (CPU, max batch {args.max_batch_size}, window {args.batch_window_ms:g} ms); "
+    print(f"\nmllm serve on {checkpoint} (CPU, {args.threads} thread(s), max batch {args.max_batch_size}, "
+          f"window {args.batch_window_ms:g} ms); "
           f"{args.requests} requests {mix}, max_tokens {args.max_tokens}\n")
-    print(f"{'concurrency':>11} {'req/s':>8} {'p50 s':>8} {'p95 s':>8} {'answered':>9} {'failed':>7} {'lost':>5}")
+    print(f"{'concurrency':>11} {'req/s':>8} {'p50 s':>8} {'p95 s':>8} {'mean batch':>10} {'answered':>9} "
+          f"{'failed':>7} {'lost':>5}")
     for r in results:
-        print(f"{r['concurrency']:>11} {r['rps']:>8.2f} {r['p50']:>8.3f} {r['p95']:>8.3f} {r['answered']:>9} "
-              f"{r['failed']:>7} {r['lost']:>5}")
+        print(f"{r['concurrency']:>11} {r['rps']:>8.2f} {r['p50']:>8.3f} {r['p95']:>8.3f} {r['mean_batch']:>10.1f} "
+              f"{r['answered']:>9} {r['failed']:>7} {r['lost']:>5}")
         for failure in r["first_failures"]:
             print(f"            failure: {failure}")
     if len(results) >= 2:

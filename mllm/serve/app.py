@@ -119,8 +119,9 @@ def create_app(model, settings: ServerSettings | None = None):
 
     @app.get("/health")
     def health():
+        sizes = engine.batch_sizes
         return {"status": "ok", "model": settings.model_name, "running": engine.running, "queued": engine.queued,
-                "media": list(fields)}
+                "media": list(fields), "batches": len(sizes), "batched_requests": sum(sizes)}
 
     @app.get("/v1/models")
     def models():
@@ -261,13 +262,18 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--system-prompt", help="override the checkpoint's recorded system prompt")
     parser.add_argument("--max-new-tokens", type=int, help="default max_tokens (default: the checkpoint's record)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often fastest "
+                        "for small models on a busy CPU)")
     return parser
 
 
 def serve_main(argv: list[str] | None = None) -> int:
     args = serve_parser().parse_args(argv)
+    import torch
     import uvicorn
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = load_model_for_inference(args.checkpoint, args.device, args.template, args.system_prompt,
                                      args.max_new_tokens)
     settings = ServerSettings(

@@ -1,7 +1,8 @@
 """Batched, streamed generation for many concurrent requests on one model.
 
-One worker thread owns the model. It waits for a request, then collects more for a short
-window (``batch_window_s``) up to ``max_batch_size``, and runs the compatible ones (same
+One worker thread owns the model. It waits for a request, then (under load: requests queued,
+or the last batch held several) collects more for a short window (``batch_window_s``) up to
+``max_batch_size``, and runs the compatible ones (same
 sampling settings) as one left-padded ``MultimodalLM.generate`` call. A stopping criterion
 sees every new token of every row: it decodes the row's text, sends the new part to the
 row's asyncio queue, and ends the row at its own ``max_tokens``, at a stop string, at an
@@ -130,7 +131,10 @@ class GenerationEngine:
             if first is None:
                 return None
             self._waiting.append(first)
-        deadline = time.monotonic() + self.batch_window_s
+        # Wait for company only under load (requests queued, or the last batch had several):
+        # a lone request on an idle server starts at once.
+        busy = not self._queue.empty() or (self.batch_sizes and self.batch_sizes[-1] > 1)
+        deadline = time.monotonic() + (self.batch_window_s if busy else 0.0)
         while len(self._waiting) < self.max_batch_size:
             remaining = deadline - time.monotonic()
             try:
