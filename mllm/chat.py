@@ -93,6 +93,7 @@ def chat_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", help="override the checkpoint's recorded chat template")
     parser.add_argument("--system-prompt", help="override the checkpoint's recorded system prompt")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return parser
 
 
@@ -105,6 +106,10 @@ def chat_main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
     args = chat_parser().parse_args(argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model = load_model_for_inference(args.checkpoint, args.device, args.template, args.system_prompt,
                                      args.max_new_tokens)
     engine = GenerationEngine(model, max_batch_size=1, batch_window_s=0.0)
