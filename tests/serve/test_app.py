@@ -64,6 +64,21 @@ def test_streamed_completion_equals_generate(client, served_model):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
 
 
+def test_video_part_equals_generate(client, served_model, tmp_path):
+    from PIL import Image
+
+    from mllm.data.media import write_video
+
+    frames = [Image.new("RGB", (32, 32), color) for color in ("red", "green", "blue", "white")]
+    write_video(tmp_path / "clip.mp4", frames, fps=4)
+    video = (tmp_path / "clip.mp4").read_bytes()
+    want = expected_answer(served_model, "<video>\nWhat happens?", {"video": [video]}, 10)
+    response = client.chat.completions.create(model="tiny", max_tokens=10, messages=[{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": data_url(video, "video/mp4")}},
+        {"type": "text", "text": "What happens?"}]}])
+    assert want and response.choices[0].message.content == want
+
+
 def test_stop_strings_are_cut_and_the_placeholder_may_stand_in_the_text(client, served_model):
     png = png_bytes("green")
     full = expected_answer(served_model, f"Look: <image> {QUESTION}", {"image": [png]}, 12)
@@ -123,6 +138,11 @@ BAD_REQUESTS = [
      "2 <image> placeholder(s) but 1 image part(s)"),
     ("placeholder without media", [{"role": "user", "content": "<audio> what is this?"}], {}, 400,
      "1 <audio> placeholder(s) but 0 audio"),
+    ("no speech encoder", [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
+        "data": base64.b64encode(wav_bytes(1.0)).decode(), "format": "wav", "modality": "speech"}}]}], {}, 400,
+     "this model has no encoder for speech input"),
+    ("undecodable video", [{"role": "user", "content": [{"type": "video_url", "video_url": {
+        "url": data_url(b"not a video at all", "video/mp4")}}]}], {}, 400, "cannot read messages[0].content[0]"),
     ("remote url refused", [{"role": "user", "content": [{"type": "image_url", "image_url": {
         "url": "https://example.com/cat.png"}}]}], {}, 400, "https URLs are refused"),
     ("path outside media root", [{"role": "user", "content": [{"type": "image_url", "image_url": {
