@@ -124,7 +124,8 @@ def prompt_format(model) -> dict:
     is recorded is what is used."""
     from mllm.data.templates import resolve_chat_template
 
-    options = {"template": "auto", "system_prompt": None}
+    record = model.prompt_record   # the checkpoint's own prompt format (mllm.checkpoint)
+    options = {"template": record.template, "system_prompt": record.system_prompt}
     template = resolve_chat_template(model.tokenizer, options["template"])
     options["chat_template_sha256"] = (hashlib.sha256(template.encode()).hexdigest()
                                        if template is not None else None)

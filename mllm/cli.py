@@ -154,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
                  lambda a: __import__("mllm.data.command", fromlist=["data_main"]).data_main(a)),
         "push": ("Publish a trained model (adapter, projectors, configs, model card) to the Hugging Face Hub.",
                  lambda a: __import__("mllm.hub", fromlist=["push_main"]).push_main(a)),
+        "chat": ("Chat with a checkpoint in the terminal: multi-turn, /image /video /audio /speech PATH, streamed answers.",
+                 lambda a: __import__("mllm.chat", fromlist=["chat_main"]).chat_main(a)),
+        "export": ("Write a self-contained folder of a checkpoint (LLM, encoders, projectors, tokenizer, prompt record, "
+                   "card); --merge folds LoRA / DoRA / MoRA into the weights.",
+                   lambda a: __import__("mllm.export", fromlist=["export_main"]).export_main(a)),
+        "serve": ("Serve a checkpoint over the OpenAI chat-completions API (batched, streamed) with a chat page at /.",
+                  lambda a: _extra_command("mllm.serve.app", "serve_main", a)),
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: mllm <command> [options]\n\ncommands:")
@@ -166,6 +173,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     return run_reporting_user_errors(f"mllm {name}", commands[name][1], rest)
+
+
+def _extra_command(module: str, function: str, argv: list[str]) -> int:
+    """A command whose module needs an optional extra (``pip install 'mllm[serve]'``)."""
+    import importlib
+
+    try:
+        entry = getattr(importlib.import_module(module), function)
+    except ImportError as e:
+        raise UserError(f"{e}; this command needs the serve extra: pip install 'mllm[serve]'") from None
+    return entry(argv)
 
 
 def run_reporting_user_errors(prog: str, command, argv: list[str]) -> int:

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 MLLM_CONFIG = "mllm_config.json"  # as mllm.model.multimodal_lm (not imported: loading it pulls torch models)
 # Files of a checkpoint folder that a published model holds (paths relative to the folder).
 HUB_FILES = (
-    MLLM_CONFIG, "projectors.safetensors", "projectors.json", "experiment.yaml",
+    MLLM_CONFIG, "projectors.safetensors", "projectors.json", "experiment.yaml", "prompt_format.json",
     "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.*", "merges.txt",
     "spiece.model",

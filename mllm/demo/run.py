@@ -171,7 +171,8 @@ def evaluate_exact_match(checkpoint: str, eval_path: str, media_root: str, batch
             with open(path, "w") as f:
                 f.writelines(json.dumps(_strip_media(r, removed)) + "\n" for r in records)
         dataset = MultimodalDataset(path, model.tokenizer, model.media_specs(), media_root=media_root,
-                                    for_generation=True, progress=False)
+                                    for_generation=True, progress=False, template=model.prompt_record.template,
+                                    system_prompt=model.prompt_record.system_prompt)
         answers = generate_answers(model, dataset, batch_size=batch_size, max_new_tokens=8)
         per_type = defaultdict(list)
         for record, answer in zip(records, answers):

@@ -25,6 +25,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from mllm.checkpoint import PromptRecord, read_prompt_record, resolve_bundled_paths, write_prompt_record
 from mllm.config import EncoderConfig, ModelConfig, TunerConfig
 from mllm.data.media import (
     AUDIO_SAMPLE_RATE, load_audio, load_image, load_video_frames, split_audio_windows,
@@ -95,6 +96,9 @@ class MultimodalLM(nn.Module):
         self.encoders = nn.ModuleDict(encoders)
         self.projectors = projectors
         self.placeholder_ids = add_placeholder_tokens(tokenizer)
+        # How prompts are rendered and generation stops (mllm.checkpoint); training sets it,
+        # from_pretrained reads it, save_pretrained writes it.
+        self.prompt_record = PromptRecord()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         # Placeholders whose modality has an encoder: only these may appear in inputs.
@@ -386,7 +390,11 @@ class MultimodalLM(nn.Module):
             {"image_inputs": image_inputs, "video_inputs": video_inputs,
              "audio_inputs": audio_inputs, "speech_inputs": speech_inputs})
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        end_ids = [i for i in self.prompt_record.stop_token_ids if i != self.tokenizer.eos_token_id]
+        generate_kwargs.setdefault("eos_token_id", [self.tokenizer.eos_token_id, *end_ids] if end_ids
+                                   else self.tokenizer.eos_token_id)
+        for key, value in self.prompt_record.generation_defaults().items():
+            generate_kwargs.setdefault(key, value)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     # ------------------------------------------------------------------ training glue
@@ -410,6 +418,7 @@ class MultimodalLM(nn.Module):
         if isinstance(self.llm, PeftModel):
             self.llm.save_pretrained(os.path.join(output_dir, ADAPTER_DIR), state_dict=adapter_state)
         self.tokenizer.save_pretrained(output_dir)
+        write_prompt_record(output_dir, self.prompt_record)
         model_cfg = dataclasses.asdict(self.config)
         model_cfg["pretrained_projectors"] = None
         model_cfg["feature_cache"] = None  # a folder of this machine
@@ -432,7 +441,7 @@ class MultimodalLM(nn.Module):
             raise FileNotFoundError(f"{checkpoint_dir}: no {MLLM_CONFIG}; not an mllm checkpoint")
         with open(config_path) as f:
             saved = json.load(f)
-        raw = dict(saved["model"], **overrides)
+        raw = dict(resolve_bundled_paths(saved["model"], checkpoint_dir), **overrides)
         encoders = {k: EncoderConfig(**v) for k, v in raw.pop("encoders").items()}
         projectors = read_projector_configs(checkpoint_dir)
         raw.pop("projectors")
@@ -441,6 +450,7 @@ class MultimodalLM(nn.Module):
         config.pretrained_projectors = checkpoint_dir
         model = cls.from_config(config, tokenizer=tokenizer)
         model.config.pretrained_projectors = None
+        model.prompt_record = read_prompt_record(checkpoint_dir)
         adapter_dir = os.path.join(checkpoint_dir, ADAPTER_DIR)
         if os.path.isdir(adapter_dir):
             if saved.get("tuner") and saved["tuner"]["type"] == "mora":

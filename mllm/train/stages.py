@@ -15,6 +15,7 @@ import torch
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from mllm.checkpoint import training_prompt_record
 from mllm.config import ConfigError, ExperimentConfig, config_to_dict
 from mllm.data.dataset import MultimodalCollator, MultimodalDataset
 from mllm.data.mixture import data_file
@@ -84,6 +85,7 @@ def _train(cfg: ExperimentConfig, args: MllmTrainingArguments, model: Multimodal
     train_path = data_file(cfg.data.train, args.output_dir, "train", cfg.data.on_bad_sample)
     eval_path = data_file(cfg.data.eval, args.output_dir, "eval", cfg.data.on_bad_sample) if cfg.data.eval else None
     train_dataset = build_dataset(cfg, model, train_path, template)
+    model.prompt_record = training_prompt_record(model.tokenizer, template, cfg.data.system_prompt)
     eval_dataset = build_dataset(cfg, model, eval_path, template) if eval_path else None
     trainer = MultimodalTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,

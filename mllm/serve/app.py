@@ -1,0 +1,293 @@
+"""``mllm serve``: an OpenAI-compatible chat-completions server (FastAPI + uvicorn) and a chat page.
+
+Routes: ``POST /v1/chat/completions`` (JSON or ``stream: true`` server-sent events),
+``GET /v1/models``, ``GET /health``, and the browser page at ``/``. Every error is a JSON body
+in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``; errors after a stream has
+started arrive in-band as a ``data: {"error": ...}`` event before ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+
+from mllm.data.media import MediaError
+from mllm.errors import UserError
+from mllm.serve.engine import Event, GenerationEngine, GenerationRequest
+from mllm.serve.inputs import (
+    InputError, Limits, build_prompt, decode_media, decode_media_file, load_model_for_inference,
+)
+from mllm.serve.openai_api import MediaPolicy, ParsedRequest, parse_chat_request
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "MLLM_API_KEY"
+
+
+@dataclass
+class ServerSettings:
+    model_name: str = "mllm"
+    api_key: str | None = None
+    max_request_bytes: int = 32 << 20
+    max_batch_size: int = 8
+    batch_window_ms: float = 10.0
+    media_root: str | None = None
+    allow_remote_media: bool = False
+    limits: Limits = None  # type: ignore[assignment]
+
+    def __post_init__(self):
+        self.limits = self.limits or Limits()
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _from_input_error(e: Exception) -> APIError:
+    if isinstance(e, InputError):
+        return APIError(e.status, str(e), "invalid_request_error", e.param, e.kind)
+    if isinstance(e, MediaError):
+        return APIError(400, str(e), "invalid_request_error", None, "undecodable_media")
+    return APIError(400, str(e), "invalid_request_error", None, "invalid_request")
+
+
+def create_app(model, settings: ServerSettings | None = None):
+    """The FastAPI app serving ``model`` (a loaded ``MultimodalLM``)."""
+    settings = settings or ServerSettings()
+    engine = GenerationEngine(model, settings.max_batch_size, settings.batch_window_ms / 1000)
+    fields = tuple(ph.strip("<>") for ph in model.supported_placeholders)
+    policy = MediaPolicy(media_root=settings.media_root, allow_remote=settings.allow_remote_media,
+                         audio_field="audio" if "audio" in fields or "speech" not in fields else "speech",
+                         fields=fields)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        engine.close()
+
+    app = FastAPI(title="mllm", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.engine = engine
+    app.state.settings = settings
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e):
+        return JSONResponse(APIError(400, f"invalid request: {e.errors()}").body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e):
+        logger.exception("unexpected error")
+        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", "server_error").body(),
+                            status_code=500)
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next):
+        if settings.api_key and request.url.path.startswith("/v1") and request.method != "OPTIONS":
+            given = request.headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
+                return JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                             "authentication_error", code="invalid_api_key").body(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return resources.files("mllm.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.get("/health")
+    def health():
+        sizes = engine.batch_sizes
+        return {"status": "ok", "model": settings.model_name, "running": engine.running, "queued": engine.queued,
+                "media": list(fields), "batches": len(sizes), "batched_requests": sum(sizes)}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
+                                            "owned_by": "mllm"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _read_json(request, settings.max_request_bytes)
+        try:
+            parsed = parse_chat_request(body, policy, model.prompt_record.max_new_tokens)
+        except InputError as e:
+            raise _from_input_error(e) from None
+        if parsed.model not in (None, settings.model_name):
+            raise APIError(404, f"The model `{parsed.model}` does not exist (this server has `{settings.model_name}`)",
+                           "invalid_request_error", "model", "model_not_found")
+        try:
+            prompt = await asyncio.to_thread(_prepare, model, parsed, settings.limits)
+        except (UserError, ValueError) as e:
+            raise _from_input_error(e) from None
+        job = GenerationRequest(prompt, parsed.params, asyncio.get_running_loop())
+        engine.submit(job)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        now = int(time.time())
+        if parsed.stream:
+            return StreamingResponse(_stream(job, completion_id, now, settings.model_name, parsed.include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text, done = "", None
+        try:
+            while done is None:
+                event = await job.events.get()
+                if event.kind == "delta":
+                    text += event.text
+                elif event.kind == "error":
+                    raise APIError(500, event.text, "server_error")
+                else:
+                    done = event
+        finally:
+            if done is None:
+                job.cancel()
+        return {"id": completion_id, "object": "chat.completion", "created": now, "model": settings.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": done.finish_reason, "logprobs": None}],
+                "usage": _usage(done)}
+
+    return app
+
+
+async def _read_json(request, limit: int):
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {declared} bytes; this server takes at most {limit}",
+                       code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
+
+
+def _prepare(model, parsed: ParsedRequest, limits: Limits):
+    """Decode every media item and render the prompt (in a worker thread: decoding takes CPU)."""
+    media: dict[str, list] = {}
+    for ref in parsed.media:
+        if ref.path is not None:
+            item = decode_media_file(model, ref.field, ref.path, limits)
+        else:
+            item = decode_media(model, ref.field, ref.data, ref.where, limits)
+        media.setdefault(ref.field, []).append(item)
+    return build_prompt(model, parsed.messages, media, limits)
+
+
+def _usage(done: Event) -> dict:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+def _sse(payload) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+async def _stream(job: GenerationRequest, completion_id: str, created: int, model_name: str, include_usage: bool):
+    def chunk(delta: dict, finish_reason=None) -> str:
+        return _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+
+    finished = False
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            event = await job.events.get()
+            if event.kind == "delta":
+                yield chunk({"content": event.text})
+            elif event.kind == "error":
+                yield _sse(APIError(500, event.text, "server_error").body())
+                break
+            else:
+                yield chunk({}, event.finish_reason)
+                if include_usage:
+                    yield _sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                "model": model_name, "choices": [], "usage": _usage(event)})
+                break
+        finished = True
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:   # the client went away mid-stream: free the row
+            job.cancel()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mllm serve", description="Serve a checkpoint over the OpenAI chat-completions API "
+        "(POST /v1/chat/completions, GET /v1/models, GET /health) with a chat page at /.")
+    parser.add_argument("checkpoint", help="stage-1/2 output folder, an `mllm export` folder, or a Hub id")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine "
+                        "only; 0.0.0.0 exposes the server to the network)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-name", help="the name clients send as `model` (default: the folder's name)")
+    parser.add_argument("--api-key", help=f"require `Authorization: Bearer KEY` on /v1 routes (or set {API_KEY_ENV})")
+    parser.add_argument("--media-root", help="allow local media paths (and file:// URLs) under this folder")
+    parser.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media URLs (off by default)")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--batch-window-ms", type=float, default=10.0,
+                        help="how long the first request of a batch waits for others")
+    parser.add_argument("--max-request-bytes", type=int, default=32 << 20)
+    parser.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels)
+    parser.add_argument("--max-audio-seconds", type=float, default=Limits.max_audio_seconds)
+    parser.add_argument("--max-prompt-tokens", type=int, help="default: the LLM's context length")
+    parser.add_argument("--template", help="override the checkpoint's recorded chat template (plain, llama-2, jinja)")
+    parser.add_argument("--system-prompt", help="override the checkpoint's recorded system prompt")
+    parser.add_argument("--max-new-tokens", type=int, help="default max_tokens (default: the checkpoint's record)")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often fastest "
+                        "for small models on a busy CPU)")
+    return parser
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    args = serve_parser().parse_args(argv)
+    import torch
+    import uvicorn
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model_for_inference(args.checkpoint, args.device, args.template, args.system_prompt,
+                                     args.max_new_tokens)
+    settings = ServerSettings(
+        model_name=args.model_name or os.path.basename(os.path.normpath(args.checkpoint)),
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_request_bytes=args.max_request_bytes,
+        max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms, media_root=args.media_root,
+        allow_remote_media=args.allow_remote_media,
+        limits=Limits(args.max_image_pixels, args.max_audio_seconds, args.max_prompt_tokens))
+    app = create_app(model, settings)
+    print(f"mllm serve: model '{settings.model_name}' at http://{args.host}:{args.port}/ "
+          f"(OpenAI base URL http://{args.host}:{args.port}/v1; API key {'required' if settings.api_key else 'off'})",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+__all__ = ["APIError", "ServerSettings", "create_app", "serve_main"]

@@ -1,0 +1,217 @@
+"""A conversation with media -> the model's generation inputs, rendered from the prompt record.
+
+Shared by ``mllm serve``, ``mllm chat`` and their tests: messages are ``{"role", "content"}``
+with media placeholders (``<image>``...) in the text, media are decoded items per field in the
+order their placeholders appear. The prompt is rendered with the checkpoint's own template and
+system prompt (``model.prompt_record``), exactly as the training data pipeline renders it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import tempfile
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from mllm.data.dataset import MultimodalCollator, expand_placeholders
+from mllm.data.media import AUDIO_SAMPLE_RATE, MediaError, load_audio, load_video_frames
+from mllm.data.templates import tokenize_conversation
+from mllm.errors import UserError
+from mllm.modality import MEDIA_FIELDS, MEDIA_INPUT_KEYS, PLACEHOLDERS
+
+_PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
+# Fast tokenizers are not safe to call from several threads at once.
+_TOKENIZER_LOCK = threading.Lock()
+
+
+class InputError(UserError):
+    """A request's content the model cannot take; ``kind`` says which limit or rule it broke."""
+
+    def __init__(self, message: str, kind: str = "invalid_request", status: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.kind, self.status, self.param = kind, status, param
+
+
+@dataclass
+class Limits:
+    max_image_pixels: int = 4096 * 4096
+    max_audio_seconds: float = 300.0
+    max_prompt_tokens: int | None = None     # None: the LLM's context length
+
+
+@dataclass
+class Prompt:
+    """One prompt, ready for ``MultimodalCollator``: token ids (media expanded) and media tensors."""
+
+    features: dict[str, torch.Tensor]
+    num_tokens: int
+    text: str = ""                 # rendered text before media expansion (for logs and tests)
+    media_counts: dict[str, int] = field(default_factory=dict)
+
+
+def placeholder_counts(text: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for placeholder in _PLACEHOLDER_RE.findall(text):
+        field_name = PLACEHOLDERS[placeholder][1]
+        counts[field_name] = counts.get(field_name, 0) + 1
+    return counts
+
+
+# --------------------------------------------------------------------------- media
+
+
+def decode_media(model, field_name: str, data: bytes, what: str, limits: Limits) -> torch.Tensor:
+    """Encoded bytes of one image / video / audio / speech item -> its preprocessed tensor."""
+    placeholder = MEDIA_FIELDS[field_name]
+    if placeholder not in model.supported_placeholders:
+        raise InputError(f"{what}: this model has no encoder for {field_name} input "
+                         f"(it takes: {', '.join(model.supported_placeholders) or 'text only'})", "unsupported_media")
+    if field_name == "image":
+        decoded = _decode_image(data, what, limits)
+    elif field_name == "video":
+        with _temporary_file(data, what) as path:
+            decoded = load_video_frames(path, model.config.video_frames)
+        width, height = decoded[0].size
+        _check_pixels(width, height, what, limits)
+    else:
+        with _temporary_file(data, what) as path:
+            decoded = load_audio(path)
+        seconds = len(decoded) / AUDIO_SAMPLE_RATE
+        if seconds > limits.max_audio_seconds:
+            raise InputError(f"{what}: audio is {seconds:.1f} s long; this server takes at most "
+                             f"{limits.max_audio_seconds:g} s", "audio_too_long")
+    return model._preprocess_item(placeholder, decoded)
+
+
+def decode_media_file(model, field_name: str, path: str, limits: Limits) -> torch.Tensor:
+    """A media file on disk -> its preprocessed tensor (the same checks as for bytes)."""
+    if not os.path.isfile(path):
+        raise MediaError(path, "file not found" if not os.path.exists(path) else "not a regular file")
+    with open(path, "rb") as f:
+        return decode_media(model, field_name, f.read(), path, limits)
+
+
+def _decode_image(data: bytes, what: str, limits: Limits) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            _check_pixels(*image.size, what, limits)   # from the header, before decoding
+            image.load()
+            return image.convert("RGB")
+    except InputError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise MediaError(what, f"not a readable image ({e})") from None
+
+
+def _check_pixels(width: int, height: int, what: str, limits: Limits) -> None:
+    if width * height > limits.max_image_pixels:
+        raise InputError(f"{what}: image is {width}x{height} = {width * height} pixels; this server takes at most "
+                         f"{limits.max_image_pixels}", "image_too_large")
+
+
+class _temporary_file:
+    """The bytes in a named temporary file (PyAV and soundfile read paths), removed afterwards;
+    a MediaError inside names ``what`` (the request part or the user's file), not the temporary file."""
+
+    def __init__(self, data: bytes, what: str):
+        self.data, self.what = data, what
+
+    def __enter__(self) -> str:
+        handle, self.path = tempfile.mkstemp(prefix="mllm-media-")
+        with os.fdopen(handle, "wb") as f:
+            f.write(self.data)
+        return self.path
+
+    def __exit__(self, kind, error, traceback) -> None:
+        os.remove(self.path)
+        if isinstance(error, MediaError):
+            raise MediaError(self.what, error.reason) from None
+
+
+# --------------------------------------------------------------------------- prompt
+
+
+def load_model_for_inference(checkpoint: str, device: str | None = None, template: str | None = None,
+                             system_prompt: str | None = None, max_new_tokens: int | None = None):
+    """A checkpoint loaded for generation, its prompt record overridden by any option given."""
+    import torch
+
+    from mllm.model import MultimodalLM
+
+    model = MultimodalLM.from_pretrained(checkpoint)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.prompt_record = model.prompt_record.overridden(template=template, system_prompt=system_prompt,
+                                                         max_new_tokens=max_new_tokens)
+    if model.prompt_record.overrides:
+        logging.getLogger(__name__).info("prompt format overridden: %s", model.prompt_record.overrides)
+    return model
+
+
+def context_length(model) -> int | None:
+    return getattr(model.base_llm.config.get_text_config(), "max_position_embeddings", None)
+
+
+def build_prompt(model, messages: list[dict], media: dict[str, list[torch.Tensor]], limits: Limits | None = None,
+                 what: str = "request") -> Prompt:
+    """Render ``messages`` with the model's prompt record, expand placeholders, attach media.
+
+    ``media`` maps a field (``image``...) to its preprocessed items in placeholder order; the
+    placeholder count of each field must equal its item count."""
+    limits = limits or Limits()
+    wanted: dict[str, int] = {}
+    for message in messages:
+        for field_name, count in placeholder_counts(message["content"]).items():
+            wanted[field_name] = wanted.get(field_name, 0) + count
+    for field_name in sorted(set(wanted) | set(media)):
+        given = len(media.get(field_name, []))
+        if wanted.get(field_name, 0) != given:
+            raise InputError(f"{what}: the text has {wanted.get(field_name, 0)} {MEDIA_FIELDS[field_name]} "
+                             f"placeholder(s) but {given} {field_name} item(s) were attached",
+                             "placeholder_mismatch")
+    record = model.prompt_record
+    try:
+        with _TOKENIZER_LOCK:
+            tokens = tokenize_conversation(model.tokenizer, messages, record.template, record_id=what,
+                                           for_generation=True, system_prompt=record.system_prompt)
+    except UserError:
+        raise
+    except ValueError as e:   # roles out of order, a template that cannot render them ...
+        raise InputError(str(e), "invalid_messages") from None
+    specs = {spec.token_id: spec for spec in model.media_specs().values()}
+    input_ids, _, question_mask = expand_placeholders(tokens.input_ids, tokens.labels, tokens.question_mask, specs)
+    limit = limits.max_prompt_tokens or context_length(model)
+    if limit is not None and len(input_ids) > limit:
+        raise InputError(f"{what}: the prompt is {len(input_ids)} tokens (media expanded); this server takes at "
+                         f"most {limit}", "prompt_too_long")
+    features = {"input_ids": torch.tensor(input_ids), "question_mask": torch.tensor(question_mask, dtype=torch.bool)}
+    for field_name, items in media.items():
+        if items:
+            features[MEDIA_INPUT_KEYS[field_name]] = torch.stack(items)
+    with _TOKENIZER_LOCK:
+        text = model.tokenizer.decode(tokens.input_ids)
+    return Prompt(features, len(input_ids), text, {k: len(v) for k, v in media.items()})
+
+
+def collate_prompts(model, prompts: list[Prompt], device=None) -> dict[str, torch.Tensor]:
+    """Left-padded batch of prompts for ``MultimodalLM.generate``."""
+    batch = MultimodalCollator(model.tokenizer.pad_token_id, padding_side="left")([p.features for p in prompts])
+    if device is not None:
+        batch = {k: v.to(device) for k, v in batch.items()}
+    return batch
+
+
+def generate_text(model, prompt: Prompt, **generate_kwargs) -> str:
+    """The completion ``MultimodalLM.generate`` gives for one prompt, decoded as the server sends it."""
+    batch = collate_prompts(model, [prompt], next(model.parameters()).device)
+    new_tokens = model.generate(**batch, **generate_kwargs)[0]
+    return model.tokenizer.decode(new_tokens, skip_special_tokens=True).lstrip()
+
+
+__all__ = ["InputError", "Limits", "Prompt", "build_prompt", "collate_prompts", "decode_media", "decode_media_file",
+           "generate_text", "load_model_for_inference", "placeholder_counts"]
