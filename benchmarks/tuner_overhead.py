@@ -45,7 +45,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mllm  # noqa: F401  (registers moka with peft)
-from mllm.model import set_modality_ids
+from mllm.modality_context import set_modality_ids
 from mllm.modality import Modality
 from mllm.tuners.moka import MokaConfig
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from mllm.errors import UserError
+from mllm.errors import ConfigError
 from mllm.modality import modality_from_name
 from mllm.projectors.qformer import ProjectorConfig
 
@@ -142,10 +142,6 @@ class ExperimentConfig:
     # Fields of mllm.train.MllmTrainingArguments (transformers.TrainingArguments + projector_lr).
     training: dict[str, Any] = field(default_factory=dict)
     source: str | None = None           # the YAML file this came from (relative paths resolve here)
-
-
-class ConfigError(UserError):
-    pass
 
 
 class _YamlLoader(yaml.SafeLoader):

@@ -11,3 +11,8 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input the user can fix; the message names the file, line, record or field."""
+
+
+class ConfigError(UserError):
+    """A config value that is missing, unknown or of the wrong type or range; the message names the
+    field (``section.field``) and, where known, the file."""

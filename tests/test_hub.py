@@ -15,7 +15,7 @@ from mllm.config import config_from_dict
 from mllm.model import MultimodalLM
 from mllm.train.stages import run_instruct, run_pretrain
 from tests.conftest import model_section
-from tests.model.test_modality_context import _batch
+from tests.test_modality_context import _batch
 
 SECRET = "hf_NotARealTokenButMustNeverAppear"
 REPO = "my-org/tiny-mllm"

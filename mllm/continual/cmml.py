@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllm.continual.vilt_ids import publish_vilt_modality_ids
 from mllm.metrics.continual import ResultMatrix, score_task
 
 HEADS_FILE = "cmml_heads.safetensors"
@@ -142,6 +143,7 @@ class DeloClassifier(IncrementalClassifier):
         if head_selection not in self.HEAD_SELECTION:
             raise ValueError(f"head_selection must be one of {self.HEAD_SELECTION}, got {head_selection!r}")
         self.align_weight, self.head_selection = align_weight, head_selection
+        publish_vilt_modality_ids(backbone)
         self.set_task(0)
 
     @property

@@ -7,6 +7,7 @@ change to the model code.
 from __future__ import annotations
 
 from mllm.encoders.base import MediaEncoder
+from mllm.errors import ConfigError
 
 ENCODER_REGISTRY: dict[str, type[MediaEncoder]] = {}
 
@@ -29,8 +30,6 @@ def build_encoder(cfg) -> MediaEncoder:
         known = ", ".join(sorted(ENCODER_REGISTRY))
         raise ValueError(f"unknown encoder type {cfg.type!r}; registered: {known}") from None
     if getattr(cfg, "max_seconds", None) is not None and cls.chunk_seconds is None:
-        from mllm.config import ConfigError
-
         raise ConfigError(f"encoder type {cfg.type!r} takes no max_seconds (it is the chunked-speech option of "
                           f"Whisper); cut audio with num_windows / window_seconds instead")
     return cls.from_config(cfg).freeze()

@@ -30,6 +30,7 @@ import torch
 
 from mllm.encoders import register_encoder
 from mllm.encoders.base import MediaEncoder, as_mono_waveform
+from mllm.errors import ConfigError
 from mllm.modality import Modality
 
 # Constants of whisper.audio, repeated so that lengths can be computed without importing
@@ -49,8 +50,6 @@ def num_chunks(max_seconds: float | None) -> int:
 
 def check_speech_cut(cfg) -> None:
     """Refuse encoder settings that would trim speech silently, or say two things at once."""
-    from mllm.config import ConfigError
-
     windowed = cfg.window_seconds is not None or cfg.num_windows != 1
     if cfg.max_seconds is not None:
         if not cfg.max_seconds > 0:

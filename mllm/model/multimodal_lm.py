@@ -36,7 +36,7 @@ from mllm.data.media_cache import cached_video_loader
 from mllm.encoders.cache import FeatureCache
 from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS
 from mllm.model import paired_encoder
-from mllm.model.modality_context import attach_modality_context
+from mllm.modality_context import attach_modality_context
 from mllm.model.splice import MediaCountError, compute_modality_ids, position_ids_from_attention_mask, splice_features
 from mllm.projectors import build_projectors, load_projector_weights, read_projector_configs, save_projectors
 from mllm.tuners import apply_tuner

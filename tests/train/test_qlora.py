@@ -15,7 +15,7 @@ from mllm.modality import Modality
 from mllm.model import MultimodalLM
 from mllm.train.stages import run_instruct
 from tests.conftest import model_section
-from tests.model.test_modality_context import _batch, _expected
+from tests.test_modality_context import _batch, _expected
 
 
 LORA = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import mllm  # noqa: F401  (registers moka, mora and delo with peft)
-from mllm.model import set_modality_ids
+from mllm.modality_context import set_modality_ids
 from mllm.tuners.delo import DeloConfig
 from mllm.tuners.moka import MokaConfig
 from mllm.tuners.mora import MoraConfig

@@ -39,8 +39,11 @@ def vilt_inputs(batch: int = 3, text_len: int = 5, seed: int = 1, shift: float =
 def delo_vilt(num_tasks: int = 2, init_weights: bool = False, seed: int = 0, **kwargs):
     from peft import get_peft_model
 
+    from mllm.continual.vilt_ids import publish_vilt_modality_ids
     from mllm.tuners.delo import DeloConfig
 
     config = DeloConfig(r=2, num_experts=4, num_tasks=num_tasks, init_weights=init_weights, **kwargs)
     torch.manual_seed(seed + 100)
-    return get_peft_model(tiny_vilt(seed), config)
+    model = get_peft_model(tiny_vilt(seed), config)
+    publish_vilt_modality_ids(model)
+    return model

@@ -189,8 +189,10 @@ _RELOAD = """
 import json, sys, torch
 import mllm
 from peft import PeftModel
+from mllm.continual.vilt_ids import publish_vilt_modality_ids
 from tests.tuners.delo_helpers import tiny_vilt, vilt_inputs
 model = PeftModel.from_pretrained(tiny_vilt(), sys.argv[1]).eval()
+publish_vilt_modality_ids(model)
 with torch.no_grad():
     out = model(**vilt_inputs(batch=3, seed=5)).last_hidden_state
 print(json.dumps({"out": out.tolist(), "tasks": model.base_model.state.task_ids.tolist()}))
@@ -270,8 +272,11 @@ def test_disabled_adapter_does_not_touch_the_memory_and_unload_returns_the_base_
 def test_bf16_backbone_keeps_fp32_adapter_and_memory():
     from peft import get_peft_model
 
+    from mllm.continual.vilt_ids import publish_vilt_modality_ids
+
     model = get_peft_model(tiny_vilt().to(torch.bfloat16), DeloConfig(r=2, num_experts=4, num_tasks=2,
                                                                       init_weights=False))
+    publish_vilt_modality_ids(model)
     assert {p.dtype for n, p in model.named_parameters() if "delo_" in n} == {torch.float32}
     inputs = vilt_inputs()
     inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
@@ -280,3 +285,16 @@ def test_bf16_backbone_keeps_fp32_adapter_and_memory():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     (out.float().pow(2).mean() + model.base_model.alignment_loss()).backward()
     assert model.base_model.delo_query["default"].keys.dtype == torch.float32
+
+
+def test_a_forward_whose_ids_nobody_published_is_refused_not_given_old_ones():
+    """ViLT's ids come from the continual code's publisher (mllm.continual.vilt_ids), not from DeLo;
+    without it DeLo names what is missing instead of reusing an earlier forward's ids."""
+    model = delo_vilt()
+    with torch.no_grad():
+        model(**vilt_inputs())                       # the helper's publisher gives this forward its ids
+    embeddings = next(m for m in model.modules() if type(m).__name__ == "ViltEmbeddings")
+    embeddings._forward_hooks.clear()                # no publisher any more
+    with pytest.raises(RuntimeError, match="needs per-token modality ids"):
+        with torch.no_grad():
+            model(**vilt_inputs())

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import mllm  # noqa: F401  (registers moka with peft)
-from mllm.model import set_modality_ids
+from mllm.modality_context import set_modality_ids
 from mllm.tuners.moka import MokaConfig
 from tests.tuners.moka_helpers import A, P, T, V, OneLinear, moka_oracle, sample_ids, tiny_llama
 

@@ -14,7 +14,7 @@ import torch
 from mllm.config import TunerConfig
 from mllm.model.splice import position_ids_from_attention_mask
 from mllm.modality import Modality
-from tests.model.test_modality_context import _batch, _expected
+from tests.test_modality_context import _batch, _expected
 
 MOKA = dict(type="moka", r=2, alpha=4, dropout=0.0,
             options={"modalities": ["text", "visual"], "init_weights": False, "strengths": {"visual": 0.8}})

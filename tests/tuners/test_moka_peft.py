@@ -21,7 +21,7 @@ from peft.utils.peft_types import PeftType
 from safetensors.torch import load_file
 
 import mllm  # noqa: F401
-from mllm.model import set_modality_ids
+from mllm.modality_context import set_modality_ids
 from mllm.tuners.moka import MokaConfig, MokaLayer
 from mllm.tuners.registration import register_peft_methods
 from tests.tuners.moka_helpers import OneLinear, P, sample_ids, tiny_llama
@@ -192,7 +192,7 @@ FRESH = """
 import sys, torch
 import mllm
 from peft import PeftModel
-from mllm.model import set_modality_ids
+from mllm.modality_context import set_modality_ids
 from tests.tuners.moka_helpers import tiny_llama
 saved = torch.load(sys.argv[2])
 model = PeftModel.from_pretrained(tiny_llama(0), sys.argv[1])

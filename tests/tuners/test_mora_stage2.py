@@ -13,7 +13,7 @@ from mllm.model import MultimodalLM
 from mllm.model.paired_encoder import PAIRED_ENCODER
 from mllm.train.stages import run_instruct
 from mllm.tuners.mora import MoraLayer
-from tests.model.test_modality_context import _batch
+from tests.test_modality_context import _batch
 from tests.train.test_stages import _config, generate_token_ids, stage1_dir  # noqa: F401  (module fixture)
 
 MORA = {"type": "mora", "r": 4, "dropout": 0.0,

@@ -14,7 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import mllm  # noqa: F401  (registers the peft methods)
-from mllm.model import set_modality_ids
+from mllm.modality_context import set_modality_ids
 from mllm.tuners.delo import DeloConfig
 from mllm.tuners.moka import MokaConfig
 from tests.tuners.moka_helpers import T, V, OneLinear, tiny_llama
@@ -87,7 +87,7 @@ def test_inputs_embeds_without_ids_keep_the_clear_error(tuner):
 
 
 def test_media_beside_input_ids_is_not_taken_as_text():
-    from mllm.model.modality_context import text_only_input_ids
+    from mllm.modality_context import text_only_input_ids
 
     ids = _input_ids()
     assert text_only_input_ids((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}) is ids
@@ -182,6 +182,6 @@ def test_unload_leaves_the_base_model_without_the_tracking_hook(tuner):
         model(input_ids=_input_ids())
     plain = model.base_model.unload()
     assert plain is base and not plain._forward_pre_hooks
-    from mllm.model import get_modality_context
+    from mllm.modality_context import get_modality_context
 
     assert get_modality_context(plain) is None

@@ -12,6 +12,8 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTuner
 
 from mllm.modality import Modality
+from mllm.modality_context import (cached_length, get_modality_context, kv_cache, release_tracking_context,
+                                   tracking_context)
 from mllm.tuners.delo.config import TARGET_MODULES_BY_MODEL_TYPE, DeloConfig
 from mllm.tuners.delo.layer import MERGE_ERROR, DeloLayer, Linear
 from mllm.tuners.delo.state import IMAGE_MISSING, TEXT_MISSING, DeloState, TaskRoute
@@ -91,8 +93,8 @@ class DeloModel(BaseTuner):
     path bypassed) to get per-sample query signals: the mean of the last hidden states over the
     sample's visual tokens and over its text tokens. Token modalities come from the model's
     ``ModalityContext``: published by a ``MultimodalLM``, supplied with
-    ``mllm.model.set_modality_ids``, or all text for a forward given ``input_ids`` alone; for ViLT
-    they are derived (text tokens first, then image patches). Missing modalities come from
+    ``mllm.modality_context.set_modality_ids``, all text for a forward given ``input_ids`` alone, or
+    published by a hook during the forward (ViLT: ``mllm.continual.vilt_ids``). Missing modalities come from
     ``set_missing`` (MMP codes: 0 complete, 1 text missing, 2 image missing), else from which
     modalities have tokens.
 
@@ -125,11 +127,9 @@ class DeloModel(BaseTuner):
         # Created lazily (peft's injection hooks do not run for add_adapter / load_adapter).
         state = self.__dict__.get("_delo_state")
         if state is None:
-            from mllm.model.modality_context import tracking_context
-
             # The wrapped model's modality context (a MultimodalLM has attached one already; a plain
-            # model gets a tracking one: input_ids alone are text). Attached before our own hook,
-            # so it has published this forward's ids when the query pass reads them.
+            # model gets a tracking one: input_ids alone are text). The query pass reads only ids
+            # published during it (the context's step counter), so hook order does not matter.
             tracking_context(self.model)
             state = self.__dict__["_delo_state"] = DeloState()
             self.__dict__["_delo_hook"] = self.model.register_forward_pre_hook(self._before_forward,
@@ -220,26 +220,16 @@ class DeloModel(BaseTuner):
         return torch.stack(losses).sum() / count
 
     # -- the query pass ---------------------------------------------------------------------------------
-    def _modality_ids(self, args: tuple, kwargs: dict, length: int, batch: int, device) -> torch.Tensor:
-        from mllm.model.modality_context import get_modality_context
-
-        context = get_modality_context(self.model)
-        if context is not None and context.modality_ids is not None and \
+    def _modality_ids(self, context, step: int, length: int, batch: int, device) -> torch.Tensor:
+        """The ids published for this forward (during the query pass, whatever order the model's
+        hooks run in) or supplied by the caller; never an earlier forward's."""
+        if context is not None and context.published_since(step) and \
                 tuple(context.modality_ids.shape) == (batch, length):
             return context.modality_ids.to(device)
-        if getattr(getattr(self.model, "config", None), "model_type", None) == "vilt":
-            # ViLT's single stream is [text tokens; image tokens] (ViltEmbeddings concatenates them).
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            text_len = input_ids.shape[1]
-            ids = torch.full((batch, length), int(Modality.VISUAL), dtype=torch.long, device=device)
-            ids[:, :text_len] = int(Modality.TEXT)
-            mask = kwargs.get("attention_mask")
-            if mask is not None:
-                ids[:, :text_len] = ids[:, :text_len].masked_fill(mask.to(device) == 0, int(Modality.PAD))
-            return ids
         raise RuntimeError("DeLo needs per-token modality ids for this forward (only input_ids with no media "
                            "input are taken as text; inputs_embeds may hide media): call "
-                           "mllm.model.set_modality_ids(model, ids) before the forward")
+                           "mllm.modality_context.set_modality_ids(model, ids) before the forward, or publish "
+                           "them from a hook (e.g. mllm.continual.vilt_ids.publish_vilt_modality_ids)")
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         state = self.state
@@ -249,8 +239,6 @@ class DeloModel(BaseTuner):
             # Adapters disabled (e.g. PeftModel.disable_adapter()): no query pass, no memory update.
             state.routes, state.align_pairs, state.task_ids = [], [], None
             return
-        from mllm.model.modality_context import cached_length, kv_cache
-
         cache = kv_cache(kwargs)
         if cached_length(cache) > 0:
             # A KV-cache decode step sees only the new tokens; routing is per sample, so the
@@ -260,11 +248,13 @@ class DeloModel(BaseTuner):
         query_kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "labels")}
         if "use_cache" in query_kwargs or cache is not None:
             query_kwargs["use_cache"] = False
+        context = get_modality_context(self.model)
+        step = context.step if context is not None else 0
         with torch.no_grad(), state.bypassing():
             out = self.model(*args, **{**query_kwargs, "output_hidden_states": True})
         hidden = out.hidden_states[-1].detach()
         batch, length = hidden.shape[:2]
-        ids = self._modality_ids(args, kwargs, length, batch, hidden.device)
+        ids = self._modality_ids(context, step, length, batch, hidden.device)
         masks = torch.stack([ids == int(Modality.VISUAL), ids == int(Modality.TEXT)], dim=1).to(hidden.dtype)
         pooled = masks @ hidden / masks.sum(-1, keepdim=True).clamp(min=1)          # (B, 2, d)
         available = masks.sum(-1) > 0                                                 # (B, 2)
@@ -340,8 +330,6 @@ class DeloModel(BaseTuner):
         if handle is not None:
             handle.remove()
         self.__dict__.pop("_delo_state", None)
-        from mllm.model.modality_context import release_tracking_context
-
         release_tracking_context(self.model)
         return super().unload()
 

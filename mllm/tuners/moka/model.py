@@ -9,6 +9,7 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTuner
 
+from mllm.modality_context import release_tracking_context, tracking_context
 from mllm.tuners.moka.config import TARGET_MODULES_BY_MODEL_TYPE, MokaConfig
 from mllm.tuners.moka.layer import MERGE_ERROR, Linear, MokaLayer
 from mllm.tuners.moka.routing import ModalityRouter
@@ -21,7 +22,7 @@ class MokaModel(BaseTuner):
     (DESIGN contract 2). A ``MultimodalLM`` attaches a tracking context to its LLM; a plain model
     gets one here: a forward given ``input_ids`` alone is all text (MokA with one modality is LoRA,
     paper section 3), and a caller with media tokens supplies the ids with
-    ``mllm.model.set_modality_ids``. A forward with neither (e.g. only ``inputs_embeds``) raises.
+    ``mllm.modality_context.set_modality_ids``. A forward with neither (e.g. only ``inputs_embeds``) raises.
 
     ``merge_and_unload`` raises: routed A matrices and the cross-attention do not fold into one
     weight. ``unload`` (drop the adapter) works.
@@ -43,8 +44,6 @@ class MokaModel(BaseTuner):
         # Created lazily: peft's injection hooks do not run for add_adapter / load_adapter.
         router = self.__dict__.get("_moka_router")
         if router is None:
-            from mllm.model.modality_context import tracking_context
-
             router = self.__dict__["_moka_router"] = ModalityRouter(tracking_context(self.model))
         return router
 
@@ -71,8 +70,6 @@ class MokaModel(BaseTuner):
 
     def unload(self) -> nn.Module:
         # The returned base model must not keep the modality-tracking hook we gave it.
-        from mllm.model.modality_context import release_tracking_context
-
         if self.__dict__.pop("_moka_router", None) is not None:
             release_tracking_context(self.model)
         return super().unload()

@@ -10,7 +10,7 @@ from torch import nn
 
 from mllm.config import TunerConfig
 from mllm.modality import Modality
-from mllm.model import get_modality_context, set_modality_ids
+from mllm.modality_context import get_modality_context, set_modality_ids
 
 
 class Probe:

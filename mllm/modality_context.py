@@ -59,6 +59,9 @@ class ModalityContext:
         self.caller_supplied: bool = False
         self._hook = None   # the forward pre-hook's handle on a tracking context
         self.tuner_attached = False   # created or hooked by a tuner (tracking_context)
+        #: Counts publications: a reader that noted ``step`` before a forward can tell ids published
+        #: during it (fresh) from ids left over from an earlier one (stale).
+        self.step = 0
 
     def set(self, modality_ids: torch.Tensor, question_mask: torch.Tensor | None = None,
             decode_step: bool = False) -> None:
@@ -70,6 +73,7 @@ class ModalityContext:
         self.modality_ids = modality_ids.long()
         self.question_mask = question_mask.bool()
         self.decode_step = decode_step
+        self.step += 1
 
     def set_pending(self, modality_ids: torch.Tensor, question_mask: torch.Tensor | None = None) -> None:
         """Ids for the next forward that takes ``inputs_embeds`` (a training step or the
@@ -85,9 +89,15 @@ class ModalityContext:
         if modality_ids is None:
             self.modality_ids = self.question_mask = None
             self.caller_supplied, self.decode_step = False, decode_step
+            self.step += 1
             return
         self.set(modality_ids, question_mask, decode_step)
         self.caller_supplied = True
+
+    def published_since(self, step: int) -> bool:
+        """Ids that hold for the forward started after ``step`` was read: published during it, or
+        supplied by the caller for every following forward (``set_modality_ids``)."""
+        return self.modality_ids is not None and (self.step > step or self.caller_supplied)
 
     def clear(self) -> None:
         self.modality_ids = self.question_mask = self._pending = None
@@ -125,6 +135,7 @@ class ModalityContext:
             # raises its clear error instead of reusing an earlier forward's ids.
             self.modality_ids = self.question_mask = None
             self.decode_step = decode_step
+            self.step += 1
 
 
 #: Keyword inputs of a causal LM's forward that carry no media (anything else that is a tensor might).
