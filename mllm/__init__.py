@@ -4,7 +4,10 @@ Importing the package downloads nothing; it registers the project's peft methods
 peft), other heavy modules load on first use.
 """
 
+from mllm.log_filters import quiet_unactionable_warnings
 from mllm.modality import Modality
+
+quiet_unactionable_warnings()  # before peft / bitsandbytes are imported below
 
 __version__ = "0.1.0"
 

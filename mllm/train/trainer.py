@@ -32,6 +32,9 @@ class MllmTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the model takes media tensors the Trainer can't see."})
     report_to: str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Let a new run replace the run already in output_dir (its checkpoints "
+                                         "and outputs are cleared first); without it such a run refuses."})
 
 
 class MultimodalTrainer(Trainer):
