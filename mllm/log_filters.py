@@ -9,7 +9,9 @@ warning of the same library still shows:
 * transformers without torchvision: ``CLIPImageProcessor`` falls back to its PIL twin, which
   is what mllm uses either way.
 * DeepSpeed on a machine without GPUs: "Setting accelerator to CPU".
-* ``FutureWarning``s attributed to mllm's own calls (the fix is ours to make, not the user's).
+* ``FutureWarning``s attributed to mllm's own calls (the fix is ours to make, not the user's),
+  and transformers' ``is_gradient_checkpointing`` deprecation, which peft's ``get_peft_model``
+  (called by mllm) triggers.
 """
 
 from __future__ import annotations
@@ -42,3 +44,4 @@ def quiet_unactionable_warnings() -> None:
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(fragments))
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(mllm|eval_suites|stages)(\.|$)")
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
