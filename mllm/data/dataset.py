@@ -79,17 +79,20 @@ class MultimodalDataset(torch.utils.data.Dataset):
             records, self.skipped = report.records, Counter(report.skipped)
         else:
             records, self.skipped = read_records(path, on_bad_sample)
-        rows = []
+        rows, unusable = [], Counter()
         for record in tqdm(records, desc=f"tokenising {path}", disable=not progress, leave=False):
             try:
                 rows.append(self._tokenise(record, tokenizer, specs_by_token, template, system_prompt, max_length))
             except (RecordError, LabelAlignmentError, ValueError) as e:
                 if on_bad_sample != "skip":
                     raise
-                self.skipped[getattr(e, "reason", type(e).__name__)] += 1
-        if self.skipped:
-            logger.warning("%s: skipped %d bad record(s): %s", path, sum(self.skipped.values()),
-                           dict(self.skipped))
+                unusable[getattr(e, "reason", type(e).__name__)] += 1
+        self.skipped.update(unusable)
+        # The pre-flight report has said what it skipped; say only what tokenising added.
+        newly_skipped = unusable if report is not None else self.skipped
+        if newly_skipped:
+            logger.warning("%s: skipped %d bad record(s): %s", path, sum(newly_skipped.values()),
+                           dict(newly_skipped))
         if not rows:
             raise ValueError(f"{path}: no usable records")
         self.data = datasets.Dataset.from_list(rows)

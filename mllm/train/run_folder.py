@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "run_fingerprint.json"
 
-# Fields that change where or how often a run logs, saves or evaluates, never the weights it trains.
+# Fields that change where or how often a run logs, saves or evaluates, never the weights it trains
+# (data.train: its contents are fingerprinted, not where the file lies).
 NOT_RESULT_FIELDS = {
-    "data.eval", "data.on_bad_sample", "model.feature_cache",
+    "data.train", "data.eval", "data.on_bad_sample", "model.feature_cache",
     *(f"training.{name}" for name in (
         "output_dir", "overwrite_output_dir", "resume_from_checkpoint", "logging_dir", "logging_strategy",
         "logging_steps", "logging_first_step", "logging_nan_inf_filter", "log_level", "log_level_replica",

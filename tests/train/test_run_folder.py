@@ -79,8 +79,8 @@ def test_a_resume_with_a_changed_config_or_data_is_refused_naming_what_changed(t
     shutil.copy(finished_run / "train.jsonl", data)
 
     def resume(checkpoint, **training):
-        cfg = _config(tiny_assets, demo_data, out, "pretrain", max_steps=4, save_steps=2,
-                      resume_from_checkpoint=checkpoint, **training)
+        training = {"max_steps": 4, "save_steps": 2, **training}
+        cfg = _config(tiny_assets, demo_data, out, "pretrain", resume_from_checkpoint=checkpoint, **training)
         cfg.data.train = str(data)
         return cfg
 
@@ -138,7 +138,8 @@ def test_bad_records_are_counted_once_under_skip(tiny_assets, demo_data, tmp_pat
     good = [json.loads(line) for line in lines]
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
-    bad = [dict(good[0], id="typo", image=None, images=good[0]["image"]),                   # unknown media field
+    bad = [dict(good[0], id="typo", image=None, images=good[0]["image"],                    # unknown media field
+                conversations=[{"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "x"}]),
            dict(good[1], id="gone", image="images/missing.png"),                             # missing file
            dict(good[2], id="tags", conversations=[{"from": "human", "value": "<image><image>"},
                                                    {"from": "gpt", "value": "x"}]),            # placeholder count
