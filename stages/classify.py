@@ -23,4 +23,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mllm.cli import run_reporting_user_errors
+
+    sys.exit(run_reporting_user_errors("stages/classify.py", main, sys.argv[1:]))

@@ -99,12 +99,15 @@ def check_output_dir(cfg: ExperimentConfig, output_dir: str, resume: str | bool 
     """Decide, reading only, whether this run may use ``output_dir``; a ConfigError says why not."""
     fingerprint = run_fingerprint(cfg)
     checkpoint = _resume_point(output_dir, resume)
+    entries = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    saved = _read_fingerprint(output_dir)
     if checkpoint is not None:
         _check_resume(checkpoint, fingerprint)
-        return OutputPlan(output_dir, checkpoint, [], fingerprint)
-    entries = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+        # Resuming into another folder: that folder must be empty or hold this same run.
+        if not entries or saved == fingerprint or os.path.samefile(os.path.dirname(os.path.abspath(checkpoint)),
+                                                                    output_dir):
+            return OutputPlan(output_dir, checkpoint, [], fingerprint)
     if entries and not overwrite:
-        saved = _read_fingerprint(output_dir)
         what = "another run" if saved is None or saved != fingerprint else "a run of this same config"
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise ConfigError(
@@ -114,7 +117,7 @@ def check_output_dir(cfg: ExperimentConfig, output_dir: str, resume: str | bool 
     kept = [e for e in entries if not _RUN_OUTPUT.match(e)]
     if kept:
         logger.warning("training.overwrite_output_dir: keeping %s in %s (not written by a run)", kept, output_dir)
-    return OutputPlan(output_dir, None, to_clear, fingerprint)
+    return OutputPlan(output_dir, checkpoint, to_clear, fingerprint)
 
 
 def claim_output_dir(plan: OutputPlan) -> None:

@@ -161,3 +161,17 @@ def test_bad_records_are_counted_once_under_skip(tiny_assets, demo_data, tmp_pat
     # Each corrupt record was read once, in the first epoch, never again.
     assert sum("skipping unreadable media" in m for m in messages) == 2
     assert any(m.startswith(f"saved to {tmp_path / 'run'}: projectors (visual)") for m in messages)
+
+
+def test_a_resume_into_a_folder_of_another_run_is_refused(tiny_assets, demo_data, finished_run, tmp_path):
+    checkpoint = str(finished_run / "run" / "checkpoint-2")
+    cfg = _config(tiny_assets, demo_data, tmp_path / "elsewhere", "pretrain", max_steps=4, save_steps=2,
+                  resume_from_checkpoint=checkpoint)
+    cfg.data.train = str(finished_run / "train.jsonl")
+    assert check_output_dir(cfg, str(tmp_path / "elsewhere"), checkpoint).resume_from == checkpoint  # empty: fine
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "projectors.safetensors").write_bytes(b"another run's")
+    with pytest.raises(ConfigError, match="already holds another run"):
+        check_output_dir(cfg, str(tmp_path / "elsewhere"), checkpoint)
+    plan = check_output_dir(cfg, str(tmp_path / "elsewhere"), checkpoint, overwrite=True)
+    assert plan.resume_from == checkpoint and plan.to_clear == [str(tmp_path / "elsewhere" / "projectors.safetensors")]
