@@ -154,9 +154,9 @@ def describe_saved(model: MultimodalLM) -> str:
     if isinstance(model.llm, PeftModel):
         config = model.llm.peft_config[model.llm.active_adapter]
         rank = f", r={config.r}" if getattr(config, "r", None) else ""
-        parts.append(f"a {str(config.peft_type.value if hasattr(config.peft_type, 'value') else config.peft_type).lower()} "
-                     f"adapter in adapter/ ({sum(p.numel() for p in model.llm.parameters() if p.requires_grad):,} "
-                     f"trained parameters{rank})")
+        peft_type = str(getattr(config.peft_type, "value", config.peft_type)).lower()
+        trained = sum(p.numel() for p in model.llm.parameters() if p.requires_grad)
+        parts.append(f"a {peft_type} adapter in adapter/ ({trained:,} trained parameters{rank})")
     parts.append(f"the config and tokenizer; the LLM ({model.base_llm.config.name_or_path}) and the encoders "
                  f"are referenced, not copied")
     return ", ".join(parts)
@@ -176,6 +176,8 @@ def run_pretrain(cfg: ExperimentConfig, model: MultimodalLM | None = None) -> Mu
     from ``cfg.model``."""
     args = _arguments_and_seed(cfg)
     checked = preflight(cfg, args, _encoder_fields(cfg))
+    if cfg.model.pretrained_projectors:
+        logger.info("projectors: from model.pretrained_projectors=%s", cfg.model.pretrained_projectors)
     model = model or MultimodalLM.from_config(cfg.model)
     model.freeze_llm()
     template = cfg.data.template if cfg.data.template != "auto" else "plain"
