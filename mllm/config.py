@@ -213,10 +213,10 @@ def check_value(name: str, value: Any, hint: Any) -> Any:
                 except ValueError:
                     pass
     elif isinstance(value, (int, float)):
-        if int in options and (isinstance(value, int) or (float not in options and float(value).is_integer())):
+        if float in options or (int in options and isinstance(value, int)):
+            return value  # an int is a fine float; kept as written (saved configs stay as given)
+        if int in options and float(value).is_integer():
             return int(value)
-        if float in options:
-            return float(value)
     names = " or ".join(_type_name(o) for o in options if o is not type(None))
     raise ConfigError(f"{name}={value!r}: expected {names}, got {type(value).__name__}")
 
