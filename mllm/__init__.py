@@ -10,7 +10,10 @@ import importlib.abc
 import importlib.util
 import sys
 
+from mllm.log_filters import quiet_unactionable_warnings
 from mllm.modality import Modality
+
+quiet_unactionable_warnings()  # before anything imports peft or bitsandbytes
 
 __version__ = "0.1.0"
 

@@ -25,26 +25,54 @@ STAGE_HELP = {
 }
 
 
+def _field_lines(cls, skip=()) -> str:
+    """One line per field: ``name: type = default``."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = getattr(hints[f.name], "__name__", None) if isinstance(hints[f.name], type) else None
+        kind = kind or str(hints[f.name]).replace("typing.", "").replace("NoneType", "None")
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = "(required)"
+        lines.append(f"      {f.name}: {kind} = {default}\n")
+    return "".join(lines)
+
+
 def _schema_help() -> str:
-    from mllm.config import DataConfig, EncoderConfig, ModelConfig, TunerConfig
+    from mllm.config import PATH_RESOLUTION_HELP, DataConfig, EncoderConfig, ModelConfig, TunerConfig
     from mllm.projectors.qformer import ProjectorConfig
     from mllm.tuners import tuner_summaries
 
-    def fields(cls, skip=()):
-        return ", ".join(f"{f.name}" for f in dataclasses.fields(cls) if f.name not in skip)
-
     return (
-        "config schema (YAML; override any field as section.field=value, values parsed as YAML):\n"
-        f"  model:     {fields(ModelConfig, ('encoders', 'projectors'))}\n"
-        f"  model.encoders.<visual|audio|speech>:   {fields(EncoderConfig)}\n"
-        f"  model.projectors.<visual|audio|speech>: {fields(ProjectorConfig)}\n"
-        f"  tuner:     {fields(TunerConfig)}\n"
-        f"  data:      {fields(DataConfig)}\n"
-        "  training:  any transformers.TrainingArguments field, plus projector_lr\n"
+        "config schema (YAML; override any field as section.field=value, values parsed as YAML);\n"
+        "each field as name: type = default:\n"
+        f"  model:\n{_field_lines(ModelConfig, ('encoders', 'projectors'))}"
+        f"  model.encoders.<visual|audio|speech>:\n{_field_lines(EncoderConfig)}"
+        f"  model.projectors.<visual|audio|speech>:\n{_field_lines(ProjectorConfig)}"
+        f"  tuner:\n{_field_lines(TunerConfig)}"
+        f"  data:\n{_field_lines(DataConfig)}"
+        "  training:  any transformers.TrainingArguments field (types and defaults as documented there; "
+        "strategies take 'no' / 'steps' / 'epoch'), plus\n"
+        "      projector_lr: float | None = None (default: learning_rate)\n"
+        "      overwrite_output_dir: bool = False (let a new run replace the run in output_dir)\n"
+        f"{PATH_RESOLUTION_HELP}\n"
+        "An output folder belongs to one run: a new run into a used folder refuses (resume it with "
+        "training.resume_from_checkpoint=true, or replace it with training.overwrite_output_dir=true).\n"
+        "Errors in what you gave (config, data, media) end the command with one line and exit status 2; "
+        "--debug or MLLM_DEBUG=1 shows the traceback. Under accelerate, add --quiet (accelerate launch -q ...) "
+        "so the launcher does not add its own traceback.\n"
         "tuners (tuner.type; a method's own fields go in tuner.options):\n"
         + "".join(f"  {name:6s} {summary}\n" for name, summary in tuner_summaries().items())
         + "examples:\n"
-        "  accelerate launch stages/pretrain.py --config configs/demo/pretrain.yaml\n"
+        "  accelerate launch -q stages/pretrain.py --config configs/demo/pretrain.yaml\n"
         "  mllm instruct --config configs/demo/instruct.yaml training.learning_rate=1e-4 tuner.r=16\n"
         "  accelerate launch --config_file acc.yaml stages/instruct.py --config my.yaml "
         "training.deepspeed=deepspeed_configs/zero3.json"
@@ -188,7 +216,11 @@ def _extra_command(module: str, function: str, argv: list[str]) -> int:
 
 def run_reporting_user_errors(prog: str, command, argv: list[str]) -> int:
     """Run ``command(argv)``; a :class:`~mllm.errors.UserError` ends it with one line on stderr and
-    exit status 2. ``--debug`` (anywhere in argv) or ``MLLM_DEBUG=1`` re-raises it with its traceback."""
+    exit status 2. ``--debug`` (anywhere in argv) or ``MLLM_DEBUG=1`` re-raises it with its traceback.
+
+    Under a launcher (``accelerate launch``, torchrun) every process meets the same error; only
+    the first (RANK 0) prints it, so it shows once. ``accelerate launch --quiet`` then passes the
+    line through without adding the launcher's own traceback."""
     debug = "--debug" in argv or os.environ.get("MLLM_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     try:
@@ -197,7 +229,8 @@ def run_reporting_user_errors(prog: str, command, argv: list[str]) -> int:
         if debug:
             raise
         message = " ".join(str(e).split())  # one line, whatever the message held
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
         return 2
 
 

@@ -9,8 +9,11 @@ field, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +66,9 @@ class ModelConfig:
     encoders: dict[str, EncoderConfig] = field(default_factory=dict)        # modality -> encoder
     projectors: dict[str, ProjectorConfig] = field(default_factory=dict)   # modality -> projector
     video_frames: int = 8                  # frames sampled uniformly from each video
-    pretrained_projectors: str | None = None  # stage-1 output folder (stage 2 starts from it)
+    # Stage-1 output folder (stage 2 starts from it), or released projector files (a path or a list:
+    # MokA's visual_pretrain.bin / audio_pretrain.bin, mllm.projectors.released).
+    pretrained_projectors: str | list[str] | None = None
     feature_cache: str | None = None       # folder caching the frozen encoders' outputs (None: off)
 
     def __post_init__(self):
@@ -168,16 +173,77 @@ def _build_dataclass(cls, values: Any, where: str):
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
         section = known[name].default_factory
         if dataclasses.is_dataclass(section):   # a nested section, e.g. data.train_missing
-            value = _build_dataclass(section, value, f"{where}.{name}")
-        kwargs[name] = value
+            kwargs[name] = _build_dataclass(section, value, f"{where}.{name}")
+        else:
+            kwargs[name] = check_value(f"{where}.{name}", value, hints.get(name))
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+_TRUE_STRINGS, _FALSE_STRINGS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def check_value(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as the type ``hint`` asks for, or a ConfigError naming the field.
+
+    Checks scalars only (bool, int, float, str, an Enum's values, and unions of them with None);
+    lists, mappings and ``Any`` pass through. Numbers written as strings become numbers, and a
+    YAML ``no`` (read as False) stands for the string "no" where an Enum accepts it
+    (``training.save_strategy: no``)."""
+    if hint is None or hint is Any:
+        return value
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{name}: a value is required, got null")
+    if any(typing.get_origin(o) is not None or o in (list, dict, Any) for o in options):
+        return value  # a container (or Any) is among the accepted types: not checked here
+    enums = [o for o in options if isinstance(o, type) and issubclass(o, enum.Enum)]
+    if isinstance(value, bool):
+        if bool in options:
+            return value
+        for enum_type in enums:  # YAML 1.1 reads `no` / `off` as False
+            if value is False and "no" in {m.value for m in enum_type}:
+                return "no"
+    elif isinstance(value, str):
+        text = value.strip()
+        for enum_type in enums:
+            valid = [m.value for m in enum_type]
+            if text in valid:
+                return text
+            if str not in options or len(enums) == 1:
+                raise ConfigError(f"{name}={value!r}: expected one of {valid}")
+        if str in options:
+            return value
+        if bool in options and text.lower() in _TRUE_STRINGS + _FALSE_STRINGS:
+            return text.lower() in _TRUE_STRINGS
+        for number_type in (int, float):
+            if number_type in options:
+                try:
+                    return number_type(text)
+                except ValueError:
+                    pass
+    elif isinstance(value, (int, float)):
+        if float in options or (int in options and isinstance(value, int)):
+            return value  # an int is a fine float; kept as written (saved configs stay as given)
+        if int in options and float(value).is_integer():
+            return int(value)
+    names = " or ".join(_type_name(o) for o in options if o is not type(None))
+    raise ConfigError(f"{name}={value!r}: expected {names}, got {type(value).__name__}")
+
+
+def _type_name(hint) -> str:
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return "one of " + "/".join(str(m.value) for m in hint)
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
 def _build_model_config(values: dict) -> ModelConfig:
@@ -186,10 +252,10 @@ def _build_model_config(values: dict) -> ModelConfig:
     projectors = values.pop("projectors", {}) or {}
     cfg = _build_dataclass(ModelConfig, values, "model")
     for name, enc in encoders.items():
-        modality_from_name(name)  # validates the key
+        _check_modality(f"model.encoders.{name}", name)
         cfg.encoders[name.lower()] = _build_dataclass(EncoderConfig, enc, f"model.encoders.{name}")
     for name, proj in projectors.items():
-        modality_from_name(name)
+        _check_modality(f"model.projectors.{name}", name)
         cfg.projectors[name.lower()] = _build_dataclass(ProjectorConfig, proj, f"model.projectors.{name}")
     missing = sorted(set(cfg.encoders) - set(cfg.projectors))
     for name in missing:  # an encoder without projector settings gets the defaults
@@ -198,6 +264,13 @@ def _build_model_config(values: dict) -> ModelConfig:
     if extra:
         raise ConfigError(f"model.projectors: {extra} have no encoder in model.encoders")
     return cfg
+
+
+def _check_modality(where: str, name: str) -> None:
+    try:
+        modality_from_name(name)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def config_from_dict(raw: dict, source: str | None = None) -> ExperimentConfig:
@@ -260,7 +333,10 @@ def read_raw_config(path: str | None, overrides: list[str] | None = None) -> dic
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """The instruction-tuning stages' config (``model``, ``tuner``, ``data``, ``training``)."""
-    cfg = config_from_dict(read_raw_config(path, overrides), source=path)
+    try:
+        cfg = config_from_dict(read_raw_config(path, overrides), source=path)
+    except ConfigError as e:  # name the file too (a value may also come from an override)
+        raise ConfigError(f"{path or 'config'}: {e}") from None
     _resolve_relative_paths(cfg, os.path.dirname(os.path.abspath(path)) if path else os.getcwd())
     return cfg
 
@@ -276,20 +352,30 @@ def load_sectioned_config(cls, path: str | None, overrides: list[str] | None = N
         raise ConfigError(f"{path or 'config'}: unknown top-level section(s) {unknown}; "
                           f"valid: {', '.join(sections)}")
     built = {}
-    for name, values in raw.items():
-        section = sections[name].default_factory
-        if dataclasses.is_dataclass(section):
-            built[name] = _build_dataclass(section, values, name)
-        elif values is not None and not isinstance(values, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {type(values).__name__}")
-        else:
-            built[name] = {**section(), **(values or {})}   # a free mapping: given keys over the defaults
+    try:
+        for name, values in raw.items():
+            section = sections[name].default_factory
+            if dataclasses.is_dataclass(section):
+                built[name] = _build_dataclass(section, values, name)
+            elif values is not None and not isinstance(values, dict):
+                raise ConfigError(f"{name}: expected a mapping, got {type(values).__name__}")
+            else:
+                built[name] = {**section(), **(values or {})}   # a free mapping: given keys over the defaults
+    except ConfigError as e:  # name the file too (a value may also come from an override)
+        raise ConfigError(f"{path or 'config'}: {e}") from None
     return cls(**built)
+
+
+PATH_RESOLUTION_HELP = (
+    "Relative paths: a path starting with './' or '../' resolves against the folder of the config "
+    "file; any other relative path (e.g. data/train.jsonl) resolves against the working directory; "
+    "a model value that is not a local path is a Hugging Face Hub id (org/name).")
 
 
 def _resolve_relative_paths(cfg: ExperimentConfig, base: str) -> None:
     """Paths starting with './' or '../' are relative to the YAML file; others (HF ids, absolute
-    paths, plain relative paths) are left to the usual resolution from the working directory."""
+    paths, plain relative paths) are left to the usual resolution from the working directory
+    (``PATH_RESOLUTION_HELP``)."""
 
     def fix(value):
         if isinstance(value, str) and value.startswith(("./", "../")):
@@ -298,7 +384,8 @@ def _resolve_relative_paths(cfg: ExperimentConfig, base: str) -> None:
 
     cfg.model.llm = fix(cfg.model.llm)
     cfg.model.tokenizer = fix(cfg.model.tokenizer)
-    cfg.model.pretrained_projectors = fix(cfg.model.pretrained_projectors)
+    projectors = cfg.model.pretrained_projectors
+    cfg.model.pretrained_projectors = [fix(p) for p in projectors] if isinstance(projectors, list) else fix(projectors)
     cfg.model.feature_cache = fix(cfg.model.feature_cache)
     cfg.tuner.continue_from = fix(cfg.tuner.continue_from)
     for enc in cfg.model.encoders.values():
@@ -316,3 +403,34 @@ def config_to_dict(cfg: ExperimentConfig) -> dict:
     out = dataclasses.asdict(cfg)
     out.pop("source", None)
     return out
+
+
+def _looks_local(value: str) -> bool:
+    """A value meant as a local path rather than a Hub id (``name`` or ``org/name``)."""
+    return (os.path.isabs(value) or value.startswith(("./", "../", "~")) or value.count("/") > 1
+            or os.sep != "/" and os.sep in value)
+
+
+def check_local_paths(cfg: ExperimentConfig) -> None:
+    """Every local path the config names exists; a ConfigError names the field, the path and how
+    it was resolved. Hub ids are left to the Hub (they may be downloaded)."""
+    where = f" in {cfg.source}" if cfg.source else ""
+    base = os.path.dirname(os.path.abspath(cfg.source)) if cfg.source else None
+    how = (f"'./' and '../' paths resolve against the config file's folder {base}, other relative paths "
+           f"against the working directory {os.getcwd()}") if base else f"relative to the working directory {os.getcwd()}"
+    fields = {"model.llm": cfg.model.llm, "model.tokenizer": cfg.model.tokenizer,
+              "model.pretrained_projectors": cfg.model.pretrained_projectors,
+              "tuner.continue_from": cfg.tuner.continue_from}
+    fields.update({f"model.encoders.{name}.path": enc.path for name, enc in cfg.model.encoders.items()})
+    for name, values in fields.items():
+        for value in values if isinstance(values, (list, tuple)) else [values]:   # projectors: a list of files
+            if value and _looks_local(value) and not os.path.exists(os.path.expanduser(value)):
+                raise ConfigError(f"{name}{where}: local path not found: "
+                                  f"{os.path.abspath(os.path.expanduser(value))} ({how})")
+    for name in ("train", "eval"):
+        value = getattr(cfg.data, name)
+        # A native source or mixture (a mapping or list) names its files itself: mllm.data.mixture checks them.
+        if isinstance(value, str) and not os.path.isfile(value):
+            raise ConfigError(f"data.{name}{where}: data file not found: {os.path.abspath(value)} ({how})")
+    if cfg.data.media_root and not os.path.isdir(cfg.data.media_root):
+        raise ConfigError(f"data.media_root{where}: folder not found: {os.path.abspath(cfg.data.media_root)} ({how})")

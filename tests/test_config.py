@@ -97,3 +97,55 @@ def test_classify_and_cmml_configs_use_the_one_loader(tmp_path):
     assert cmml.tuner == {"r": 2, "num_experts": 16, "alpha": 2.0} and cmml.training.lr == 1e-2
     with pytest.raises(ConfigError, match="benchmark must be one of"):
         load_cmml_config(None, ["data.benchmark=cifar"])
+    with pytest.raises(ConfigError, match=r"training\.lr='abc': expected a number"):
+        load_classify_config(None, ["training.lr=abc"])
+
+
+@pytest.mark.parametrize("override,message", [
+    # Fails today deep in torch's scheduler ("can't multiply sequence by non-int").
+    ("training.learning_rate=abc", r"exp\.yaml: training\.learning_rate='abc': expected a number"),
+    ("training.max_steps=2.5", r"exp\.yaml: training\.max_steps=2\.5: expected an integer"),
+    ("training.save_strategy=sometimes", r"exp\.yaml: training\.save_strategy='sometimes': expected one of "
+                                         r"\['no', 'steps', 'epoch', 'best'\]"),
+    ("training.bf16=maybe", r"exp\.yaml: training\.bf16='maybe': expected true/false"),
+])
+def test_bad_training_values_name_the_field_and_file(tmp_path, override, message):
+    from mllm.train.stages import training_arguments
+
+    cfg = load_config(_write(tmp_path, YAML), [override])
+    with pytest.raises(ConfigError, match=message):
+        training_arguments(cfg)
+
+
+def test_bad_section_values_name_the_field_and_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"exp\.yaml: tuner\.r='abc': expected an integer"):
+        load_config(_write(tmp_path, YAML), ["tuner.r=abc"])
+    with pytest.raises(ConfigError, match=r"exp\.yaml: model\.encoders\.visual\.select_layer='last'"):
+        load_config(_write(tmp_path, YAML), ["model.encoders.visual.select_layer=last"])
+
+
+def test_yaml_no_is_the_strategy_no_and_numbers_in_strings_are_numbers(tmp_path):
+    """YAML reads `no` as False; TrainingArguments wants the string 'no'."""
+    from mllm.train.stages import training_arguments
+
+    cfg = load_config(_write(tmp_path, YAML), ["training.save_strategy=no", "training.eval_strategy=no",
+                                               "training.learning_rate='2e-4'", "training.use_cpu=true"])
+    args = training_arguments(cfg)
+    assert args.save_strategy == "no" and args.eval_strategy == "no" and args.learning_rate == 2e-4
+    assert cfg.training["save_strategy"] == "no"  # saved with the run as read
+
+
+def test_a_missing_local_model_path_names_the_field_and_how_it_resolved(tmp_path):
+    from mllm.config import check_local_paths
+
+    cfg = load_config(_write(tmp_path, YAML))   # model.llm: ./models/llm, next to the config file
+    with pytest.raises(ConfigError) as err:
+        check_local_paths(cfg)
+    message = str(err.value)
+    assert message.startswith(f"model.llm in {tmp_path / 'exp.yaml'}: local path not found: {tmp_path / 'models' / 'llm'}")
+    assert f"against the config file's folder {tmp_path}" in message and "Repo id" not in message
+    (tmp_path / "models" / "llm").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"data\.train in .*: data file not found: .*data/train\.jsonl"):
+        check_local_paths(cfg)
+    # A Hub id (org/name) is left to the Hub.
+    assert cfg.model.encoders["visual"].path == "openai/clip-vit-large-patch14"

@@ -17,6 +17,7 @@ import datasets
 import torch
 from tqdm.auto import tqdm
 
+from mllm.data.check import DataReport
 from mllm.data.media import MediaError, report_audio_conversions, resolve_media_path
 from mllm.data.schema import Record, RecordError, read_records
 from mllm.data.templates import IGNORE_INDEX, LabelAlignmentError, tokenize_conversation
@@ -65,25 +66,34 @@ class MultimodalDataset(torch.utils.data.Dataset):
 
     def __init__(self, path: str, tokenizer, media_specs: dict[str, MediaSpec], *, template: str = "auto",
                  system_prompt: str | None = None, max_length: int | None = None, media_root: str | None = None,
-                 on_bad_sample: str = "error", for_generation: bool = False, progress: bool = True):
+                 on_bad_sample: str = "error", for_generation: bool = False, progress: bool = True,
+                 report: DataReport | None = None):
+        """``report``: this file's pre-flight check (``mllm.data.check.check_data``); its records
+        are used (not read again) and its skip counts carried on."""
         self.path = path
         self.media_root = media_root
         self.on_bad_sample = on_bad_sample
         self.for_generation = for_generation
         self.specs_by_field = {spec.field: spec for spec in media_specs.values()}
         specs_by_token = {spec.token_id: spec for spec in media_specs.values()}
-        records, self.skipped = read_records(path, on_bad_sample)
-        rows = []
+        if report is not None:
+            records, self.skipped = report.records, Counter(report.skipped)
+        else:
+            records, self.skipped = read_records(path, on_bad_sample)
+        rows, unusable = [], Counter()
         for record in tqdm(records, desc=f"tokenising {path}", disable=not progress, leave=False):
             try:
                 rows.append(self._tokenise(record, tokenizer, specs_by_token, template, system_prompt, max_length))
             except (RecordError, LabelAlignmentError, ValueError) as e:
                 if on_bad_sample != "skip":
                     raise
-                self.skipped[getattr(e, "reason", type(e).__name__)] += 1
-        if self.skipped:
-            logger.warning("%s: skipped %d bad record(s): %s", path, sum(self.skipped.values()),
-                           dict(self.skipped))
+                unusable[getattr(e, "reason", type(e).__name__)] += 1
+        self.skipped.update(unusable)
+        # The pre-flight report has said what it skipped; say only what tokenising added.
+        newly_skipped = unusable if report is not None else self.skipped
+        if newly_skipped:
+            logger.warning("%s: skipped %d bad record(s): %s", path, sum(newly_skipped.values()),
+                           dict(newly_skipped))
         if not rows:
             raise ValueError(f"{path}: no usable records")
         self.data = datasets.Dataset.from_list(rows)
@@ -91,7 +101,8 @@ class MultimodalDataset(torch.utils.data.Dataset):
         self.audio_conversions = report_audio_conversions(
             path, (json.loads(row["media"]) for row in rows),
             {f: spec.max_seconds for f, spec in self.specs_by_field.items()}, media_root)
-        self.media_skipped: Counter = Counter()
+        self.media_skipped: Counter = Counter()   # unreadable media file -> records skipped for it
+        self._unreadable_rows: set[int] = set()   # found bad once: never read again (each epoch)
 
     def _tokenise(self, record: Record, tokenizer, specs_by_token, template, system_prompt, max_length) -> dict:
         here = f"{record.where}: record '{record.id}'"
@@ -140,16 +151,25 @@ class MultimodalDataset(torch.utils.data.Dataset):
             loaded[MEDIA_INPUT_KEYS[media_field]] = torch.stack(items)
         return loaded
 
+    @property
+    def num_skipped(self) -> int:
+        """Bad records so far, each counted once: malformed or unusable ones, and unreadable media."""
+        return sum(self.skipped.values()) + len(self._unreadable_rows)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         for attempt in range(len(self)):
-            row = self.data[(index + attempt) % len(self)]
+            position = (index + attempt) % len(self)
+            if position in self._unreadable_rows:
+                continue
+            row = self.data[position]
             try:
                 media = self._load_media(row)
                 break
             except MediaError as e:
                 if self.on_bad_sample != "skip":
                     raise
-                # Skip and count: substitute the next sample so the batch keeps its size.
+                # Skip and count once: substitute the next sample so the batch keeps its size.
+                self._unreadable_rows.add(position)
                 self.media_skipped[str(e.path)] += 1
                 logger.warning("skipping unreadable media: %s", e)
         else:

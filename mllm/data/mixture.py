@@ -218,9 +218,14 @@ def data_paths(value: Any) -> list[str]:
     return [item if isinstance(item, str) else str(item.get("path")) for item in items]
 
 
+#: The folder of a run's output where its sources are written as LLaVA JSONL.
+SOURCES_DIR = "data"
+
+
 def data_file(value: Any, output_dir: str, name: str, on_bad_sample: str = "error") -> str:
     """The LLaVA file for ``data.<name>``: the path itself, or the sources written to
     ``<output_dir>/data/<name>.jsonl``."""
     if not is_source_value(value):
         return value
-    return materialise(value, os.path.join(output_dir, "data", f"{name}.jsonl"), on_bad_sample, f"data.{name}")
+    return materialise(value, os.path.join(output_dir, SOURCES_DIR, f"{name}.jsonl"), on_bad_sample,
+                       f"data.{name}")

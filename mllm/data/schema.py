@@ -38,13 +38,17 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)  # any other fields (answer, question_type, ...)
 
 
-def _iter_raw(path: str) -> Iterator[tuple[str, Any]]:
+class DataFileNotFoundError(UserError, FileNotFoundError):
+    pass
+
+
+def iter_raw_records(path: str) -> Iterator[tuple[str, Any]]:
     """Yield (location, parsed object or JSONDecodeError) for a JSON list or a JSONL file."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(f"data file not found: {path}") from None
+        raise DataFileNotFoundError(f"data file not found: {path}") from None
     except UnicodeDecodeError as e:
         raise RecordError(path, f"not UTF-8 text ({e})") from None
     stripped = text.lstrip()
@@ -127,7 +131,7 @@ def read_records(path: str, on_bad_sample: str = "error") -> tuple[list[Record],
     """Parse and validate every record. With ``on_bad_sample='skip'`` malformed records are
     dropped and counted by reason; with 'error' the first one raises ``RecordError``."""
     records, skipped = [], Counter()
-    for where, raw in _iter_raw(path):
+    for where, raw in iter_raw_records(path):
         try:
             records.append(parse_record(where, raw))
         except RecordError as e:

@@ -222,7 +222,8 @@ def run_demo(args: argparse.Namespace) -> dict:
     if llm:
         print(f"[demo] with the LM {llm} and its own chat template", flush=True)
     common = [f"model.llm={paths['llm']}", f"model.encoders.visual.path={paths['clip']}",
-              f"data.media_root={paths['media_root']}", f"training.seed={args.seed}"]
+              f"data.media_root={paths['media_root']}", f"training.seed={args.seed}",
+              "training.overwrite_output_dir=true"]  # running the demo again replaces its runs
     if audio:
         common.append(f"model.encoders.audio.path={paths['beats']}")
     if args.quick:

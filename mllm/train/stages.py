@@ -10,24 +10,44 @@ from __future__ import annotations
 
 import logging
 import os
+import typing
 
 import torch
+from peft import PeftModel
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from mllm.checkpoint import training_prompt_record
-from mllm.config import ConfigError, ExperimentConfig, config_to_dict
+from mllm.config import ConfigError, ExperimentConfig, check_local_paths, check_value, config_to_dict
+from mllm.data.check import DataReport, check_data, media_fields_for
 from mllm.data.dataset import MultimodalCollator, MultimodalDataset
 from mllm.data.mixture import data_file
 from mllm.model.multimodal_lm import MultimodalLM
+from mllm.train.run_folder import OutputPlan, RecordFingerprintInCheckpoints, check_output_dir, claim_output_dir
 from mllm.train.trainer import MllmTrainingArguments, MultimodalTrainer
 from mllm.tuners.delo.sequence import loading_overrides, previous_task_output, start_task
 
 logger = logging.getLogger(__name__)
 
 
+def checked_training_values(cfg: ExperimentConfig) -> dict:
+    """``cfg.training`` with each value checked against its TrainingArguments field type (and
+    numbers written as strings made numbers, YAML's ``no`` made "no"); errors name field and file."""
+    hints = typing.get_type_hints(MllmTrainingArguments)
+    values = {}
+    for name, value in cfg.training.items():
+        # resume_from_checkpoint also takes true (the newest checkpoint): mllm reads it itself.
+        if name in hints and name != "resume_from_checkpoint":
+            try:
+                value = check_value(f"training.{name}", value, hints[name])
+            except ConfigError as e:
+                raise ConfigError(f"{cfg.source}: {e}" if cfg.source else str(e)) from None
+        values[name] = value
+    return values
+
+
 def training_arguments(cfg: ExperimentConfig) -> MllmTrainingArguments:
-    values = dict(cfg.training)
+    values = checked_training_values(cfg)
+    cfg.training.update(values)  # saved with the run (experiment.yaml) as read
     if not values.get("output_dir"):
         raise ConfigError("training.output_dir is required")
     if values.get("hub_token"):
@@ -47,7 +67,9 @@ def training_arguments(cfg: ExperimentConfig) -> MllmTrainingArguments:
         return MllmTrainingArguments(**values)
     except TypeError as e:
         raise ConfigError(f"training: {e} (fields are those of transformers.TrainingArguments "
-                          f"plus projector_lr)") from None
+                          f"plus projector_lr and overwrite_output_dir)") from None
+    except ValueError as e:  # TrainingArguments' own consistency checks
+        raise ConfigError(f"training: {' '.join(str(e).split())}") from None
 
 
 def _uses_deepspeed(training: dict) -> bool:
@@ -56,42 +78,63 @@ def _uses_deepspeed(training: dict) -> bool:
 
 
 def build_dataset(cfg: ExperimentConfig, model: MultimodalLM, path: str, template: str,
-                  for_generation: bool = False) -> MultimodalDataset:
+                  for_generation: bool = False, report: DataReport | None = None) -> MultimodalDataset:
     max_length = cfg.data.max_length or getattr(model.base_llm.config.get_text_config(),
                                                 "max_position_embeddings", None)
     return MultimodalDataset(
         path, model.tokenizer, model.media_specs(), template=template, system_prompt=cfg.data.system_prompt,
         max_length=max_length, media_root=cfg.data.media_root, on_bad_sample=cfg.data.on_bad_sample,
-        for_generation=for_generation)
+        for_generation=for_generation, report=report)
 
 
-def _resume_point(args: MllmTrainingArguments) -> str | None:
-    """``resume_from_checkpoint: true`` picks the newest checkpoint in output_dir, if any."""
-    resume = args.resume_from_checkpoint
-    if resume in (None, False, "false", "False"):
-        return None
-    if resume in (True, "true", "True"):
-        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        if last is None:
-            logger.info("no checkpoint in %s; starting from scratch", args.output_dir)
-        return last
-    return resume
+class Preflight(typing.NamedTuple):
+    """What the checks before any model loads found: the output folder plan and the data."""
+
+    output: OutputPlan
+    paths: dict[str, str]         # "train" / "eval" -> the LLaVA-format file to read
+    data: dict[str, DataReport]   # "train" / "eval" -> report
 
 
-def _train(cfg: ExperimentConfig, args: MllmTrainingArguments, model: MultimodalLM, template: str) -> MultimodalLM:
+def preflight(cfg: ExperimentConfig, args: MllmTrainingArguments, media_fields: set[str] | None) -> Preflight:
+    """Every check that needs no model, so a bad path, folder or record stops the run in seconds
+    (not when its batch is drawn hours later): local paths, the output folder, every record."""
+    check_local_paths(cfg)
     if not cfg.data.train:
         raise ConfigError("data.train is required")
-    # Native sources and mixtures are written once as LLaVA JSONL under output_dir/data/.
-    train_path = data_file(cfg.data.train, args.output_dir, "train", cfg.data.on_bad_sample)
-    eval_path = data_file(cfg.data.eval, args.output_dir, "eval", cfg.data.on_bad_sample) if cfg.data.eval else None
-    train_dataset = build_dataset(cfg, model, train_path, template)
+    output = check_output_dir(cfg, args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
+    paths, reports = {}, {}
+    for name in ("train", "eval"):
+        value = getattr(cfg.data, name)
+        if value:
+            # Native sources and mixtures are written once as LLaVA JSONL under output_dir/data/.
+            paths[name] = data_file(value, args.output_dir, name, cfg.data.on_bad_sample)
+            reports[name] = check_data(paths[name], media_root=cfg.data.media_root, media_fields=media_fields,
+                                       on_bad_sample=cfg.data.on_bad_sample)
+            logger.info("data.%s %s", name, reports[name].summary())
+    if output.resume_from:
+        logger.info("resuming from %s", output.resume_from)
+    return Preflight(output, paths, reports)
+
+
+def _encoder_fields(cfg: ExperimentConfig) -> set[str] | None:
+    return media_fields_for(cfg.model.encoders) if cfg.model.encoders else None
+
+
+def _train(cfg: ExperimentConfig, args: MllmTrainingArguments, model: MultimodalLM, template: str,
+           checked: Preflight) -> MultimodalLM:
+    train_dataset = build_dataset(cfg, model, checked.paths["train"], template, report=checked.data["train"])
     model.prompt_record = training_prompt_record(model.tokenizer, template, cfg.data.system_prompt)
-    eval_dataset = build_dataset(cfg, model, eval_path, template) if eval_path else None
+    eval_dataset = (build_dataset(cfg, model, checked.paths["eval"], template, report=checked.data["eval"])
+                    if "eval" in checked.paths else None)
     trainer = MultimodalTrainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=MultimodalCollator(model.tokenizer.pad_token_id, padding_side="right"),
     )
-    trainer.train(resume_from_checkpoint=_resume_point(args))
+    trainer.add_callback(RecordFingerprintInCheckpoints(checked.output.fingerprint))
+    trainer.accelerator.wait_for_everyone()  # every rank has checked the folder before it changes
+    if trainer.is_world_process_zero():
+        claim_output_dir(checked.output)
+    trainer.train(resume_from_checkpoint=checked.output.resume_from)
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: the log history (losses, train_runtime) beside the model
     if trainer.is_world_process_zero():
@@ -103,11 +146,26 @@ def _train(cfg: ExperimentConfig, args: MllmTrainingArguments, model: Multimodal
         from mllm.hub import push_checkpoint
 
         push_checkpoint(args.output_dir, args.hub_model_id, private=args.hub_private_repo, revision=args.hub_revision)
-    skipped = sum(train_dataset.skipped.values()) + sum(train_dataset.media_skipped.values())
-    if skipped:
-        logger.warning("skipped %d bad training sample(s): %s; unreadable media: %s", skipped,
-                       dict(train_dataset.skipped), dict(train_dataset.media_skipped))
+    if train_dataset.num_skipped:
+        logger.warning("skipped %d bad training record(s), each once: %s; unreadable media: %s",
+                       train_dataset.num_skipped, dict(train_dataset.skipped), dict(train_dataset.media_skipped))
+    if trainer.is_world_process_zero():
+        logger.info("saved to %s: %s", args.output_dir, describe_saved(model))
     return model
+
+
+def describe_saved(model: MultimodalLM) -> str:
+    """What a stage's output folder holds, in words."""
+    parts = [f"projectors ({', '.join(model.projectors.keys())})" if len(model.projectors) else "no projectors"]
+    if isinstance(model.llm, PeftModel):
+        config = model.llm.peft_config[model.llm.active_adapter]
+        rank = f", r={config.r}" if getattr(config, "r", None) else ""
+        peft_type = str(getattr(config.peft_type, "value", config.peft_type)).lower()
+        trained = sum(p.numel() for p in model.llm.parameters() if p.requires_grad)
+        parts.append(f"a {peft_type} adapter in adapter/ ({trained:,} trained parameters{rank})")
+    parts.append(f"the config and tokenizer; the LLM ({model.base_llm.config.name_or_path}) and the encoders "
+                 f"are referenced, not copied")
+    return ", ".join(parts)
 
 
 def _arguments_and_seed(cfg: ExperimentConfig) -> MllmTrainingArguments:
@@ -123,10 +181,13 @@ def run_pretrain(cfg: ExperimentConfig, model: MultimodalLM | None = None) -> Mu
     """Stage 1: train projectors only, on captioning data. ``model`` defaults to one built
     from ``cfg.model``."""
     args = _arguments_and_seed(cfg)
+    checked = preflight(cfg, args, _encoder_fields(cfg))
+    if cfg.model.pretrained_projectors:
+        logger.info("projectors: from model.pretrained_projectors=%s", cfg.model.pretrained_projectors)
     model = model or MultimodalLM.from_config(cfg.model)
     model.freeze_llm()
     template = cfg.data.template if cfg.data.template != "auto" else "plain"
-    return _train(cfg, args, model, template)
+    return _train(cfg, args, model, template, checked)
 
 
 def run_instruct(cfg: ExperimentConfig, model: MultimodalLM | None = None) -> MultimodalLM:
@@ -146,16 +207,22 @@ def run_instruct(cfg: ExperimentConfig, model: MultimodalLM | None = None) -> Mu
     elif previous is not None and cfg.model.pretrained_projectors:
         logger.warning("model.pretrained_projectors is ignored: the projectors come from tuner.continue_from")
     args = _arguments_and_seed(cfg)
+    checked = preflight(cfg, args, _encoder_fields(cfg) if previous is None else None)
     if previous is not None:
+        logger.info("model, projectors and adapter: from tuner.continue_from=%s (task %d trains)",
+                    previous, cfg.tuner.task)
         model = MultimodalLM.from_pretrained(previous, is_trainable=True, **loading_overrides(cfg))
         model.tuner_config = cfg.tuner
+    elif cfg.model.pretrained_projectors:
+        logger.info("projectors: from model.pretrained_projectors=%s", cfg.model.pretrained_projectors)
     model = model or MultimodalLM.from_config(cfg.model)
     model.freeze_llm()
     if previous is None and cfg.tuner.type not in (None, "none"):
+        logger.info("adapter: a new %s adapter (r=%s)", cfg.tuner.type, cfg.tuner.r)
         model.apply_tuner(cfg.tuner)
     if cfg.tuner.type == "delo":
         start_task(model, cfg.tuner.task, continued=previous is not None)
-    return _train(cfg, args, model, cfg.data.template)
+    return _train(cfg, args, model, cfg.data.template, checked)
 
 
 STAGES = {"pretrain": run_pretrain, "instruct": run_instruct}

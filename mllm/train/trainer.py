@@ -36,6 +36,9 @@ class MllmTrainingArguments(TrainingArguments):
         default=False, metadata={"help": "Batches of one modality mix and similar length, in random batch order "
                                          "(LLaVA's option; mllm.data.sampler). Deterministic under the seed and "
                                          "resumable."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Let a new run replace the run already in output_dir (its checkpoints "
+                                         "and outputs are cleared first); without it such a run refuses."})
 
 
 class MultimodalTrainer(Trainer):

@@ -167,3 +167,32 @@ def test_record_without_an_answer_is_never_trained_with_all_labels_masked(tiny_m
               "conversations": [{"from": "human", "value": "<image>\nWhat color is it?"}]}
     with pytest.raises(LabelAlignmentError, match=r"record 'no-answer' \(.*d\.jsonl:1\).*all labels masked"):
         _dataset(tiny_model, _write(tmp_path / "d.jsonl", [record]), media_root)
+
+
+def test_unreadable_media_is_counted_once_and_never_read_again(tiny_model, tmp_path, media_root):
+    """Under skip, a record whose image cannot be decoded is counted once, not once per epoch."""
+    records = [_qa("good"), _qa("bad-img", image="images/broken.png"), _qa("good2")]
+    specs = tiny_model.media_specs()
+    spec = specs["<image>"]
+    reads = []
+
+    def counting_load(path, record_id, load=spec.load_item):
+        reads.append(path.rsplit("/", 1)[-1])
+        return load(path, record_id)
+
+    spec.load_item = counting_load
+    ds = MultimodalDataset(_write(tmp_path / "d.jsonl", records), tiny_model.tokenizer, specs,
+                           media_root=media_root, on_bad_sample="skip", progress=False)
+    for _epoch in range(3):
+        assert [ds[i]["image_inputs"].shape[0] for i in range(len(ds))] == [1, 1, 1]
+    assert reads.count("broken.png") == 1 and ds.num_skipped == 1
+    assert dict(ds.media_skipped) == {f"{media_root}/images/broken.png": 1}
+
+
+def test_a_pre_flight_report_is_used_as_is(tiny_model, tmp_path, media_root):
+    from mllm.data.check import check_data
+
+    path = _write(tmp_path / "d.jsonl", [_qa("good"), _qa("gone", image="images/missing.png")])
+    report = check_data(path, media_root=media_root, on_bad_sample="skip")
+    ds = _dataset(tiny_model, path, media_root, on_bad_sample="skip", report=report)
+    assert len(ds) == 1 and ds.skipped == {"missing media file": 1} and ds.num_skipped == 1

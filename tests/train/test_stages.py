@@ -221,7 +221,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_assets, 
         patch.setattr(stages, "MultimodalTrainer", DyingTrainer)
         with pytest.raises(_KilledAfterCheckpoint):
             run(interrupted)
-    assert sorted(os.listdir(tmp_path / "interrupted")) == ["checkpoint-2"]
+    assert sorted(os.listdir(tmp_path / "interrupted")) == ["checkpoint-2", "run_fingerprint.json"]
     steps_taken = []
 
     class Count(TrainerCallback):

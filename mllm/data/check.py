@@ -1,0 +1,119 @@
+"""Pre-flight check of a data file, before any model loads: the one place records are validated.
+
+``check_data`` reads every record (``mllm.data.schema``: JSON, conversation turns, placeholder
+counts) and adds what only shows against the run: fields that look like media but are not one
+of the media fields (``images``, ``depth``: a typo would otherwise train the record as
+text-only), media of a modality the model has no encoder for, and media files that do not exist.
+Media files are not decoded here (that happens when a sample is drawn); a corrupt file is caught
+then, and under ``on_bad_sample: skip`` counted once.
+
+With ``on_bad_sample='error'`` the first problem raises (a RecordError naming file, line, record
+and field); with ``'skip'`` each bad record is dropped and counted once, under one reason.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+from mllm.data.media import resolve_media_path
+from mllm.data.schema import Record, RecordError, iter_raw_records, parse_record
+from mllm.modality import MEDIA_FIELDS, PLACEHOLDERS, modality_from_name
+
+# File extensions of media a record could name (a field holding such paths is a media field).
+MEDIA_EXTENSIONS = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".mp4", ".avi", ".mov",
+                    ".mkv", ".webm", ".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".opus"}
+
+
+@dataclass
+class DataReport:
+    """What a data file holds: usable records, and bad ones counted by reason (each record once)."""
+
+    path: str
+    records: list[Record] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)          # reason -> records
+    examples: dict[str, str] = field(default_factory=dict)     # reason -> the first such error
+
+    @property
+    def per_modality(self) -> Counter:
+        """Records per media field (a record with an image and audio counts under both); text-only."""
+        counts = Counter()
+        for record in self.records:
+            counts.update(record.media.keys() or ["text-only"])
+        return counts
+
+    def summary(self) -> str:
+        """One line: records loaded, per modality, skipped with reasons."""
+        modalities = ", ".join(f"{name} {n}" for name, n in sorted(self.per_modality.items()))
+        line = f"{self.path}: {len(self.records)} records loaded ({modalities or 'none'})"
+        if self.skipped:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in self.skipped.most_common())
+            line += f"; skipped {sum(self.skipped.values())} bad record(s): {reasons}"
+        return line
+
+
+def media_fields_for(encoder_modalities) -> set[str]:
+    """Record fields a model with encoders for these modalities ('visual', 'audio', ...) accepts."""
+    modalities = {modality_from_name(name) for name in encoder_modalities}
+    return {record_field for modality, record_field in PLACEHOLDERS.values() if modality in modalities}
+
+
+def check_data(path: str, *, media_root: str | None = None, media_fields: set[str] | None = None,
+               on_bad_sample: str = "error") -> DataReport:
+    """Validate every record of ``path``; ``media_fields``: the fields the model can take (None:
+    all). Raises the first problem's RecordError under 'error'; counts each bad record once under 'skip'."""
+    report = DataReport(path)
+    for where, raw in iter_raw_records(path):
+        try:
+            record = parse_record(where, raw)
+            _check_fields(where, raw, record)
+            _check_media(record, media_root, media_fields)
+        except RecordError as e:
+            if on_bad_sample != "skip":
+                raise
+            report.skipped[e.reason] += 1
+            report.examples.setdefault(e.reason, str(e))
+            continue
+        report.records.append(record)
+    return report
+
+
+def _check_fields(where: str, raw: dict, record: Record) -> None:
+    for key, value in record.extra.items():
+        suggestion = _media_field_named_like(key)
+        paths = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        holds_media = bool(paths) and all(isinstance(p, str) and os.path.splitext(p)[1].lower() in MEDIA_EXTENSIONS
+                                          for p in paths)
+        if holds_media or (suggestion and paths):
+            hint = f" (did you mean '{suggestion}'?)" if suggestion else ""
+            raise RecordError(f"{where}: record '{record.id}'",
+                              f"unknown media field '{key}'{hint}; media fields are {', '.join(MEDIA_FIELDS)}",
+                              "unknown media field")
+
+
+def _media_field_named_like(key: str) -> str | None:
+    """The media field ``key`` is a plural, path-suffixed or one-letter-off spelling of, if any."""
+    name = key.lower()
+    for media_field in MEDIA_FIELDS:
+        if name in (f"{media_field}s", f"{media_field}_path", f"{media_field}_paths", f"{media_field}_file",
+                    f"{media_field}_files", f"{media_field}s_path", media_field):
+            return media_field
+    close = difflib.get_close_matches(name, MEDIA_FIELDS, n=1, cutoff=0.8)
+    if close and abs(len(close[0]) - len(name)) <= 1:
+        return close[0]
+    return None
+
+
+def _check_media(record: Record, media_root: str | None, media_fields: set[str] | None) -> None:
+    here = f"{record.where}: record '{record.id}'"
+    for media_field, paths in record.media.items():
+        if media_fields is not None and media_field not in media_fields:
+            raise RecordError(here, f"has '{media_field}' media but the model has no encoder for it",
+                              "unsupported modality")
+        for path in paths:
+            resolved = resolve_media_path(path, media_root)
+            if not os.path.isfile(resolved):
+                root = f" (media_root {media_root})" if media_root and not os.path.isabs(path) else ""
+                raise RecordError(here, f"'{media_field}' file not found: {resolved}{root}", "missing media file")

@@ -1,0 +1,81 @@
+"""The data pre-flight check: every record validated against the run before any model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from mllm.data.check import check_data, media_fields_for
+from mllm.data.schema import RecordError
+
+
+def _qa(rid, question="<image>\nWhat color is it?", **media):
+    return {"id": rid, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "red"}],
+            **media}
+
+
+@pytest.fixture
+def media_root(tmp_path):
+    root = tmp_path / "media"
+    root.mkdir()
+    Image.new("RGB", (8, 8), "red").save(root / "a.png")
+    return str(root)
+
+
+def _write(tmp_path, records, raw_lines=()):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + "".join(line + "\n" for line in raw_lines))
+    return str(path)
+
+
+@pytest.mark.parametrize("key,value,suggestion", [("images", "a.png", "image"), ("depth", "d.png", None),
+                                                   ("audios", ["x.wav"], "audio"), ("vidoe", "v.mp4", "video")])
+def test_an_unknown_media_field_is_an_error_naming_record_and_field(tmp_path, media_root, key, value, suggestion):
+    """Today a typo'd field trains the record as text-only."""
+    path = _write(tmp_path, [_qa("ok", image="a.png"), _qa("typo", question="Describe it.", **{key: value})])
+    with pytest.raises(RecordError) as err:
+        check_data(path, media_root=media_root)
+    message = str(err.value)
+    assert message.startswith(f"{path}:2: record 'typo': unknown media field '{key}'")
+    assert ("did you mean" in message) == (suggestion is not None)
+    if suggestion:
+        assert f"did you mean '{suggestion}'" in message
+
+
+def test_other_extra_fields_are_kept(tmp_path, media_root):
+    path = _write(tmp_path, [_qa("ok", image="a.png", image_id="123", answer="red", question_type="color")])
+    report = check_data(path, media_root=media_root)
+    assert report.records[0].extra == {"image_id": "123", "answer": "red", "question_type": "color"}
+
+
+def test_a_missing_media_file_is_caught_up_front(tmp_path, media_root):
+    path = _write(tmp_path, [_qa("ok", image="a.png"), _qa("gone", image="missing.png")])
+    with pytest.raises(RecordError, match=rf"{path}:2: record 'gone': 'image' file not found: .*media/missing\.png"):
+        check_data(path, media_root=media_root)
+
+
+def test_a_modality_without_an_encoder_is_caught(tmp_path, media_root):
+    (tmp_path / "media" / "s.wav").write_bytes(b"")
+    path = _write(tmp_path, [_qa("aud", question="<audio>\nWhat is it?", audio="s.wav")])
+    with pytest.raises(RecordError, match="record 'aud'.*'audio' media but the model has no encoder"):
+        check_data(path, media_root=media_root, media_fields=media_fields_for(["visual"]))
+    assert media_fields_for(["visual"]) == {"image", "video"}
+
+
+def test_skip_counts_each_bad_record_once_and_summarises_in_one_line(tmp_path, media_root):
+    records = [_qa("good1", image="a.png"), _qa("good2", question="Just text?"),
+               _qa("two-tags", question="<image> <image> hi", image="a.png"),       # placeholder count
+               _qa("typo", question="Describe it.", images="a.png"),               # unknown media field
+               _qa("gone", image="missing.png"), _qa("gone2", image=["a.png", "b.png"],
+                                                     question="<image><image>")]   # missing media (one of two)
+    path = _write(tmp_path, records, raw_lines=["{not json"])
+    report = check_data(path, media_root=media_root, on_bad_sample="skip")
+    assert [r.id for r in report.records] == ["good1", "good2"]
+    assert report.skipped == {"missing media file": 2, "placeholder count mismatch": 1, "unknown media field": 1,
+                              "malformed JSON": 1}
+    assert report.summary() == (f"{path}: 2 records loaded (image 1, text-only 1); skipped 5 bad record(s): "
+                                f"2 missing media file, 1 placeholder count mismatch, 1 unknown media field, "
+                                f"1 malformed JSON")
+    assert "missing.png" in report.examples["missing media file"]
