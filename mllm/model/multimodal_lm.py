@@ -69,6 +69,8 @@ def _torch_dtype(name: str | None) -> torch.dtype:
 
 
 class MultimodalLM(nn.Module):
+    AUTO_MODEL_CLASS = AutoModelForCausalLM   # NativeVisionLM loads vision-language checkpoints
+
     def __init__(self, config: ModelConfig, llm: nn.Module, tokenizer, encoders: dict[str, MediaEncoder],
                  projectors: nn.ModuleDict):
         super().__init__()
@@ -99,6 +101,10 @@ class MultimodalLM(nn.Module):
         config = dataclasses.replace(config, projectors={k: dataclasses.replace(v) for k, v in config.projectors.items()})
         if not config.llm:
             raise ValueError("model.llm is empty: give an HF id or a local path of a causal LM")
+        if cls is MultimodalLM:
+            from mllm.model.native.model import NativeVisionLM, native_family
+            if native_family(config):  # a vision-language checkpoint with its own vision tower
+                return NativeVisionLM.from_config(config, tokenizer=tokenizer)
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.llm,
                                                       trust_remote_code=config.trust_remote_code)
@@ -115,7 +121,7 @@ class MultimodalLM(nn.Module):
         # Loading draws random numbers only when ZeRO-3 creates the modules partitioned; keep
         # it off the global generator so projector and adapter inits depend on the seed alone.
         with torch.random.fork_rng(devices=[]):
-            llm = AutoModelForCausalLM.from_pretrained(config.llm, **llm_kwargs)
+            llm = cls.AUTO_MODEL_CLASS.from_pretrained(config.llm, **llm_kwargs)
             encoders = {name: build_encoder(enc) for name, enc in config.encoders.items()}
         if config.quantization:
             # QLoRA's recipe: base frozen, non-quantized weights (norms, embeddings) kept in fp32.

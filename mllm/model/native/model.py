@@ -1,0 +1,208 @@
+"""``NativeVisionLM``: a released vision-language model (Qwen2.5-VL, Qwen2-VL, LLaVA-1.5) whose own
+vision tower and connector handle images and video, plus the project's new branches (``<audio>``
+BEATs, ``<speech>`` Whisper, each with its Q-Former projector) spliced into the same sequence.
+
+Native media go through the checkpoint's own processor (its placeholders, resizing, frame
+sampling, pixel limits): the batch carries what that processor returns (``pixel_values``,
+``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``, ``second_per_grid_ts``) and
+``input_ids`` in which each image / video already occupies its expanded pad tokens. The model
+embeds the text, writes the native vision features (``get_image_features`` / ``get_video_features``
+of the checkpoint) at the pad positions and the new branches' features at their placeholders,
+and runs the language model on ``inputs_embeds``.
+
+Positions. Qwen-VL's multimodal rotary positions (``get_rope_index``) follow
+``mm_token_type_ids``; this model derives them from ``input_ids`` with image pads 1, video
+pads 2 and everything else, the spliced audio / speech rows included, 0 (text: one position
+per token on all three axes). Training passes the resulting (3, B, T) positions; ``generate``
+passes ``input_ids`` + ``mm_token_type_ids`` + grids so transformers computes the same
+positions on the prompt pass and carries the rope offset on every KV-cache decode step.
+LLaVA uses plain 1-D positions (left padding skipped), as the project's causal LMs do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from mllm.config import ModelConfig, TunerConfig
+from mllm.modality import Modality
+from mllm.model.multimodal_lm import MultimodalLM
+from mllm.model.splice import MediaCountError, position_ids_from_attention_mask, splice_features
+
+#: ``model_type`` of a checkpoint's config -> backbone family handled here.
+NATIVE_FAMILIES = {"qwen2_5_vl": "qwen_vl", "qwen2_vl": "qwen_vl", "llava": "llava"}
+#: Batch keys that carry what the native processor produced (passed through the collator as is).
+NATIVE_MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                     "second_per_grid_ts")
+#: Tuner targets inside the language model only: peft's "all-linear" and suffix lists would also
+#: adapt the vision tower (Qwen2.5-VL's vision MLP shares the LM's names, CLIP its q/k/v) and the
+#: connector, where tuner layers would see patches without modality ids.
+LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+#: The native connector of each family (module path under the ``...ForConditionalGeneration``).
+CONNECTOR_MODULES = {"qwen_vl": "model.visual.merger", "llava": "model.multi_modal_projector"}
+
+
+def native_family(config: ModelConfig) -> str | None:
+    """The native backbone family ``model.llm`` names ('qwen_vl', 'llava'), or None for a plain
+    causal LM (or a path AutoConfig cannot read: the causal-LM loader reports that)."""
+    if not config.llm:
+        return None
+    try:
+        llm_config = AutoConfig.from_pretrained(config.llm, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    return NATIVE_FAMILIES.get(llm_config.model_type)
+
+
+class NativeVisionLM(MultimodalLM):
+    AUTO_MODEL_CLASS = AutoModelForImageTextToText
+
+    def __init__(self, config: ModelConfig, llm, tokenizer, encoders, projectors, processor=None):
+        super().__init__(config, llm, tokenizer, encoders, projectors)
+        self.family = NATIVE_FAMILIES[llm.config.model_type]
+        if processor is None:
+            processor = AutoProcessor.from_pretrained(config.llm, trust_remote_code=config.trust_remote_code)
+        processor.tokenizer = tokenizer   # the one with the project's placeholders added
+        self.processor = processor
+        llm_config = llm.config
+        image_id = getattr(llm_config, "image_token_id", None)
+        if image_id is None:
+            image_id = llm_config.image_token_index
+        self.native_token_ids = {"image": image_id}
+        if getattr(llm_config, "video_token_id", None) is not None:
+            self.native_token_ids["video"] = llm_config.video_token_id
+        for token_id in self.native_token_ids.values():
+            self.placeholder_modalities[token_id] = Modality.VISUAL
+
+    # ------------------------------------------------------------------ tuner and freezing
+    def apply_tuner(self, tuner: TunerConfig) -> None:
+        if tuner.type == "mora":
+            raise NotImplementedError("MoRA pairs a project encoder's layers with the LLM's; it is not "
+                                      "available on a native vision-language backbone")
+        if tuner.target_modules is None:
+            tuner = dataclasses.replace(tuner, target_modules=LANGUAGE_MODEL_TARGETS)
+        super().apply_tuner(tuner)
+
+    def connector(self) -> torch.nn.Module:
+        return self.base_llm.get_submodule(CONNECTOR_MODULES[self.family])
+
+    def unfreeze_connector(self) -> None:
+        """Stage 2 with ``model.train_native_connector``: the native connector trains too."""
+        self.connector().requires_grad_(True)
+
+    # ------------------------------------------------------------------ inputs
+    def _native_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.isin(input_ids, torch.tensor(list(self.native_token_ids.values()), device=input_ids.device))
+
+    def mm_token_type_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Qwen-VL token types: image pads 1, video pads 2, all else (audio / speech too) 0."""
+        types = torch.zeros_like(input_ids, dtype=torch.int)
+        types = types.masked_fill(input_ids == self.native_token_ids["image"], 1)
+        if "video" in self.native_token_ids:
+            types = types.masked_fill(input_ids == self.native_token_ids["video"], 2)
+        return types
+
+    def native_features(self, kind: str, media: dict) -> torch.Tensor | None:
+        """The checkpoint's own vision tower + connector output for all images (or videos) of the
+        batch, (N_tokens, D) in order of appearance; None when the batch has none."""
+        vision = self.base_llm.model
+        if kind == "image" and media.get("pixel_values") is not None:
+            if self.family == "qwen_vl":
+                out = vision.get_image_features(media["pixel_values"], media["image_grid_thw"])
+            else:
+                out = vision.get_image_features(pixel_values=media["pixel_values"])
+            return torch.cat(list(out.pooler_output), dim=0)
+        if kind == "video" and media.get("pixel_values_videos") is not None:
+            out = vision.get_video_features(media["pixel_values_videos"], media["video_grid_thw"])
+            return torch.cat(list(out.pooler_output), dim=0)
+        return None
+
+    def embed_inputs(self, input_ids: torch.Tensor, media: dict) -> torch.Tensor:
+        native_positions = self._native_positions(input_ids)
+        # The parent embeds text and splices the new branches; native pads are embedded as pad
+        # tokens there (LLaVA's <image> is also the project's placeholder) and overwritten below.
+        branch_media = {k: v for k, v in media.items() if k not in NATIVE_MEDIA_KEYS}
+        embeds = super().embed_inputs(input_ids.masked_fill(native_positions, self.tokenizer.pad_token_id),
+                                      branch_media)
+        for kind, token_id in self.native_token_ids.items():
+            features = self.native_features(kind, media)
+            if features is None:
+                if bool((input_ids == token_id).any()):
+                    raise MediaCountError(f"the batch has native {kind} tokens but no {kind} pixel values")
+                continue
+            embeds = splice_features(embeds, input_ids, token_id, features[None], what=f"native {kind}")
+        return embeds
+
+    def _prepare_native(self, input_ids, attention_mask, question_mask, media):
+        embeds, attention_mask = self._prepare_inputs(input_ids, attention_mask, question_mask, media)
+        if question_mask is not None:
+            # Native pads lie inside user turns; only text tokens belong to the question.
+            ids, question = self.modality_context._pending
+            self.modality_context._pending = (ids, question & (ids == int(Modality.TEXT)))
+        return embeds, attention_mask
+
+    def rope_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: dict) -> torch.Tensor:
+        """Qwen-VL's (3, B, T) multimodal rotary positions, audio / speech counted as text."""
+        positions, _ = self.base_llm.model.get_rope_index(
+            input_ids, mm_token_type_ids=self.mm_token_type_ids(input_ids),
+            image_grid_thw=media.get("image_grid_thw"), video_grid_thw=media.get("video_grid_thw"),
+            second_per_grid_ts=media.get("second_per_grid_ts"), attention_mask=attention_mask)
+        return positions
+
+    @staticmethod
+    def _split_media(kwargs: dict) -> dict:
+        media = {k: kwargs.pop(k) for k in NATIVE_MEDIA_KEYS if k in kwargs}
+        # The processor's token types call audio rows 3 (or nothing); they are recomputed.
+        kwargs.pop("mm_token_type_ids", None)
+        return media
+
+    # ------------------------------------------------------------------ forward / generate
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
+                audio_inputs: torch.Tensor | None = None, speech_inputs: torch.Tensor | None = None, **kwargs):
+        media = self._split_media(kwargs)
+        embeds, attention_mask = self._prepare_native(
+            input_ids, attention_mask, question_mask,
+            {"audio_inputs": audio_inputs, "speech_inputs": speech_inputs, **media})
+        if self.family == "qwen_vl":
+            position_ids = self.rope_position_ids(input_ids, attention_mask, media)
+        else:
+            position_ids = position_ids_from_attention_mask(attention_mask)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
+                        position_ids=position_ids, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 question_mask: torch.Tensor | None = None, audio_inputs: torch.Tensor | None = None,
+                 speech_inputs: torch.Tensor | None = None, **generate_kwargs) -> torch.Tensor:
+        """Generate from (left-padded) prompts; returns only the new tokens, (B, new)."""
+        if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("generate needs left-padded prompts (a prompt ends in padding); "
+                             "use the collator with padding_side='left'")
+        media = self._split_media(generate_kwargs)
+        embeds, attention_mask = self._prepare_native(
+            input_ids, attention_mask, question_mask,
+            {"audio_inputs": audio_inputs, "speech_inputs": speech_inputs, **media})
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        generate_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        if self.family != "qwen_vl":
+            return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        # Qwen-VL: transformers computes the 3-D positions from input_ids, token types and grids
+        # and carries the rope offset across decode steps. The offset is cached on the model:
+        # reset it so an earlier batch's never leaks in. Features are spliced already, so no
+        # pixel values go in; the new branches' ids (maybe outside the vocabulary) become pads.
+        self.base_llm.model.rope_deltas = None
+        branch_ids = torch.isin(input_ids, torch.tensor(
+            [i for i, m in self.placeholder_modalities.items() if m in (Modality.AUDIO, Modality.SPEECH)],
+            device=input_ids.device))
+        grids = {k: media[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if k in media}
+        output = self.llm.generate(input_ids=input_ids.masked_fill(branch_ids, self.tokenizer.pad_token_id),
+                                   inputs_embeds=embeds, attention_mask=attention_mask,
+                                   mm_token_type_ids=self.mm_token_type_ids(input_ids), **grids, **generate_kwargs)
+        self.base_llm.model.rope_deltas = None
+        return output[:, input_ids.shape[1]:]
+
+
+__all__ = ["LANGUAGE_MODEL_TARGETS", "NATIVE_FAMILIES", "NATIVE_MEDIA_KEYS", "NativeVisionLM", "native_family"]
