@@ -194,7 +194,9 @@ def test_moka_routes_native_image_tokens_as_visual_and_audio_as_audio(native_dir
 
     def block_grads(batch, **extra):
         model.zero_grad(set_to_none=True)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        media = torch.isin(batch["input_ids"], torch.tensor([model.placeholder_ids["<audio>"],
+                                                              model.native_token_ids["image"]]))
+        labels = batch["input_ids"].masked_fill((batch["attention_mask"] == 0) | media, -100)
         model(**batch, labels=labels, **extra).loss.backward()
         grad = layer.moka_A["default"].grad
         return {m: grad[layout.block(layout.modalities.index(m))].abs().sum().item() for m in layout.modalities}
