@@ -23,19 +23,18 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from mllm.config import ModelConfig, TunerConfig
+from mllm.data.dataset import NATIVE_MEDIA_KEYS
 from mllm.modality import Modality
 from mllm.model.multimodal_lm import MultimodalLM
 from mllm.model.splice import MediaCountError, position_ids_from_attention_mask, splice_features
 
 #: ``model_type`` of a checkpoint's config -> backbone family handled here.
 NATIVE_FAMILIES = {"qwen2_5_vl": "qwen_vl", "qwen2_vl": "qwen_vl", "llava": "llava"}
-#: Batch keys that carry what the native processor produced (passed through the collator as is).
-NATIVE_MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                     "second_per_grid_ts")
 #: Tuner targets inside the language model only: peft's "all-linear" and suffix lists would also
 #: adapt the vision tower (Qwen2.5-VL's vision MLP shares the LM's names, CLIP its q/k/v) and the
 #: connector, where tuner layers would see patches without modality ids.
@@ -91,6 +90,40 @@ class NativeVisionLM(MultimodalLM):
     def unfreeze_connector(self) -> None:
         """Stage 2 with ``model.train_native_connector``: the native connector trains too."""
         self.connector().requires_grad_(True)
+
+    # ------------------------------------------------------------------ data pipeline
+    def media_specs(self) -> dict:
+        """The new branches' specs, plus ``<image>`` (and ``<video>`` for Qwen-VL) through the
+        checkpoint's processor: each placeholder becomes exactly the ids the processor writes for
+        that item (Qwen-VL: ``<|vision_start|>`` + pads + ``<|vision_end|>``; LLaVA: its pads), and
+        the item's tensors are the processor's (pixel values, grids, seconds per temporal patch)."""
+        from mllm.data.dataset import MediaSpec
+
+        specs = super().media_specs()
+        fields = ("image", "video") if self.family == "qwen_vl" else ("image",)
+        for field in fields:
+            placeholder = f"<{field}>"
+            specs[placeholder] = MediaSpec(
+                placeholder=placeholder, field=field, token_id=self.placeholder_ids[placeholder], num_tokens=0,
+                load_item=lambda path, rid, field=field: {
+                    k: torch.as_tensor(v) for k, v in self.process_media(field, path, rid).items()
+                    if k in NATIVE_MEDIA_KEYS},
+                item_tokens=lambda path, rid, field=field: self.process_media(field, path, rid)["input_ids"][0].tolist())
+        return specs
+
+    def process_media(self, field: str, path: str, record_id: str) -> dict:
+        """One image / video file through the checkpoint's processor, with its placeholder text."""
+        from mllm.data.media import load_image, load_video_frames
+
+        if field == "image":
+            text, media = ("<|vision_start|><|image_pad|><|vision_end|>" if self.family == "qwen_vl"
+                           else self.processor.image_token), {"images": [load_image(path, record_id)]}
+        else:
+            # The project's uniform frame sampler (model.video_frames); the processor then resizes
+            # the frames and groups them into temporal patches as for the released model.
+            frames = load_video_frames(path, self.config.video_frames, record_id)
+            text, media = "<|vision_start|><|video_pad|><|vision_end|>", {"videos": [np.stack([np.asarray(f) for f in frames])]}
+        return self.processor(text=[text], add_special_tokens=False, return_tensors="pt", **media)
 
     # ------------------------------------------------------------------ inputs
     def _native_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
