@@ -57,6 +57,8 @@ class ModelConfig:
     video_frames: int = 8                  # frames sampled uniformly from each video
     pretrained_projectors: str | None = None  # stage-1 output folder (stage 2 starts from it)
     feature_cache: str | None = None       # folder caching the frozen encoders' outputs (None: off)
+    # Native vision-language `llm` (Qwen2.5-VL, LLaVA): stage 2 also trains its own connector.
+    train_native_connector: bool = False
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:

@@ -22,9 +22,11 @@ LLaVA uses plain 1-D positions (left padding skipped), as the project's causal L
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from mllm.config import ModelConfig, TunerConfig
@@ -40,6 +42,7 @@ NATIVE_FAMILIES = {"qwen2_5_vl": "qwen_vl", "qwen2_vl": "qwen_vl", "llava": "lla
 #: connector, where tuner layers would see patches without modality ids.
 LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 #: The native connector of each family (module path under the ``...ForConditionalGeneration``).
+CONNECTOR_FILE = "native_connector.safetensors"
 CONNECTOR_MODULES = {"qwen_vl": "model.visual.merger", "llava": "model.multi_modal_projector"}
 
 
@@ -83,13 +86,32 @@ class NativeVisionLM(MultimodalLM):
         if tuner.target_modules is None:
             tuner = dataclasses.replace(tuner, target_modules=LANGUAGE_MODEL_TARGETS)
         super().apply_tuner(tuner)
+        if self.config.train_native_connector:
+            # After peft, which freezes everything outside the adapter.
+            self.connector().requires_grad_(True)
 
     def connector(self) -> torch.nn.Module:
+        """The checkpoint's own vision -> LM connector (Qwen-VL merger, LLaVA projector)."""
         return self.base_llm.get_submodule(CONNECTOR_MODULES[self.family])
 
-    def unfreeze_connector(self) -> None:
-        """Stage 2 with ``model.train_native_connector``: the native connector trains too."""
-        self.connector().requires_grad_(True)
+    # ------------------------------------------------------------------ save / load
+    @classmethod
+    def from_config(cls, config: ModelConfig, tokenizer=None) -> "NativeVisionLM":
+        model = super().from_config(config, tokenizer=tokenizer)
+        # A stage-2 output that trained the connector holds it beside the projectors.
+        connector_file = os.path.join(config.pretrained_projectors or "", CONNECTOR_FILE)
+        if config.pretrained_projectors and os.path.isfile(connector_file):
+            model.connector().load_state_dict(load_file(connector_file))
+        return model
+
+    def save_pretrained(self, output_dir: str, projector_state: dict | None = None,
+                        adapter_state: dict | None = None) -> None:
+        """As the parent (projectors, adapter, tokenizer, config: the backbone itself is never
+        copied, ``model.llm`` names it), plus the native connector when it trains (``model.train_native_connector``)."""
+        super().save_pretrained(output_dir, projector_state=projector_state, adapter_state=adapter_state)
+        if any(p.requires_grad for p in self.connector().parameters()):
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in self.connector().state_dict().items()},
+                      os.path.join(output_dir, CONNECTOR_FILE))
 
     # ------------------------------------------------------------------ data pipeline
     def media_specs(self) -> dict:
