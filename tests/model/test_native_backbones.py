@@ -208,3 +208,37 @@ def test_moka_routes_native_image_tokens_as_visual_and_audio_as_audio(native_dir
     # Tuner layers only in the language model, none in the vision tower or connector.
     adapted = [n for n, m in model.base_llm.named_modules() if hasattr(m, "moka_A")]
     assert adapted and all(".language_model." in n for n in adapted)
+
+
+NATIVE_RECIPES = ("configs/audio/music_avqa_moka_qwen2_5_vl.yaml", "configs/native/llava_1_5_beats.yaml")
+
+
+@pytest.mark.parametrize("recipe", NATIVE_RECIPES)
+def test_native_recipes_parse_and_run_on_a_tiny_backbone_of_their_family(native_dirs, recipe):
+    """The shipped recipes parse; with the backbone and BEATs paths pointed at tiny local copies
+    (and small Q-Formers) their model and tuner sections build a NativeVisionLM whose tuner adapts
+    only the language model."""
+    import os
+
+    from mllm.config import load_config
+    from mllm.train.trainer import MllmTrainingArguments
+    from mllm.tuners import build_peft_config
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = load_config(os.path.join(root, recipe))
+    build_peft_config(cfg.tuner)
+    MllmTrainingArguments(**{**cfg.training, "bf16": False, "use_cpu": True})
+    family = "qwen2_5_vl" if "qwen2_5_vl" in recipe else "llava"
+    assert ("Qwen2.5-VL" if family == "qwen2_5_vl" else "llava-1.5") in cfg.model.llm
+    assert set(cfg.model.encoders) == {"audio"} and not cfg.model.train_native_connector
+    model = cfg.model
+    model.llm, model.dtype, model.pretrained_projectors = native_dirs[family], "float32", None
+    model.encoders["audio"].path, model.encoders["audio"].dtype = native_dirs["beats"], None
+    for name, value in TINY_PROJECTOR.items():
+        setattr(model.projectors["audio"], name, value)
+    built = MultimodalLM.from_config(model)
+    assert isinstance(built, NativeVisionLM) and built.family == ("qwen_vl" if family == "qwen2_5_vl" else "llava")
+    built.freeze_llm()
+    built.apply_tuner(cfg.tuner)
+    adapted = [n for n, p in built.base_llm.named_parameters() if p.requires_grad]
+    assert adapted and all(".language_model." in n for n in adapted)
