@@ -70,6 +70,7 @@ def _torch_dtype(name: str | None) -> torch.dtype:
 
 class MultimodalLM(nn.Module):
     AUTO_MODEL_CLASS = AutoModelForCausalLM   # NativeVisionLM loads vision-language checkpoints
+    QUANTIZATION_SKIP_MODULES: list[str] | None = None   # None: bitsandbytes' defaults
 
     def __init__(self, config: ModelConfig, llm: nn.Module, tokenizer, encoders: dict[str, MediaEncoder],
                  projectors: nn.ModuleDict):
@@ -115,7 +116,7 @@ class MultimodalLM(nn.Module):
         if config.quantization:
             llm_kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=config.quantization, bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=llm_kwargs["dtype"])
+                bnb_4bit_compute_dtype=llm_kwargs["dtype"], llm_int8_skip_modules=cls.QUANTIZATION_SKIP_MODULES)
             # 4-bit weights are quantized where they load: load them onto this process's device.
             llm_kwargs["device_map"] = {"": _local_device()}
         # Loading draws random numbers only when ZeRO-3 creates the modules partitioned; keep

@@ -242,3 +242,19 @@ def test_native_recipes_parse_and_run_on_a_tiny_backbone_of_their_family(native_
     built.apply_tuner(cfg.tuner)
     adapted = [n for n, p in built.base_llm.named_parameters() if p.requires_grad]
     assert adapted and all(".language_model." in n for n in adapted)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_qlora_quantises_only_the_language_model(native_dirs, family):
+    model = build(native_dirs, family, {"type": "moka", "options": {"modalities": ["text", "visual", "audio"]}},
+                  quantization="nf4")
+    kinds = {n: type(m).__name__ for n, m in model.base_llm.named_modules() if isinstance(m, torch.nn.Linear)}
+    vision = {n: k for n, k in kinds.items() if not n.startswith("model.language_model.") and n != "lm_head"}
+    language = {n: k for n, k in kinds.items() if n.startswith("model.language_model.") and "moka" not in n}
+    assert vision and all(k == "Linear" for k in vision.values())
+    assert language and all(k == "Linear4bit" for k in language.values())
+    model.train()
+    batch = prompts(model, ["What plays?"], [image(8)], True)
+    media = torch.isin(batch["input_ids"], torch.tensor([model.placeholder_ids["<audio>"], model.native_token_ids["image"]]))
+    model(**batch, audio_inputs=audio_inputs(model, 1), labels=batch["input_ids"].masked_fill(media, -100)).loss.backward()
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in model.named_parameters() if "moka_B" in n)

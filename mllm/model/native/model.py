@@ -60,6 +60,9 @@ def native_family(config: ModelConfig) -> str | None:
 
 class NativeVisionLM(MultimodalLM):
     AUTO_MODEL_CLASS = AutoModelForImageTextToText
+    # QLoRA quantises the language model only. The list replaces bitsandbytes' defaults, so it
+    # names lm_head too; prefixes match from the start of in-memory module names.
+    QUANTIZATION_SKIP_MODULES = ["model.visual", "model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
     def __init__(self, config: ModelConfig, llm, tokenizer, encoders, projectors, processor=None):
         super().__init__(config, llm, tokenizer, encoders, projectors)
