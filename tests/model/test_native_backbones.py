@@ -258,3 +258,30 @@ def test_qlora_quantises_only_the_language_model(native_dirs, family):
     media = torch.isin(batch["input_ids"], torch.tensor([model.placeholder_ids["<audio>"], model.native_token_ids["image"]]))
     model(**batch, audio_inputs=audio_inputs(model, 1), labels=batch["input_ids"].masked_fill(media, -100)).loss.backward()
     assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in model.named_parameters() if "moka_B" in n)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_every_rank_runs_the_vision_tower_on_a_batch_without_images(native_dirs, family, monkeypatch):
+    """ZeRO-3 needs every rank to run the native vision tower (and Qwen's video path) on every
+    step: a text + audio batch on several ranks runs it on a blank item, changing nothing."""
+    import mllm.model.native.model as native_model
+
+    model = build(native_dirs, family, train_native_connector=True)
+    model.freeze_llm()
+    model.connector().requires_grad_(True)
+    model.processor.tokenizer.padding_side = "left"
+    batch = dict(model.processor(text=["<audio>" * model.num_media_tokens("<audio>") + "What plays?"],
+                                 return_tensors="pt"))
+    audio = audio_inputs(model, 1)
+    calls = []
+    handle = model.connector().register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        alone = model(**batch, audio_inputs=audio).logits
+    assert not calls
+    monkeypatch.setattr(native_model, "_several_ranks", lambda: True)
+    out = model(**batch, audio_inputs=audio)
+    handle.remove()
+    assert len(calls) == (2 if family == "qwen2_5_vl" else 1)  # image (+ video) once each
+    torch.testing.assert_close(out.logits, alone, rtol=0, atol=0)
+    out.logits.sum().backward()
+    assert all(p.grad is not None for p in model.connector().parameters())

@@ -27,12 +27,13 @@ import os
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from mllm.config import ModelConfig, TunerConfig
 from mllm.data.dataset import NATIVE_MEDIA_KEYS
 from mllm.modality import Modality
-from mllm.model.multimodal_lm import MultimodalLM
+from mllm.model.multimodal_lm import MultimodalLM, _several_ranks
 from mllm.model.splice import MediaCountError, position_ids_from_attention_mask, splice_features
 
 #: ``model_type`` of a checkpoint's config -> backbone family handled here.
@@ -177,6 +178,17 @@ class NativeVisionLM(MultimodalLM):
             return torch.cat(list(out.pooler_output), dim=0)
         return None
 
+    def _dummy_native(self, kind: str) -> dict[str, torch.Tensor]:
+        if kind not in self._dummy_media:
+            white = Image.new("RGB", (64, 64), "white")
+            if kind == "image":
+                out = self.processor.image_processor(images=[white], return_tensors="pt")
+            else:
+                frames = np.stack([np.asarray(white)] * 2)
+                out = self.processor.video_processor(videos=[frames], return_tensors="pt")
+            self._dummy_media[kind] = {k: out[k] for k in NATIVE_MEDIA_KEYS if k in out}
+        return self._dummy_media[kind]
+
     def embed_inputs(self, input_ids: torch.Tensor, media: dict) -> torch.Tensor:
         native_positions = self._native_positions(input_ids)
         # The parent embeds text and splices the new branches; native pads are embedded as pad
@@ -189,6 +201,12 @@ class NativeVisionLM(MultimodalLM):
             if features is None:
                 if bool((input_ids == token_id).any()):
                     raise MediaCountError(f"the batch has native {kind} tokens but no {kind} pixel values")
+                if _several_ranks():
+                    # As the parent does for its encoders: every rank runs the vision tower the
+                    # same number of times on every step, so ZeRO-3's gathers line up; a blank
+                    # item, added times 0, changes nothing.
+                    dummy = {k: v.to(embeds.device) for k, v in self._dummy_native(kind).items()}
+                    embeds = embeds + 0.0 * self.native_features(kind, dummy).sum()
                 continue
             embeds = splice_features(embeds, input_ids, token_id, features[None], what=f"native {kind}")
         return embeds
