@@ -116,7 +116,7 @@ def test_audio_features_land_at_audio_positions_and_image_features_at_the_pads(n
     model = build(native_dirs, family)
     batch = prompts(model, ["Which instrument?", "Is it loud?"], [image(3), image(4)], True)
     audio = audio_inputs(model, 2)
-    seen = _lm_inputs(model, batch, audio_inputs=audio)
+    seen = _lm_inputs(model, batch, audio_inputs=audio, question_mask=batch["attention_mask"].bool())
     audio_id = model.placeholder_ids["<audio>"]
     image_id = model.native_token_ids["image"]
     with torch.no_grad():
@@ -129,6 +129,8 @@ def test_audio_features_land_at_audio_positions_and_image_features_at_the_pads(n
     assert (ids[batch["input_ids"] == image_id] == Modality.VISUAL).all()
     text = batch["attention_mask"].bool() & (batch["input_ids"] != audio_id) & (batch["input_ids"] != image_id)
     assert (ids[text] == Modality.TEXT).all() and (ids[~batch["attention_mask"].bool()] == Modality.PAD).all()
+    # The question mask keeps only text: media positions inside the user turn are not question.
+    assert torch.equal(model.modality_context.question_mask, text)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])

@@ -26,8 +26,8 @@ import os
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from mllm.config import ModelConfig, TunerConfig
@@ -42,7 +42,8 @@ NATIVE_FAMILIES = {"qwen2_5_vl": "qwen_vl", "qwen2_vl": "qwen_vl", "llava": "lla
 #: adapt the vision tower (Qwen2.5-VL's vision MLP shares the LM's names, CLIP its q/k/v) and the
 #: connector, where tuner layers would see patches without modality ids.
 LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-#: The native connector of each family (module path under the ``...ForConditionalGeneration``).
+#: The native connector of each family (module path under the ``...ForConditionalGeneration``),
+#: and the file a stage-2 output keeps it in when it trained.
 CONNECTOR_FILE = "native_connector.safetensors"
 CONNECTOR_MODULES = {"qwen_vl": "model.visual.merger", "llava": "model.multi_modal_projector"}
 
@@ -212,12 +213,10 @@ class NativeVisionLM(MultimodalLM):
         return embeds
 
     def _prepare_native(self, input_ids, attention_mask, question_mask, media):
-        embeds, attention_mask = self._prepare_inputs(input_ids, attention_mask, question_mask, media)
         if question_mask is not None:
             # Native pads lie inside user turns; only text tokens belong to the question.
-            ids, question = self.modality_context._pending
-            self.modality_context._pending = (ids, question & (ids == int(Modality.TEXT)))
-        return embeds, attention_mask
+            question_mask = question_mask & (self.modality_ids(input_ids) == int(Modality.TEXT))
+        return self._prepare_inputs(input_ids, attention_mask, question_mask, media)
 
     def rope_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: dict) -> torch.Tensor:
         """Qwen-VL's (3, B, T) multimodal rotary positions, audio / speech counted as text."""
