@@ -17,6 +17,7 @@ from mllm.model.native.model import NativeVisionLM
 from mllm.model.native.tiny import build_tiny_llava, build_tiny_qwen_vl
 from tests.conftest import TINY_PROJECTOR
 from tests.encoders.test_beats import random_model, save_official
+from tests.encoders.test_whisper import write_checkpoint
 
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava")
 IMAGE_TEXT = {"llava": "<image>\n", "qwen": "<|vision_start|><|image_pad|><|vision_end|>"}
@@ -26,7 +27,9 @@ IMAGE_TEXT = {"llava": "<image>\n", "qwen": "<|vision_start|><|image_pad|><|visi
 def native_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("native")
     save_official(root / "beats.pt", random_model())
-    dirs = {"beats": str(root / "beats.pt"), "llava": build_tiny_llava(str(root / "llava"))}
+    write_checkpoint(root / "whisper.pt", n_mels=80)
+    dirs = {"beats": str(root / "beats.pt"), "whisper": str(root / "whisper.pt"),
+            "llava": build_tiny_llava(str(root / "llava"))}
     for family in ("qwen2_5_vl", "qwen2_vl"):
         dirs[family] = build_tiny_qwen_vl(str(root / family), family=family)
     return dirs
@@ -152,14 +155,17 @@ def test_qwen_positions_count_audio_as_text(native_dirs, family):
     assert row[0].tolist() == list(range(row[0, 0].item(), row[0, 0].item() + int(audio[1].sum())))
 
 
-def _greedy_without_cache(model, batch, audio, steps):
+def _greedy_without_cache(model, batch, branches, steps):
+    """Greedy decoding by full forwards (no KV cache); ``branches``: audio_inputs (a tensor) or a
+    dict of new-branch inputs."""
+    branches = branches if isinstance(branches, dict) else {"audio_inputs": branches}
     ids, mask = batch["input_ids"], batch["attention_mask"]
     media = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
     finished = torch.zeros(ids.shape[0], dtype=torch.bool)
     out = []
     with torch.no_grad():
         for _ in range(steps):
-            logits = model(input_ids=ids, attention_mask=mask, audio_inputs=audio, use_cache=False, **media).logits
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **branches, **media).logits
             token = logits[:, -1].argmax(-1)
             token = token.masked_fill(finished, model.tokenizer.pad_token_id)
             finished |= token == model.tokenizer.eos_token_id
@@ -287,3 +293,31 @@ def test_every_rank_runs_the_vision_tower_on_a_batch_without_images(native_dirs,
     torch.testing.assert_close(out.logits, alone, rtol=0, atol=0)
     out.logits.sum().backward()
     assert all(p.grad is not None for p in model.connector().parameters())
+
+
+def test_speech_beside_image_and_audio_on_qwen2_5_vl(native_dirs):
+    """<speech> (Whisper + window-level Q-Former) joins image and audio: SPEECH ids, text
+    positions on all three axes, and cached generation equal to the cache-free loop."""
+    model = build(native_dirs, "qwen2_5_vl", {"type": "lora", "options": {"init_lora_weights": False}},
+                  encoders={"audio": {"type": "beats", "path": native_dirs["beats"], "num_windows": 2,
+                                      "window_seconds": 1.0},
+                            "speech": {"type": "whisper", "path": native_dirs["whisper"]}},
+                  projectors={"audio": dict(TINY_PROJECTOR),
+                              "speech": dict(TINY_PROJECTOR, num_queries=1, window_size=100, window_stride=100)})
+    speech_text = "<speech>" * model.num_media_tokens("<speech>")
+    batch = prompts(model, [speech_text + "Who speaks?", speech_text + "Why?"], [image(11), image(12, (44, 36))], True)
+    waves = [np.sin(np.arange(16000 * (2 + k)) * 0.03).astype(np.float32) * 0.2 for k in range(2)]
+    speech = torch.stack([model._preprocess_item("<speech>", w) for w in waves])
+    extra = {"audio_inputs": audio_inputs(model, 2), "speech_inputs": speech}
+    seen = _lm_inputs(model, batch, **extra)
+    is_speech = batch["input_ids"] == model.placeholder_ids["<speech>"]
+    assert (model.modality_context.modality_ids[is_speech] == Modality.SPEECH).all()
+    with torch.no_grad():
+        expected = model.encode_media("<speech>", speech).reshape(-1, seen["embeds"].shape[-1])
+    torch.testing.assert_close(seen["embeds"][is_speech], expected)
+    rows = seen["positions"][:, 0, is_speech[0]]
+    assert (rows[0] == rows[1]).all() and (rows[0] == rows[2]).all()
+    assert (rows[0].diff() == 1).all()
+    generated = model.generate(**batch, **extra, max_new_tokens=5, do_sample=False)
+    reference = _greedy_without_cache(model, batch, extra, 5)
+    torch.testing.assert_close(generated, reference[:, :generated.shape[1]], rtol=0, atol=0)
