@@ -79,3 +79,29 @@ def test_video_image_and_audio_record_through_collator_and_model(native_dirs, tm
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for p in model.projectors.parameters() if p.requires_grad)
+
+
+def test_batched_answers_with_and_without_the_audio_feature_cache(native_dirs, tmp_path):
+    """Batched evaluation (mllm.inference.generate_answers, left-padded batches) over image + audio
+    prompts gives each prompt the answer it gets alone, and the new branch's feature cache
+    changes nothing."""
+    from mllm.inference import generate_answers
+
+    records = []
+    for k in range(3):
+        image(30 + k, (30 + 7 * k, 40)).save(tmp_path / f"{k}.png")
+        write_audio(tmp_path / f"{k}.wav", (0.3 * np.sin(np.arange(16000 + 4000 * k) * (0.02 + 0.01 * k))).astype(np.float32), 16000)
+        records.append({"id": f"q{k}", "image": str(tmp_path / f"{k}.png"), "audio": str(tmp_path / f"{k}.wav"),
+                        "conversations": [{"from": "human", "value": "<image>\n<audio>\n" + "Which one? " * (k + 1)},
+                                          {"from": "gpt", "value": "A violin."}]})
+    data = _write(tmp_path, records)
+    answers = {}
+    for cache in (None, str(tmp_path / "cache")):
+        model = build(native_dirs, "qwen2_5_vl", {"type": "lora", "options": {"init_lora_weights": False}},
+                      feature_cache=cache)
+        dataset = MultimodalDataset(data, model.tokenizer, model.media_specs(), for_generation=True, progress=False)
+        answers[cache, 3] = generate_answers(model, dataset, batch_size=3, max_new_tokens=5, progress=False)
+        answers[cache, 1] = generate_answers(model, dataset, batch_size=1, max_new_tokens=5, progress=False)
+    assert answers[None, 3] == answers[None, 1]
+    assert answers[str(tmp_path / "cache"), 3] == answers[None, 3] == answers[str(tmp_path / "cache"), 1]
+    assert any(answers[None, 3]) and (tmp_path / "cache" / "audio").is_dir()
