@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from mllm.config import EncoderConfig, ModelConfig, TunerConfig
+from mllm.config import ConfigError, EncoderConfig, ModelConfig, TunerConfig
 from mllm.data.media import (
     AUDIO_SAMPLE_RATE, load_audio, load_image, load_video_frames, split_audio_windows,
 )
@@ -106,6 +106,9 @@ class MultimodalLM(nn.Module):
             from mllm.model.native.model import NativeVisionLM, native_family
             if native_family(config):  # a vision-language checkpoint with its own vision tower
                 return NativeVisionLM.from_config(config, tokenizer=tokenizer)
+            if config.train_native_connector:
+                raise ConfigError(f"model.train_native_connector: {config.llm} is not a vision-language model "
+                                  f"with its own connector (Qwen2.5-VL, Qwen2-VL, LLaVA)")
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.llm,
                                                       trust_remote_code=config.trust_remote_code)

@@ -321,3 +321,12 @@ def test_speech_beside_image_and_audio_on_qwen2_5_vl(native_dirs):
     generated = model.generate(**batch, **extra, max_new_tokens=5, do_sample=False)
     reference = _greedy_without_cache(model, batch, extra, 5)
     torch.testing.assert_close(generated, reference[:, :generated.shape[1]], rtol=0, atol=0)
+
+
+def test_train_native_connector_on_a_causal_lm_is_a_config_error(tiny_assets):
+    from mllm.config import ConfigError
+    from tests.conftest import model_section
+
+    cfg = config_from_dict({"model": model_section(tiny_assets, train_native_connector=True)})
+    with pytest.raises(ConfigError, match="train_native_connector"):
+        MultimodalLM.from_config(cfg.model)
