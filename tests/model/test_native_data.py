@@ -66,7 +66,9 @@ def test_video_image_and_audio_record_through_collator_and_model(native_dirs, tm
     dataset = MultimodalDataset(_write(tmp_path, records), model.tokenizer, model.media_specs(), progress=False)
     batch = MultimodalCollator(model.tokenizer.pad_token_id, "right")([dataset[0], dataset[1]])
     ids = batch["input_ids"]
-    assert batch["video_grid_thw"].tolist() == [[2, 8, 8]] and batch["second_per_grid_ts"].shape == (1,)
+    assert batch["video_grid_thw"].tolist() == [[2, 8, 8]]
+    # 4 of the 6 frames of a 4 fps video: sampled at 4/6 x 4 fps, 2 frames per temporal patch.
+    torch.testing.assert_close(batch["second_per_grid_ts"], torch.tensor([2 / (4 / 6 * 4)]))
     assert int((ids == model.native_token_ids["video"]).sum()) == 2 * 8 * 8 // 4
     assert int((ids == model.placeholder_ids["<audio>"]).sum()) == model.num_media_tokens("<audio>")
     assert int((ids == model.native_token_ids["image"]).sum()) == int(batch["image_grid_thw"].prod(-1).sum()) // 4

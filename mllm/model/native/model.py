@@ -60,6 +60,23 @@ def native_family(config: ModelConfig) -> str | None:
     return NATIVE_FAMILIES.get(llm_config.model_type)
 
 
+def _sampling_metadata(path: str, num_frames: int):
+    """transformers' ``VideoMetadata`` for ``num_frames`` frames picked uniformly from the video
+    (as ``load_video_frames`` picks them), or None when the container declares no frame rate or
+    frame count."""
+    import av
+    from transformers.video_utils import VideoMetadata
+
+    from mllm.data.media import uniform_frame_indices
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        total, rate = stream.frames, stream.average_rate
+    if not total or not rate:
+        return None
+    return VideoMetadata(total_num_frames=total, fps=float(rate), frames_indices=uniform_frame_indices(total, num_frames))
+
+
 class NativeVisionLM(MultimodalLM):
     AUTO_MODEL_CLASS = AutoModelForImageTextToText
     # QLoRA quantises the language model only. The list replaces bitsandbytes' defaults, so it
@@ -150,6 +167,11 @@ class NativeVisionLM(MultimodalLM):
             # the frames and groups them into temporal patches as for the released model.
             frames = load_video_frames(path, self.config.video_frames, record_id)
             text, media = "<|vision_start|><|video_pad|><|vision_end|>", {"videos": [np.stack([np.asarray(f) for f in frames])]}
+            metadata = _sampling_metadata(path, self.config.video_frames)
+            if metadata is not None:
+                # The real sampling rate sets Qwen2.5-VL's seconds per temporal patch (its time
+                # positions); without it transformers assumes 24 fps.
+                media["video_metadata"] = [metadata]
         return self.processor(text=[text], add_special_tokens=False, return_tensors="pt", **media)
 
     # ------------------------------------------------------------------ inputs
