@@ -8,7 +8,6 @@ merger output equal to the LM width, processor patch sizes equal to the vision c
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 import torch
