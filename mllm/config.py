@@ -70,6 +70,8 @@ class ModelConfig:
     # MokA's visual_pretrain.bin / audio_pretrain.bin, mllm.projectors.released).
     pretrained_projectors: str | list[str] | None = None
     feature_cache: str | None = None       # folder caching the frozen encoders' outputs (None: off)
+    # Native vision-language `llm` (Qwen2.5-VL, LLaVA): stage 2 also trains its own connector.
+    train_native_connector: bool = False
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:

@@ -36,6 +36,14 @@ class MediaSpec:
     num_tokens: int                         # sequence positions per item
     load_item: Callable[[str, str], torch.Tensor]  # (path, record_id) -> preprocessed tensor
     max_seconds: float | None = None        # audio / speech: longer clips are trimmed to this
+    # Media whose token count depends on the item (a native backbone's processor, mllm.model.native):
+    # (path, record_id) -> the ids its placeholder becomes. load_item then returns a dict of
+    # tensors that are concatenated over the record's items (and over the batch).
+    item_tokens: Callable[[str, str], list[int]] | None = None
+
+
+#: Batch keys of native backbones' processors (mllm.model.native), concatenated like media.
+NATIVE_MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 class SampleTooLongError(RecordError):
@@ -43,17 +51,21 @@ class SampleTooLongError(RecordError):
 
 
 def expand_placeholders(input_ids: list[int], labels: list[int], question_mask: list[bool],
-                        specs: dict[int, MediaSpec]) -> tuple[list[int], list[int], list[bool]]:
-    """Replace each placeholder token by ``num_tokens`` copies of itself (never labelled)."""
+                        specs: dict[int, MediaSpec], item_tokens: dict[int, list[list[int]]] | None = None,
+                        ) -> tuple[list[int], list[int], list[bool]]:
+    """Replace each placeholder token by ``num_tokens`` copies of itself (never labelled), or,
+    for a placeholder in ``item_tokens``, by its next item's ids."""
     out_ids, out_labels, out_question = [], [], []
+    per_item = {token: iter(items) for token, items in (item_tokens or {}).items()}
     for token, label, question in zip(input_ids, labels, question_mask):
         spec = specs.get(token)
         if spec is None:
             out_ids.append(token), out_labels.append(label), out_question.append(question)
         else:
-            out_ids.extend([token] * spec.num_tokens)
-            out_labels.extend([IGNORE_INDEX] * spec.num_tokens)
-            out_question.extend([False] * spec.num_tokens)
+            ids = next(per_item[token], []) if token in per_item else [token] * spec.num_tokens
+            out_ids.extend(ids)
+            out_labels.extend([IGNORE_INDEX] * len(ids))
+            out_question.extend([False] * len(ids))
     return out_ids, out_labels, out_question
 
 
@@ -113,8 +125,11 @@ class MultimodalDataset(torch.utils.data.Dataset):
         tokens = tokenize_conversation(tokenizer, record.messages, template,
                                        record_id=f"'{record.id}' ({record.where})",
                                        for_generation=self.for_generation, system_prompt=system_prompt)
+        item_tokens = {spec.token_id: [spec.item_tokens(resolve_media_path(p, self.media_root), here)
+                                       for p in record.media.get(spec.field, [])]
+                       for spec in self.specs_by_field.values() if spec.item_tokens is not None}
         input_ids, labels, question = expand_placeholders(tokens.input_ids, tokens.labels,
-                                                          tokens.question_mask, specs_by_token)
+                                                          tokens.question_mask, specs_by_token, item_tokens)
         if max_length is not None and len(input_ids) > max_length:
             raise SampleTooLongError(here, f"is {len(input_ids)} tokens long (media expanded) but the context "
                                            f"is {max_length}; shorten it or raise data.max_length",
@@ -148,7 +163,10 @@ class MultimodalDataset(torch.utils.data.Dataset):
         for media_field, paths in json.loads(row["media"]).items():
             spec = self.specs_by_field[media_field]
             items = [spec.load_item(resolve_media_path(p, self.media_root), here) for p in paths]
-            loaded[MEDIA_INPUT_KEYS[media_field]] = torch.stack(items)
+            if isinstance(items[0], dict):  # a native processor's outputs (MediaSpec.item_tokens)
+                loaded.update({key: torch.cat([item[key] for item in items]) for key in items[0]})
+            else:
+                loaded[MEDIA_INPUT_KEYS[media_field]] = torch.stack(items)
         return loaded
 
     @property
@@ -208,7 +226,7 @@ class MultimodalCollator:
         }
         if all("labels" in f for f in features):
             batch["labels"] = self._pad([f["labels"] for f in features], IGNORE_INDEX)
-        for key in MEDIA_INPUT_KEYS.values():
+        for key in (*MEDIA_INPUT_KEYS.values(), *NATIVE_MEDIA_KEYS):
             items = [f[key] for f in features if key in f]
             if items:
                 batch[key] = torch.cat(items)

@@ -8,7 +8,7 @@ has no post-LayerNorm) with the CLS token dropped. ``from_pretrained`` accepts b
 from __future__ import annotations
 
 import torch
-from transformers import CLIPImageProcessor, CLIPVisionModel
+from transformers import CLIPImageProcessorPil, CLIPVisionModel
 
 from mllm.encoders import register_encoder
 from mllm.encoders.base import MediaEncoder
@@ -20,7 +20,7 @@ class CLIPVisualEncoder(MediaEncoder):
     modality = Modality.VISUAL
     layers_path = "vision_model.encoder.layers"
 
-    def __init__(self, vision_model: CLIPVisionModel, processor: CLIPImageProcessor,
+    def __init__(self, vision_model: CLIPVisionModel, processor: CLIPImageProcessorPil,
                  select_layer: int = -2, drop_cls: bool = True):
         super().__init__()
         self.vision_model = vision_model
@@ -38,7 +38,9 @@ class CLIPVisualEncoder(MediaEncoder):
     def from_config(cls, cfg) -> "CLIPVisualEncoder":
         dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
         model = CLIPVisionModel.from_pretrained(cfg.path, dtype=dtype)
-        processor = CLIPImageProcessor.from_pretrained(cfg.path)
+        # The PIL backend, explicitly: with torchvision importable, CLIPImageProcessor switches to
+        # its torchvision backend, whose resize differs (up to 0.015 per pixel value).
+        processor = CLIPImageProcessorPil.from_pretrained(cfg.path)
         select_layer = -2 if cfg.select_layer is None else cfg.select_layer  # LLaVA default
         return cls(model, processor, select_layer=select_layer, drop_cls=cfg.drop_cls)
 

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from mllm.checkpoint import PromptRecord, read_prompt_record, resolve_bundled_paths, write_prompt_record
-from mllm.config import EncoderConfig, ModelConfig, TunerConfig
+from mllm.config import ConfigError, EncoderConfig, ModelConfig, TunerConfig
 from mllm.data.media import (
     AUDIO_SAMPLE_RATE, load_audio, load_image, load_video_frames, split_audio_windows,
 )
@@ -87,6 +87,9 @@ def _torch_dtype(name: str | None) -> torch.dtype:
 
 
 class MultimodalLM(nn.Module):
+    AUTO_MODEL_CLASS = AutoModelForCausalLM   # NativeVisionLM loads vision-language checkpoints
+    QUANTIZATION_SKIP_MODULES: list[str] | None = None   # None: bitsandbytes' defaults
+
     def __init__(self, config: ModelConfig, llm: nn.Module, tokenizer, encoders: dict[str, MediaEncoder],
                  projectors: nn.ModuleDict):
         super().__init__()
@@ -120,6 +123,13 @@ class MultimodalLM(nn.Module):
         config = dataclasses.replace(config, projectors={k: dataclasses.replace(v) for k, v in config.projectors.items()})
         if not config.llm:
             raise ValueError("model.llm is empty: give an HF id or a local path of a causal LM")
+        if cls is MultimodalLM:
+            from mllm.model.native.model import NativeVisionLM, native_family
+            if native_family(config):  # a vision-language checkpoint with its own vision tower
+                return NativeVisionLM.from_config(config, tokenizer=tokenizer)
+            if config.train_native_connector:
+                raise ConfigError(f"model.train_native_connector: {config.llm} is not a vision-language model "
+                                  f"with its own connector (Qwen2.5-VL, Qwen2-VL, LLaVA)")
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.llm,
                                                       trust_remote_code=config.trust_remote_code)
@@ -130,13 +140,13 @@ class MultimodalLM(nn.Module):
         if config.quantization:
             llm_kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type=config.quantization, bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=llm_kwargs["dtype"])
+                bnb_4bit_compute_dtype=llm_kwargs["dtype"], llm_int8_skip_modules=cls.QUANTIZATION_SKIP_MODULES)
             # 4-bit weights are quantized where they load: load them onto this process's device.
             llm_kwargs["device_map"] = {"": _local_device()}
         # Loading draws random numbers only when ZeRO-3 creates the modules partitioned; keep
         # it off the global generator so projector and adapter inits depend on the seed alone.
         with torch.random.fork_rng(devices=[]):
-            llm = AutoModelForCausalLM.from_pretrained(config.llm, **llm_kwargs)
+            llm = cls.AUTO_MODEL_CLASS.from_pretrained(config.llm, **llm_kwargs)
             encoders = {name: build_encoder(enc) for name, enc in config.encoders.items()}
         if config.quantization:
             # QLoRA's recipe: base frozen, non-quantized weights (norms, embeddings) kept in fp32.

@@ -403,7 +403,7 @@ def test_audio_configs_parse_and_hold_their_recipes():
     from mllm.tuners import build_peft_config
 
     names = sorted(f for f in os.listdir(AUDIO_CONFIG_DIR) if f.endswith((".yaml", ".yml")))
-    assert names == ["ave_moka.yaml", "music_avqa_moka.yaml", "speech_whisper.yaml"]
+    assert names == ["ave_moka.yaml", "music_avqa_moka.yaml", "music_avqa_moka_qwen2_5_vl.yaml", "speech_whisper.yaml"]
     configs = {}
     for name in names:
         cfg = configs[name] = load_config(os.path.join(AUDIO_CONFIG_DIR, name))
