@@ -45,8 +45,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mllm  # noqa: F401  (registers moka with peft)
-from mllm.modality_context import set_modality_ids
 from mllm.modality import Modality
+from mllm.modality_context import set_modality_ids
 from mllm.tuners.moka import MokaConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

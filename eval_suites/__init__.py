@@ -6,20 +6,30 @@ runner (``eval_suites.runner``) generates answers with a ``MultimodalLM`` and sc
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 
-from eval_suites.air_bench import AirBench
-from eval_suites.ave import Ave
 from eval_suites.base import MODES, AnnotationError, EvalSample, Suite
-from eval_suites.mmau import Mmau
-from eval_suites.mmbench import Mmbench
-from eval_suites.mme import Mme
-from eval_suites.music_avqa import MusicAvqa
-from eval_suites.pope import Pope
-from eval_suites.seed_bench import SeedBench
 
-SUITES: dict[str, type[Suite]] = {cls.name: cls for cls in (
-    Pope, Mme, Mmbench, SeedBench, Mmau, AirBench, MusicAvqa, Ave)}
+#: Modules of this package that hold no benchmark.
+_NOT_SUITES = {"answers", "base", "parsing", "runner"}
+
+
+def _discover() -> dict[str, type[Suite]]:
+    """Every ``Suite`` subclass in this package's modules: adding a benchmark is adding a module."""
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name not in _NOT_SUITES:
+            importlib.import_module(f"{__name__}.{info.name}")
+    found = {}
+    for cls in Suite.__subclasses__():
+        if cls.name in found:
+            raise RuntimeError(f"two suites are named {cls.name!r}: {found[cls.name].__module__} and {cls.__module__}")
+        found[cls.name] = cls
+    return found
+
+
+SUITES: dict[str, type[Suite]] = _discover()
 
 
 def suite_options(name: str) -> dict[str, object]:

@@ -21,8 +21,19 @@ from __future__ import annotations
 
 import os
 
-from eval_suites.base import (AnnotationError, EvalSample, Suite, check_mode, check_option_choice, iter_json_items,
-                              mean_of, ratio, require_fields, results_header, write_json_lines)
+from eval_suites.base import (
+    AnnotationError,
+    EvalSample,
+    Suite,
+    check_mode,
+    check_option_choice,
+    iter_json_items,
+    mean_of,
+    ratio,
+    require_fields,
+    results_header,
+    write_json_lines,
+)
 from eval_suites.parsing import strict_choice
 
 SPEECH_TASKS = ("Speech_Grounding", "Spoken_Language_Identification", "Speaker_Gender_Recognition",
@@ -44,6 +55,7 @@ def official_air_letter(response: str) -> str | None:
 
 class AirBench(Suite):
     name = "air_bench"
+    option_help = {"subset": "speech or all"}
     media_fields = ("speech",)
     max_new_tokens = 64
     prompt_suffix = ""  # the instruction comes first, as in the official prompt

@@ -41,9 +41,19 @@ from __future__ import annotations
 import os
 import re
 
-from eval_suites.base import (AnnotationError, AnnotationFileNotFoundError, EvalSample, Suite, check_media_template,
-                              check_mode, check_option_choice, ratio, require_fields, results_header,
-                              write_json_lines)
+from eval_suites.base import (
+    AnnotationError,
+    AnnotationFileNotFoundError,
+    EvalSample,
+    Suite,
+    check_media_template,
+    check_mode,
+    check_option_choice,
+    ratio,
+    require_fields,
+    results_header,
+    write_json_lines,
+)
 from eval_suites.parsing import normalize_text
 
 SEGMENTS = 10
@@ -121,6 +131,13 @@ def strict_ave_prediction(output: str, events: dict[str, str]) -> tuple[str, lis
 
 class Ave(Suite):
     name = "ave"
+    option_help = {
+        "vocabulary_path": "an annotation file whose categories are the event vocabulary (MokA: the full "
+                           "Annotations.txt; default: the annotation file's own)",
+        "video_path": "template of each sample's video path ({video_id})",
+        "audio_path": "template of each sample's audio path ({video_id})",
+        "protocol": "moka: MokA's prompts and 500 new tokens (default: this project's format-stating prompts)",
+    }
     media_fields = ("video", "audio")
     max_new_tokens = 48
     prompt_suffix = ("Which audio-visual event happens in this video, and in which seconds? Answer as "

@@ -70,6 +70,8 @@ class Suite:
     id_scheme: str = ""
     #: the benchmark's own answer format, which ``mllm eval --answers`` also reads
     answer_format: str = "the benchmark's own answer format"
+    #: option -> what it does, for ``mllm eval --help`` (defaults come from the constructor)
+    option_help: dict[str, str] = {}
 
     def load(self, path: str) -> list[EvalSample]:
         raise NotImplementedError

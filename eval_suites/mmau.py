@@ -30,8 +30,17 @@ import os
 import re
 import string
 
-from eval_suites.base import (AnnotationError, EvalSample, Suite, check_mode, check_option_choice, iter_json_items,
-                              mean_of, require_fields, results_header)
+from eval_suites.base import (
+    AnnotationError,
+    EvalSample,
+    Suite,
+    check_mode,
+    check_option_choice,
+    iter_json_items,
+    mean_of,
+    require_fields,
+    results_header,
+)
 from eval_suites.parsing import normalize_text, strict_choice
 
 BREAKDOWNS = ("task", "category", "sub-category", "difficulty")
@@ -63,6 +72,11 @@ def submitted_text(output: str, choices: list[str]) -> str:
 
 class Mmau(Suite):
     name = "mmau"
+    option_help = {
+        "subset": "speech, sound, music or all",
+        "letter_to_text": "in official mode, score a bare letter as its option's text (off by default: "
+                          "evaluation.py scores the raw output)",
+    }
     media_fields = ("speech",)
     max_new_tokens = 128  # lmms-eval's mmau_test_mini
     prompt_suffix = "\nAnswer with the option's letter from the given choices directly."

@@ -37,8 +37,15 @@ import string
 import sys
 from typing import Callable
 
-from eval_suites.base import (AnnotationError, AnnotationFileNotFoundError, EvalSample, Suite, check_mode, mean_of,
-                              results_header)
+from eval_suites.base import (
+    AnnotationError,
+    AnnotationFileNotFoundError,
+    EvalSample,
+    Suite,
+    check_mode,
+    mean_of,
+    results_header,
+)
 from eval_suites.parsing import strict_choice
 
 CIRCULAR_STRIDE = 1_000_000
@@ -112,6 +119,11 @@ def format_question(row: dict, options: dict[str, str]) -> str:
 
 class Mmbench(Suite):
     name = "mmbench"
+    option_help = {
+        "circular": "CircularEval: a question counts only if every rotation of its options is answered right",
+        "judge": "a function 'package.module:function' called as judge(question, options, output) for answers "
+                 "the rules cannot match",
+    }
     media_fields = ("image",)
     max_new_tokens = 128
     prompt_suffix = "Please select the correct answer from the options above. \n"

@@ -20,8 +20,15 @@ from __future__ import annotations
 
 import os
 
-from eval_suites.base import (AnnotationError, AnnotationFileNotFoundError, EvalSample, Suite, check_mode, mean_of,
-                              results_header)
+from eval_suites.base import (
+    AnnotationError,
+    AnnotationFileNotFoundError,
+    EvalSample,
+    Suite,
+    check_mode,
+    mean_of,
+    results_header,
+)
 from eval_suites.parsing import strict_yes_no
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",

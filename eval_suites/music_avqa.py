@@ -40,9 +40,19 @@ import ast
 import os
 import re
 
-from eval_suites.base import (AnnotationError, EvalSample, Suite, check_media_template, check_mode,
-                              check_option_choice, iter_json_items, mean_of, require_fields, results_header,
-                              write_json_lines)
+from eval_suites.base import (
+    AnnotationError,
+    EvalSample,
+    Suite,
+    check_media_template,
+    check_mode,
+    check_option_choice,
+    iter_json_items,
+    mean_of,
+    require_fields,
+    results_header,
+    write_json_lines,
+)
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 INSTRUMENTS = ("accordion", "acoustic_guitar", "bagpipe", "banjo", "bassoon", "cello", "clarinet", "congas",
@@ -102,6 +112,11 @@ def _literal(where: str, item: dict, key: str):
 
 class MusicAvqa(Suite):
     name = "music_avqa"
+    option_help = {
+        "video_path": "template of each sample's video path ({video_id})",
+        "audio_path": "template of each sample's audio path ({video_id})",
+        "protocol": "moka: MokA's prompts and 500 new tokens (default: this project's format-stating prompts)",
+    }
     media_fields = ("video", "audio")
     max_new_tokens = 32
     prompt_suffix = "\nAnswer with a single word, written as <answer>word</answer>."

@@ -26,8 +26,19 @@ import glob
 import os
 import re
 
-from eval_suites.base import (AnnotationError, AnnotationFileNotFoundError, EvalSample, Suite, check_mode,
-                              iter_json_lines, mean_of, ratio, require_fields, results_header, write_json_lines)
+from eval_suites.base import (
+    AnnotationError,
+    AnnotationFileNotFoundError,
+    EvalSample,
+    Suite,
+    check_mode,
+    iter_json_lines,
+    mean_of,
+    ratio,
+    require_fields,
+    results_header,
+    write_json_lines,
+)
 from eval_suites.parsing import strict_yes_no
 
 SPLITS = ("random", "popular", "adversarial")

@@ -44,6 +44,7 @@ import time
 from eval_suites import MODES, SUITES, get_suite, suite_options
 from eval_suites.answers import HEADER_KEY, answer_log_rows, read_answers
 from eval_suites.base import AnnotationError, AnnotationFileNotFoundError, EvalSample, Suite, check_mode
+from mllm.checkpoint import ADAPTER_DIR, MLLM_CONFIG, PROJECTOR_CONFIG, PROJECTOR_WEIGHTS
 from mllm.errors import UserError
 from mllm.modality import MEDIA_FIELDS
 
@@ -54,7 +55,7 @@ PROMPTS_NAME = "pending_prompts.jsonl"
 SETTINGS_NAME = "generation_settings.json"
 BAD_MEDIA_POLICIES = ("error", "skip")
 #: the files of a checkpoint folder whose bytes make its fingerprint (all of ``adapter/`` too)
-FINGERPRINTED_FILES = ("mllm_config.json", "projectors.json", "projectors.safetensors")
+FINGERPRINTED_FILES = (MLLM_CONFIG, PROJECTOR_CONFIG, PROJECTOR_WEIGHTS)
 
 
 # --------------------------------------------------------------------------- answer log
@@ -86,10 +87,10 @@ def checkpoint_identity(model, checkpoint: str | None = None) -> dict:
         from mllm.hub import resolve_checkpoint
 
         folder = resolve_checkpoint(checkpoint)
-        adapter_dir = os.path.join(folder, "adapter")
+        adapter_dir = os.path.join(folder, ADAPTER_DIR)
         names = list(FINGERPRINTED_FILES)
         if os.path.isdir(adapter_dir):
-            names += sorted(f"adapter/{n}" for n in os.listdir(adapter_dir)
+            names += sorted(f"{ADAPTER_DIR}/{n}" for n in os.listdir(adapter_dir)
                             if os.path.isfile(os.path.join(adapter_dir, n)))
         files = [n for n in names if os.path.isfile(os.path.join(folder, n))]
         for name in files:
@@ -518,15 +519,14 @@ def run_suite(suite: Suite | str, model, data: str, output_dir: str, *, media_ro
 
 
 def _options_help() -> str:
-    listed = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in suite_options(name).items())
-                       for name in sorted(SUITES) if suite_options(name))
+    listed = "; ".join(
+        f"{name}: " + ", ".join(f"{key}={default}" + (f" ({SUITES[name].option_help[key]})"
+                                                      if key in SUITES[name].option_help else "")
+                                for key, default in suite_options(name).items())
+        for name in sorted(SUITES) if suite_options(name))
     text = ("set an option of the suite (repeatable). VALUE is read as YAML: true, 42, [a, b], or text; quote text "
             "that starts with '{' or holds ': ', e.g. --option 'video_path=\"{video_id}.mp4\"'. Options and "
-            f"defaults -- {listed}. subset: speech, sound, music or all (mmau), speech or all (air_bench); "
-            "mmau letter_to_text=true: in official mode, score a bare letter as its option's text (off by default: "
-            "evaluation.py scores the raw output); mmbench judge: a function 'package.module:function' called as "
-            "judge(question, options, output) for answers the rules cannot match; protocol=moka: MokA's prompts "
-            "and 500 new tokens (default: this project's format-stating prompts)")
+            f"defaults -- {listed}")
     return text.replace("%", "%%")
 
 

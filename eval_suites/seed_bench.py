@@ -17,8 +17,17 @@ from __future__ import annotations
 
 import os
 
-from eval_suites.base import (AnnotationError, EvalSample, Suite, check_mode, mean_of, read_json_object_with_list,
-                              require_fields, results_header, write_json_lines)
+from eval_suites.base import (
+    AnnotationError,
+    EvalSample,
+    Suite,
+    check_mode,
+    mean_of,
+    read_json_object_with_list,
+    require_fields,
+    results_header,
+    write_json_lines,
+)
 from eval_suites.parsing import strict_choice
 
 LETTERS = ("A", "B", "C", "D")

@@ -19,9 +19,7 @@ __version__ = "0.1.0"
 
 
 def _register_peft_methods() -> None:
-    from mllm.tuners.registration import register_peft_methods
-
-    register_peft_methods()
+    import mllm.tuners  # noqa: F401  (each tuner package registers its peft method on import)
 
 
 class _RegisterWhenPeftLoads(importlib.abc.MetaPathFinder):

@@ -100,8 +100,8 @@ def chat_parser() -> argparse.ArgumentParser:
 def chat_main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
     import logging
 
-    from mllm.serve.inputs import load_model_for_inference
     from mllm.serve.engine import GenerationEngine
+    from mllm.serve.inputs import load_model_for_inference
 
     args = chat_parser().parse_args(argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout

@@ -1,4 +1,9 @@
-"""The prompt record: how a checkpoint was prompted in training, saved beside its weights.
+"""The layout of a run's output folder -- every file and folder name, in one place -- and the
+prompt record (how the checkpoint was prompted in training), saved beside its weights.
+
+A stage-1 output holds the projectors, the tokenizer, ``mllm_config.json`` and the prompt record;
+a stage-2 output adds the peft adapter in ``adapter/``. ``MultimodalLM.save_pretrained`` /
+``from_pretrained`` write and read it, ``mllm push`` publishes ``HUB_FILES`` of it.
 
 Stage 1 and stage 2 write ``prompt_format.json`` into every output (and Trainer checkpoint)
 folder: the chat template as resolved (``plain``, ``llama-2`` or the jinja text itself, never
@@ -23,7 +28,36 @@ from mllm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+# -- the output folder ------------------------------------------------------------------------------
+MLLM_CONFIG = "mllm_config.json"          # model section, tuner, placeholder ids: what from_pretrained rebuilds
+ADAPTER_DIR = "adapter"                   # the peft adapter, in peft's save_pretrained layout
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PROJECTOR_WEIGHTS = "projectors.safetensors"
+PROJECTOR_CONFIG = "projectors.json"
 PROMPT_RECORD_FILE = "prompt_format.json"
+EXPERIMENT_FILE = "experiment.yaml"       # the resolved config the run trained with
+RUN_FINGERPRINT_FILE = "run_fingerprint.json"   # what decides the run's result (mllm.train.run_folder)
+TRAINER_STATE_FILE = "trainer_state.json"
+NATIVE_CONNECTOR_FILE = "native_connector.safetensors"   # a native backbone's connector, when it trained
+#: Files of an output folder that a published model holds (paths relative to the folder).
+HUB_FILES = (
+    MLLM_CONFIG, PROJECTOR_WEIGHTS, PROJECTOR_CONFIG, EXPERIMENT_FILE, PROMPT_RECORD_FILE, NATIVE_CONNECTOR_FILE,
+    f"{ADAPTER_DIR}/adapter_config.json", f"{ADAPTER_DIR}/{ADAPTER_WEIGHTS}",
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.*", "merges.txt",
+    "spiece.model",
+)
+
+
+def read_mllm_config(checkpoint_dir: str) -> dict:
+    """The folder's ``mllm_config.json``; FileNotFoundError when it is not an mllm checkpoint."""
+    path = os.path.join(checkpoint_dir, MLLM_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{checkpoint_dir}: no {MLLM_CONFIG}; not an mllm checkpoint")
+    with open(path) as f:
+        return json.load(f)
+
+
+# -- the prompt record --------------------------------------------------------------------------------
 FORMAT_VERSION = 1
 #: New tokens when neither the request nor the record says otherwise.
 DEFAULT_MAX_NEW_TOKENS = 64

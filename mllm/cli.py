@@ -166,6 +166,14 @@ def eval_main(argv: list[str] | None = None) -> int:
     return eval_command(argv)  # its user errors reach run_reporting_user_errors: one line, or --debug
 
 
+def _suite_names() -> str:
+    try:
+        from eval_suites import SUITES
+    except ImportError:   # installed without the repository's eval_suites
+        return "see mllm eval --help"
+    return ", ".join(SUITES)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
@@ -177,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
            for name, (text, *_) in SECTIONED_STAGES.items()},
         "eval": ("Generate a benchmark's answers with a checkpoint and score them as the official scripts do, "
                  "or score existing answers (--answers: an answer log or the benchmark's own answer file) "
-                 "(suites: pope, mme, mmbench, seed_bench, mmau, air_bench, music_avqa, ave).", eval_main),
+                 f"(suites: {_suite_names()}).", eval_main),
         "data": ("Native datasets: convert one to LLaVA JSONL, import MokA's released stage-1 projectors.",
                  lambda a: __import__("mllm.data.command", fromlist=["data_main"]).data_main(a)),
         "push": ("Publish a trained model (adapter, projectors, configs, model card) to the Hugging Face Hub.",

@@ -70,6 +70,10 @@ class ModelConfig:
     # MokA's visual_pretrain.bin / audio_pretrain.bin, mllm.projectors.released).
     pretrained_projectors: str | list[str] | None = None
     feature_cache: str | None = None       # folder caching the frozen encoders' outputs (None: off)
+    # A previous stage-2 output (folder or Hub id) to continue from: model, projectors and adapter
+    # load from it and keep training (the next task of a DeLo task sequence, tuner.options.task);
+    # the projectors stay frozen. Rules: mllm.train.continuation.
+    continue_from: str | None = None
     # Native vision-language `llm` (Qwen2.5-VL, LLaVA): stage 2 also trains its own connector.
     train_native_connector: bool = False
 
@@ -91,32 +95,6 @@ class TunerConfig:
     dropout: float = 0.05
     target_modules: list[str] | str | None = None   # default: every Linear of the LLM but lm_head
     options: dict[str, Any] = field(default_factory=dict)  # extra fields for the peft config
-    # DeLo task sequences: stage 2 runs once per instruction-tuning task, as task `task` (0-based)
-    # of `options.num_tasks`. Task 0 starts a new adapter as usual. Every later task sets
-    # `continue_from` to the previous task's stage-2 output (folder or Hub id): model, projectors
-    # and adapter (all tasks' pools, routers, query maps, Task-Key Memory) load from it, only task
-    # `task`'s parameters train, and the projectors stay frozen (any run with `continue_from`), so
-    # every earlier task computes exactly what it did (mllm.tuners.delo.sequence).
-    task: int = 0
-    continue_from: str | None = None
-
-    def __post_init__(self):
-        num_tasks = (self.options or {}).get("num_tasks")
-        self.check_task(num_tasks if isinstance(num_tasks, int) else None)
-
-    def check_task(self, num_tasks: int | None = None) -> None:
-        """The task fields alone (``num_tasks``: the adapter's, when known); ConfigError naming the field."""
-        if isinstance(self.task, bool) or not isinstance(self.task, int) or self.task < 0:
-            raise ConfigError(f"tuner.task must be a task index >= 0, got {self.task!r}")
-        if (self.task or self.continue_from) and self.type != "delo":
-            raise ConfigError(f"tuner.task / tuner.continue_from run stage 2 as one task of a DeLo task "
-                              f"sequence; they need tuner.type: delo, not {self.type!r}")
-        if num_tasks is not None and self.task >= num_tasks:
-            raise ConfigError(f"tuner.task={self.task} is out of range for tuner.options.num_tasks={num_tasks} "
-                              f"(tasks 0..{num_tasks - 1})")
-        if self.task > 0 and not self.continue_from:
-            raise ConfigError(f"tuner.task={self.task} needs tuner.continue_from: the stage-2 output folder of "
-                              f"task {self.task - 1}, whose adapter holds the earlier tasks")
 
 
 @dataclass
@@ -389,7 +367,7 @@ def _resolve_relative_paths(cfg: ExperimentConfig, base: str) -> None:
     projectors = cfg.model.pretrained_projectors
     cfg.model.pretrained_projectors = [fix(p) for p in projectors] if isinstance(projectors, list) else fix(projectors)
     cfg.model.feature_cache = fix(cfg.model.feature_cache)
-    cfg.tuner.continue_from = fix(cfg.tuner.continue_from)
+    cfg.model.continue_from = fix(cfg.model.continue_from)
     for enc in cfg.model.encoders.values():
         enc.path = fix(enc.path)
     from mllm.data.mixture import fix_source_paths
@@ -422,7 +400,7 @@ def check_local_paths(cfg: ExperimentConfig) -> None:
            f"against the working directory {os.getcwd()}") if base else f"relative to the working directory {os.getcwd()}"
     fields = {"model.llm": cfg.model.llm, "model.tokenizer": cfg.model.tokenizer,
               "model.pretrained_projectors": cfg.model.pretrained_projectors,
-              "tuner.continue_from": cfg.tuner.continue_from}
+              "model.continue_from": cfg.model.continue_from}
     fields.update({f"model.encoders.{name}.path": enc.path for name, enc in cfg.model.encoders.items()})
     for name, values in fields.items():
         for value in values if isinstance(values, (list, tuple)) else [values]:   # projectors: a list of files

@@ -20,17 +20,11 @@ import logging
 import os
 import shutil
 
+from mllm.checkpoint import ADAPTER_DIR, MLLM_CONFIG
 from mllm.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-MERGEABLE_TUNERS = ("lora", "dora", "mora")
-WHY_NOT_MERGEABLE = {
-    "moka": "MokA routes each token through its own modality's A matrix and a task-centric cross-attention, "
-            "so its update differs per token and folds into no single weight",
-    "delo": "DeLo's router mixes low-rank experts per sample (and picks the task by its key memory), so its "
-            "update folds into no single weight",
-}
 LLM_DIR = "llm"
 ENCODERS_DIR = "encoders"
 
@@ -41,21 +35,27 @@ class ExportError(UserError):
 
 def export_checkpoint(checkpoint: str, out: str, merge: bool = False) -> dict:
     """Write the self-contained folder; returns a summary (what was merged, what stays an adapter)."""
-    from mllm.model.multimodal_lm import MLLM_CONFIG, MultimodalLM
+    from mllm.model.multimodal_lm import MultimodalLM
 
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ExportError(f"{out} already exists and is not empty; give a new folder")
     model = MultimodalLM.from_pretrained(checkpoint)
+    from mllm.tuners import merge_refusal, tuner_capability
+
     tuner = model.tuner_config.type if getattr(model, "tuner_config", None) else None
-    paired = model.tuner_config.options.get("pair_encoder") if tuner == "mora" else None
-    if merge and tuner in WHY_NOT_MERGEABLE:
-        raise ExportError(f"--merge: a {tuner} adapter cannot be merged ({WHY_NOT_MERGEABLE[tuner]}); export "
+    if tuner in (None, "none"):
+        tuner = None
+    paired = (model.tuner_config.options.get("pair_encoder")
+              if tuner and tuner_capability(tuner, "pairs_with_encoder") else None)
+    refusal = merge_refusal(tuner) if tuner else ""
+    if merge and refusal:
+        raise ExportError(f"--merge: a {tuner} adapter cannot be merged ({refusal}); export "
                           f"without --merge to keep it as an adapter")
     if merge and paired is not None and model.config.encoders[paired].type != "clip":
-        raise ExportError(f"--merge: MoRA merged into a {model.config.encoders[paired].type} encoder cannot be "
+        raise ExportError(f"--merge: {tuner} merged into a {model.config.encoders[paired].type} encoder cannot be "
                           f"written in that encoder's native format yet; export without --merge")
     merged = False
-    if merge and tuner in MERGEABLE_TUNERS:
+    if merge and tuner is not None:
         model.merge_tuner()
         merged = True
     os.makedirs(out, exist_ok=True)
@@ -68,7 +68,7 @@ def export_checkpoint(checkpoint: str, out: str, merge: bool = False) -> dict:
         _original_llm(model.config).save_pretrained(llm_dir)
     encoder_paths = {}
     for name, cfg in model.config.encoders.items():
-        if merged and name == paired:   # MoRA changed this encoder's paired layers
+        if merged and name == paired:   # the merge changed this encoder's paired layers (MoRA)
             target = os.path.join(out, ENCODERS_DIR, name)
             model.encoders[name].vision_model.save_pretrained(target)
             model.encoders[name].processor.save_pretrained(target)
@@ -86,8 +86,8 @@ def export_checkpoint(checkpoint: str, out: str, merge: bool = False) -> dict:
     with open(config_path, "w") as f:
         json.dump(saved, f, indent=2)
     summary = {"checkpoint": checkpoint, "tuner": tuner or "none", "merged": merged,
-               "adapter": None if merged or tuner is None else "adapter/",
-               "note": WHY_NOT_MERGEABLE.get(tuner) if tuner in WHY_NOT_MERGEABLE else None}
+               "adapter": None if merged or tuner is None else f"{ADAPTER_DIR}/",
+               "note": refusal or None}
     with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
         f.write(model_card(saved, summary, model.prompt_record))
     return summary

@@ -29,24 +29,16 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData,
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from mllm.checkpoint import ADAPTER_DIR, EXPERIMENT_FILE, HUB_FILES, MLLM_CONFIG
+
 logger = logging.getLogger(__name__)
-
-MLLM_CONFIG = "mllm_config.json"  # as mllm.model.multimodal_lm (not imported: loading it pulls torch models)
-# Files of a checkpoint folder that a published model holds (paths relative to the folder).
-HUB_FILES = (
-    MLLM_CONFIG, "projectors.safetensors", "projectors.json", "experiment.yaml", "prompt_format.json",
-    "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.*", "vocab.*", "merges.txt",
-    "spiece.model",
-)
-
 
 def hub_files(checkpoint_dir: str) -> list[str]:
     """The checkpoint's files a published model holds, sorted, as paths relative to it."""
     if not os.path.isfile(os.path.join(checkpoint_dir, MLLM_CONFIG)):
         raise FileNotFoundError(f"{checkpoint_dir}: no {MLLM_CONFIG}; not an mllm checkpoint")
     found = []
-    for name in ("", "adapter"):
+    for name in ("", ADAPTER_DIR):
         folder = os.path.join(checkpoint_dir, name)
         if not os.path.isdir(folder):
             continue
@@ -112,8 +104,8 @@ def model_card(checkpoint_dir: str, repo_id: str, base_model: str | None = None,
     model, tuner = saved["model"], saved.get("tuner")
     base_model = base_model or model["llm"]
     experiment = {}
-    if os.path.isfile(os.path.join(checkpoint_dir, "experiment.yaml")):
-        with open(os.path.join(checkpoint_dir, "experiment.yaml")) as f:
+    if os.path.isfile(os.path.join(checkpoint_dir, EXPERIMENT_FILE)):
+        with open(os.path.join(checkpoint_dir, EXPERIMENT_FILE)) as f:
             experiment = yaml.safe_load(f) or {}
     data = experiment.get("data") or {}
     # Local paths are named by their last part only: the card must not expose a machine's layout.
@@ -122,7 +114,7 @@ def model_card(checkpoint_dir: str, repo_id: str, base_model: str | None = None,
     training_data = [os.path.basename(p) if os.path.exists(p) else p
                      for p in data_paths(data.get("train")) + data_paths(data.get("eval"))]
     modalities = sorted(model.get("encoders", {}))
-    has_adapter = os.path.isfile(os.path.join(checkpoint_dir, "adapter", "adapter_config.json"))
+    has_adapter = os.path.isfile(os.path.join(checkpoint_dir, ADAPTER_DIR, "adapter_config.json"))
     tuner_type = tuner["type"] if tuner and has_adapter else "none"
     card_data = ModelCardData(
         library_name="peft" if has_adapter else None,

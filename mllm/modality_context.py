@@ -12,7 +12,7 @@ call without any change to transformers' model code:
 * ``generate`` prompt pass: the same, repeated for beam search / several return sequences
   (transformers expands the batch with ``repeat_interleave``);
 * KV-cache decode steps: the LM receives ``input_ids`` of newly generated tokens, which are
-  text, so the ids are ``TEXT`` and the question mask is empty.
+  text, so the ids are ``TEXT`` and the question mask is empty (whatever else the step carries).
 
 ``decode_step`` tells tuners whether the current forward is a KV-cache decode step: the LM was
 called with a KV cache that already holds tokens. That is the one signal that
@@ -122,6 +122,11 @@ class ModalityContext:
         if self.caller_supplied:
             return  # set_modality_ids: the caller's ids (and decode flag) stay until set again
         input_ids = text_only_input_ids(args, kwargs)
+        if input_ids is None and decode_step:
+            # A KV-cache decode step forwards the tokens just generated: text, whatever else rides
+            # along (a native VLM's mm_token_type_ids or image grids describe the cached prompt).
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            input_ids = input_ids if torch.is_tensor(input_ids) and not input_ids.is_floating_point() else None
         if input_ids is not None:
             # Tokens that arrive as ids, with nothing beside them that could carry media, are text:
             # decode steps, or a text-only call.

@@ -102,9 +102,9 @@ def test_export_with_adapter_and_merged_load_without_the_originals(lora_run, dem
 
 
 def test_moka_stays_an_adapter_and_merge_is_refused_with_the_reason(tiny_model, tmp_path, capsys):
+    from mllm.cli import main
     from mllm.config import TunerConfig
     from mllm.export import export_checkpoint
-    from mllm.cli import main
     from tests.eval_suites.test_runner import MOKA
 
     tiny_model.apply_tuner(TunerConfig(**MOKA))

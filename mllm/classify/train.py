@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mllm.checkpoint import ADAPTER_DIR
 from mllm.classify.datasets import NUM_CLASSES, Sample, read_split
 from mllm.classify.missing import IMAGE_MISSING, TEXT_MISSING, MissingSpec, load_or_make_missing_table
 from mllm.classify.model import MissingModalityClassifier, apply_tuner
@@ -257,7 +258,7 @@ def _save(model: MissingModalityClassifier, cfg: ClassifyConfig, results: dict) 
     out = cfg.training.output_dir
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     if hasattr(model.clip, "save_pretrained") and hasattr(model.clip, "peft_config"):
-        model.clip.save_pretrained(os.path.join(out, "adapter"))   # peft adapter (shared factors once)
+        model.clip.save_pretrained(os.path.join(out, ADAPTER_DIR))   # peft adapter (shared factors once)
         trainable = {n: v for n, v in trainable.items() if n.startswith("head.")}
     save_file(trainable, os.path.join(out, "trainable.safetensors"))
     with open(os.path.join(out, "results.json"), "w") as f:

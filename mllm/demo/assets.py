@@ -65,8 +65,8 @@ def pretrain_tiny_lm(model_dir: str, texts: Iterable[str], steps: int = 300, bat
                      lr: float = 3e-3, seed: int = 0, progress: bool = True) -> None:
     """Give the tiny LM some language first (the demo's text, media removed), as a real
     pretrained LLM would have. Plain next-token training; saved back in place."""
-    from transformers import AutoTokenizer
     from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

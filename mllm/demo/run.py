@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import time
-from collections import defaultdict
 
 MARKER = "lm-text-pretrained"
 
@@ -73,11 +72,6 @@ def _default_configs_dir(audio: bool = True) -> str:
         raise FileNotFoundError(f"demo configs not found at {path}; pass --configs DIR "
                                 f"(install from a clone with `pip install -e .`)")
     return path
-
-
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop punctuation and surrounding space (the demo's exact-match rule)."""
-    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
 
 
 def _strip_media(record: dict, fields: tuple[str, ...] = ("image", "video", "audio", "speech")) -> dict:
@@ -154,13 +148,15 @@ AV_SETTINGS = {"with image and sound": (), "sound removed": ("audio",), "image r
 
 
 def evaluate_exact_match(checkpoint: str, eval_path: str, media_root: str, batch_size: int = 32,
-                         settings: dict[str, tuple[str, ...]] = VISUAL_SETTINGS) -> dict:
-    """Accuracy overall and per question type, with all media and with some removed."""
-    from mllm.data.dataset import MultimodalDataset
-    from mllm.inference import generate_answers
+                         settings: dict[str, tuple[str, ...]] = VISUAL_SETTINGS, output_dir: str | None = None) -> dict:
+    """Accuracy overall and per question type (the ``exact_match`` suite), with all media and with
+    some removed; the answer logs and results go under ``output_dir`` (default: ``eval/`` beside
+    the checkpoint's folder)."""
+    from eval_suites.runner import run_suite
     from mllm.model.multimodal_lm import MultimodalLM
 
     model = MultimodalLM.from_pretrained(checkpoint)
+    output_dir = output_dir or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "eval")
     with open(eval_path) as f:
         records = [json.loads(line) for line in f]
     results = {}
@@ -170,17 +166,10 @@ def evaluate_exact_match(checkpoint: str, eval_path: str, media_root: str, batch
             path = eval_path.replace(".jsonl", f".no-{'-'.join(removed)}.jsonl")
             with open(path, "w") as f:
                 f.writelines(json.dumps(_strip_media(r, removed)) + "\n" for r in records)
-        dataset = MultimodalDataset(path, model.tokenizer, model.media_specs(), media_root=media_root,
-                                    for_generation=True, progress=False, template=model.prompt_record.template,
-                                    system_prompt=model.prompt_record.system_prompt)
-        answers = generate_answers(model, dataset, batch_size=batch_size, max_new_tokens=8)
-        per_type = defaultdict(list)
-        for record, answer in zip(records, answers):
-            per_type[record["question_type"]].append(normalize_answer(answer) == normalize_answer(record["answer"]))
-        hits = [h for v in per_type.values() for h in v]
-        results[name] = {"accuracy": sum(hits) / len(hits),
-                         "per_type": {k: sum(v) / len(v) for k, v in sorted(per_type.items())},
-                         "examples": list(zip([r["answer"] for r in records[:5]], answers[:5]))}
+        scored = run_suite("exact_match", model, path, os.path.join(output_dir, re.sub(r"\W+", "-", name)),
+                           media_root=media_root, batch_size=batch_size, progress=False, checkpoint=checkpoint,
+                           new_log=True)["official"]["metrics"]
+        results[name] = {"accuracy": scored["accuracy"], "per_type": scored["per_type"]}
     return results
 
 

@@ -18,6 +18,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
+from mllm.distributed import is_partitioned
 from mllm.encoders.base import MediaEncoder
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ class FeatureCache:
     @torch.no_grad()
     def encode(self, inputs: torch.Tensor) -> torch.Tensor:
         """``encoder(inputs)``, reading cached rows and encoding (then storing) only the rest."""
-        if any(hasattr(p, "ds_id") for p in self.encoder.parameters()):
+        if any(is_partitioned(p) for p in self.encoder.parameters()):
             # ZeRO-3 partitions the encoder: every rank must run it on every step (its
             # parameter gathers are collectives), so the cache stands aside.
             return self.encoder(inputs)

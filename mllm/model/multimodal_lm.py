@@ -18,32 +18,44 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from peft import (
-    PeftModel, PeftType, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
 from PIL import Image
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from mllm.checkpoint import PromptRecord, read_prompt_record, resolve_bundled_paths, write_prompt_record
-from mllm.config import ConfigError, EncoderConfig, ModelConfig, TunerConfig
-from mllm.data.media import (
-    AUDIO_SAMPLE_RATE, load_audio, load_image, load_video_frames, split_audio_windows,
+from mllm.checkpoint import (
+    ADAPTER_DIR,
+    MLLM_CONFIG,
+    PromptRecord,
+    read_mllm_config,
+    read_prompt_record,
+    resolve_bundled_paths,
+    write_prompt_record,
 )
-from mllm.encoders import MediaEncoder, build_encoder
+from mllm.config import ConfigError, EncoderConfig, ModelConfig, TunerConfig
 from mllm.data.audio_windows import clip_relative_windows
+from mllm.data.media import (
+    AUDIO_SAMPLE_RATE,
+    load_audio,
+    load_image,
+    load_video_frames,
+    split_audio_windows,
+)
 from mllm.data.media_cache import cached_video_loader
+from mllm.distributed import local_device, several_ranks
+from mllm.encoders import MediaEncoder, build_encoder
 from mllm.encoders.cache import FeatureCache
 from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS
-from mllm.model import paired_encoder
 from mllm.modality_context import attach_modality_context
+from mllm.model import paired_encoder
 from mllm.model.splice import MediaCountError, compute_modality_ids, position_ids_from_attention_mask, splice_features
 from mllm.projectors import build_projectors, load_projector_weights, read_projector_configs, save_projectors
-from mllm.tuners import apply_tuner
-from mllm.tuners.registration import mora_peft_type
-
-MLLM_CONFIG = "mllm_config.json"
-ADAPTER_DIR = "adapter"
+from mllm.tuners import apply_tuner, merge_refusal, tuner_capability
 
 
 class AudioCut(NamedTuple):
@@ -66,15 +78,6 @@ def add_placeholder_tokens(tokenizer) -> dict[str, int]:
 
 def _samples(seconds: float | None) -> int | None:
     return None if seconds is None else round(seconds * AUDIO_SAMPLE_RATE)
-
-
-def _local_device() -> str:
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-
-
-def _several_ranks() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
 
 
 def _torch_dtype(name: str | None) -> torch.dtype:
@@ -142,7 +145,7 @@ class MultimodalLM(nn.Module):
                 load_in_4bit=True, bnb_4bit_quant_type=config.quantization, bnb_4bit_use_double_quant=True,
                 bnb_4bit_compute_dtype=llm_kwargs["dtype"], llm_int8_skip_modules=cls.QUANTIZATION_SKIP_MODULES)
             # 4-bit weights are quantized where they load: load them onto this process's device.
-            llm_kwargs["device_map"] = {"": _local_device()}
+            llm_kwargs["device_map"] = {"": local_device()}
         # Loading draws random numbers only when ZeRO-3 creates the modules partitioned; keep
         # it off the global generator so projector and adapter inits depend on the seed alone.
         with torch.random.fork_rng(devices=[]):
@@ -169,13 +172,14 @@ class MultimodalLM(nn.Module):
         """Add the stage-2 tuner. MoRA pairs an encoder with the LLM (``options.pair_encoder``,
         see ``paired_encoder``); every other tuner adapts the LLM alone."""
         peft_tuner = tuner
-        if tuner.type == "mora":
+        if tuner.type not in (None, "none") and tuner_capability(tuner.type, "pairs_with_encoder"):
             name = self._attach_paired_encoder(tuner.options.get("pair_encoder"))
             options, targets = paired_encoder.mora_options(name, self.encoders[name], self.base_llm,
                                                            tuner.options, tuner.target_modules)
             peft_tuner = dataclasses.replace(tuner, options=options, target_modules=targets)
         elif "pair_encoder" in tuner.options:
-            raise ValueError(f"tuner.options.pair_encoder is a MoRA option; tuner.type is {tuner.type!r}")
+            raise ValueError(f"tuner.options.pair_encoder is an option of tuners that pair an encoder with the "
+                             f"LLM (MoRA); tuner.type {tuner.type!r} does not")
         self.llm = apply_tuner(self.llm, peft_tuner)
         self.tuner_config = tuner
 
@@ -200,9 +204,10 @@ class MultimodalLM(nn.Module):
             raise ValueError("the LLM has no adapter to merge")
         if self.config.quantization:
             peft_config = self.llm.peft_config[self.llm.active_adapter]
-            if peft_config.peft_type not in (PeftType.LORA, mora_peft_type()):
-                raise NotImplementedError(f"{peft_config.peft_type.value} adapters do not merge into a 4-bit LLM "
-                                          f"(only LoRA / DoRA and MoRA do); keep the adapter unmerged")
+            tuner = self.tuner_config.type if self.tuner_config is not None else "lora"
+            if not (tuner_capability(tuner, "mergeable") and tuner_capability(tuner, "merges_into_4bit")):
+                raise NotImplementedError(f"{tuner} adapters do not merge into a 4-bit LLM "
+                                          f"({merge_refusal(tuner) or 'not supported'}); keep the adapter unmerged")
             adapter_state = get_peft_model_state_dict(self.llm)
             base = self.llm.unload()
             # bitsandbytes may keep CPU-repacked 4-bit weights; a state_dict call restores the
@@ -354,7 +359,7 @@ class MultimodalLM(nn.Module):
             if inputs is None or inputs.shape[0] == 0:
                 if bool((input_ids == token_id).any()):
                     raise MediaCountError(f"the batch has {placeholder} positions but no {MEDIA_INPUT_KEYS[field]}")
-                if placeholder in self.supported_placeholders and _several_ranks():
+                if placeholder in self.supported_placeholders and several_ranks():
                     # Every rank runs every encoder and projector on every step, so ZeRO-3's
                     # parameter gathers line up when one rank's batch lacks this media (as LLaVA
                     # and LLaMA-Factory do); a blank item, added times 0, changes nothing.
@@ -446,11 +451,7 @@ class MultimodalLM(nn.Module):
         from mllm.hub import resolve_checkpoint
 
         checkpoint_dir = resolve_checkpoint(checkpoint_dir, revision=revision)
-        config_path = os.path.join(checkpoint_dir, MLLM_CONFIG)
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{checkpoint_dir}: no {MLLM_CONFIG}; not an mllm checkpoint")
-        with open(config_path) as f:
-            saved = json.load(f)
+        saved = read_mllm_config(checkpoint_dir)
         raw = dict(resolve_bundled_paths(saved["model"], checkpoint_dir), **overrides)
         encoders = {k: EncoderConfig(**v) for k, v in raw.pop("encoders").items()}
         projectors = read_projector_configs(checkpoint_dir)
@@ -463,15 +464,18 @@ class MultimodalLM(nn.Module):
         model.prompt_record = read_prompt_record(checkpoint_dir)
         adapter_dir = os.path.join(checkpoint_dir, ADAPTER_DIR)
         if os.path.isdir(adapter_dir):
-            if saved.get("tuner") and saved["tuner"]["type"] == "mora":
+            if saved.get("tuner") and tuner_capability(saved["tuner"]["type"], "pairs_with_encoder"):
                 model._attach_paired_encoder(saved["tuner"]["options"].get("pair_encoder"))
             model.llm = PeftModel.from_pretrained(model.llm, adapter_dir, is_trainable=is_trainable)
             if saved.get("tuner"):
-                model.tuner_config = TunerConfig(**saved["tuner"])
+                # Checkpoints written before task sequences moved to model.continue_from also hold
+                # tuner.task / tuner.continue_from; the adapter's own config has what inference needs.
+                fields = {f.name for f in dataclasses.fields(TunerConfig)}
+                model.tuner_config = TunerConfig(**{k: v for k, v in saved["tuner"].items() if k in fields})
         if not is_trainable:
             model.eval()
             model.requires_grad_(False)
         return model
 
 
-__all__ = ["ADAPTER_DIR", "MLLM_CONFIG", "MultimodalLM", "add_placeholder_tokens"]
+__all__ = ["MultimodalLM", "add_placeholder_tokens"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from mllm.distributed import full_numel
 from mllm.encoders.base import MediaEncoder
 
 PAIRED_ENCODER = "paired_encoder"
@@ -36,7 +37,7 @@ def detach(llm: nn.Module) -> None:
 def decoder_layers_path(llm: nn.Module) -> str:
     """The LLM's decoder layer list: its largest ``nn.ModuleList`` (``model.layers`` in LLaMA).
     Sizes count ZeRO-3-partitioned parameters by their full size (``ds_numel``)."""
-    candidates = [(sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()), name)
+    candidates = [(sum(full_numel(p) for p in module.parameters()), name)
                   for name, module in llm.named_modules()
                   if isinstance(module, nn.ModuleList) and not name.startswith(PAIRED_ENCODER)]
     if not candidates:

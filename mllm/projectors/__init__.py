@@ -14,11 +14,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mllm.checkpoint import PROJECTOR_CONFIG, PROJECTOR_WEIGHTS
 from mllm.errors import UserError
 from mllm.projectors.qformer import MLPProjector, ProjectorConfig, QFormerProjector
-
-PROJECTOR_WEIGHTS = "projectors.safetensors"
-PROJECTOR_CONFIG = "projectors.json"
 
 
 class ProjectorCheckpointError(UserError):

@@ -28,7 +28,12 @@ from mllm.data.media import MediaError
 from mllm.errors import UserError
 from mllm.serve.engine import Event, GenerationEngine, GenerationRequest
 from mllm.serve.inputs import (
-    InputError, Limits, build_prompt, decode_media, decode_media_file, load_model_for_inference,
+    InputError,
+    Limits,
+    build_prompt,
+    decode_media,
+    decode_media_file,
+    load_model_for_inference,
 )
 from mllm.serve.openai_api import MediaPolicy, ParsedRequest, parse_chat_request
 

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from mllm.checkpoint import RUN_FINGERPRINT_FILE, TRAINER_STATE_FILE
 from mllm.config import ConfigError, ExperimentConfig, config_to_dict
 from mllm.data.mixture import SOURCES_DIR
 
 logger = logging.getLogger(__name__)
 
-FINGERPRINT_FILE = "run_fingerprint.json"
 
 # Fields that change where or how often a run logs, saves or evaluates, never the weights it trains
 # (data.train: its contents are fingerprinted, not where the file lies).
@@ -51,7 +51,7 @@ NOT_RESULT_FIELDS = {
 }
 
 # What a stage writes into its output folder (cleared by training.overwrite_output_dir).
-_RUN_OUTPUT = re.compile(rf"^({PREFIX_CHECKPOINT_DIR}-\d+|adapter|runs|{re.escape(FINGERPRINT_FILE)}|experiment\.yaml|"
+_RUN_OUTPUT = re.compile(rf"^({PREFIX_CHECKPOINT_DIR}-\d+|adapter|runs|{re.escape(RUN_FINGERPRINT_FILE)}|experiment\.yaml|"
                          r"trainer_state\.json|training_args\.bin|all_results\.json|train_results\.json|"
                          r"projectors\.(safetensors|json)|mllm_config\.json|README\.md|chat_template\.jinja|"
                          r"(tokenizer|special_tokens_map|added_tokens)\S*|vocab\S*|merges\.txt)$")
@@ -144,7 +144,7 @@ def claim_output_dir(plan: OutputPlan) -> None:
 
 
 def write_fingerprint(folder: str, fingerprint: dict) -> None:
-    with open(os.path.join(folder, FINGERPRINT_FILE), "w") as f:
+    with open(os.path.join(folder, RUN_FINGERPRINT_FILE), "w") as f:
         json.dump(fingerprint, f, indent=1, sort_keys=True)
 
 
@@ -179,14 +179,14 @@ def _check_resume(checkpoint: str, fingerprint: dict) -> None:
     saved = _read_fingerprint(checkpoint) or _read_fingerprint(os.path.dirname(os.path.normpath(checkpoint)))
     if saved is None:
         logger.warning("%s has no %s (written before runs recorded one): cannot check that it belongs to "
-                       "this config", checkpoint, FINGERPRINT_FILE)
+                       "this config", checkpoint, RUN_FINGERPRINT_FILE)
     else:
         changed = differences(saved, fingerprint)
         if changed:
             raise ConfigError(f"cannot resume from {checkpoint}: it was written by a run with a different config "
                               f"or data: {'; '.join(changed)}. Resume with the same settings, or start a new run "
                               f"(another training.output_dir, or training.overwrite_output_dir=true)")
-    state_file = os.path.join(checkpoint, "trainer_state.json")
+    state_file = os.path.join(checkpoint, TRAINER_STATE_FILE)
     if os.path.isfile(state_file):
         with open(state_file) as f:
             state = json.load(f)
@@ -198,7 +198,7 @@ def _check_resume(checkpoint: str, fingerprint: dict) -> None:
 
 
 def _read_fingerprint(folder: str) -> dict | None:
-    path = os.path.join(folder, FINGERPRINT_FILE)
+    path = os.path.join(folder, RUN_FINGERPRINT_FILE)
     if not os.path.isfile(path):
         return None
     with open(path) as f:

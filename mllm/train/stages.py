@@ -16,15 +16,15 @@ import torch
 from peft import PeftModel
 from transformers import set_seed
 
-from mllm.checkpoint import training_prompt_record
+from mllm.checkpoint import EXPERIMENT_FILE, training_prompt_record
 from mllm.config import ConfigError, ExperimentConfig, check_local_paths, check_value, config_to_dict
 from mllm.data.check import DataReport, check_data, media_fields_for
 from mllm.data.dataset import MultimodalCollator, MultimodalDataset
 from mllm.data.mixture import data_file
 from mllm.model.multimodal_lm import MultimodalLM
+from mllm.train.continuation import begin_training, load_previous, previous_output
 from mllm.train.run_folder import OutputPlan, RecordFingerprintInCheckpoints, check_output_dir, claim_output_dir
 from mllm.train.trainer import MllmTrainingArguments, MultimodalTrainer
-from mllm.tuners.delo.sequence import loading_overrides, previous_task_output, start_task
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,11 @@ def preflight(cfg: ExperimentConfig, args: MllmTrainingArguments, media_fields: 
 
 
 def _encoder_fields(cfg: ExperimentConfig) -> set[str] | None:
-    return media_fields_for(cfg.model.encoders) if cfg.model.encoders else None
+    """Record fields the model takes: its encoders' and a native VLM backbone's own (image, video)."""
+    from mllm.model.native import native_media_fields
+
+    fields = (media_fields_for(cfg.model.encoders) if cfg.model.encoders else set()) | native_media_fields(cfg.model)
+    return fields or None
 
 
 def _train(cfg: ExperimentConfig, args: MllmTrainingArguments, model: MultimodalLM, template: str,
@@ -138,7 +142,7 @@ def _train(cfg: ExperimentConfig, args: MllmTrainingArguments, model: Multimodal
     trainer.save_model(args.output_dir)
     trainer.save_state()  # trainer_state.json: the log history (losses, train_runtime) beside the model
     if trainer.is_world_process_zero():
-        with open(os.path.join(args.output_dir, "experiment.yaml"), "w") as f:
+        with open(os.path.join(args.output_dir, EXPERIMENT_FILE), "w") as f:
             import yaml
 
             yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
@@ -196,32 +200,30 @@ def run_instruct(cfg: ExperimentConfig, model: MultimodalLM | None = None) -> Mu
     while the model is built, before DeepSpeed partitions anything (projectors are plain
     modules, never created partitioned).
 
-    DeLo task sequences: ``tuner.task`` is the task this run trains; with ``tuner.continue_from``
-    the model, projectors and adapter load (trainable) from the previous task's output instead,
-    and the projectors stay frozen (rules in ``mllm.tuners.delo.sequence``)."""
-    previous = previous_task_output(cfg)
+    With ``model.continue_from`` the model, projectors and adapter load (trainable) from a previous
+    stage-2 output instead and the projectors stay frozen (``mllm.train.continuation``: the next
+    task of a DeLo task sequence). The tuner decides what trains (``begin_training``)."""
+    previous = previous_output(cfg)
     if previous is not None and model is not None:
-        raise ConfigError("tuner.continue_from: the model loads from that folder; do not pass a model")
+        raise ConfigError("model.continue_from: the model loads from that folder; do not pass a model")
     if previous is None and not cfg.model.pretrained_projectors:
         logger.warning("model.pretrained_projectors is not set: stage 2 starts from random projectors")
     elif previous is not None and cfg.model.pretrained_projectors:
-        logger.warning("model.pretrained_projectors is ignored: the projectors come from tuner.continue_from")
+        logger.warning("model.pretrained_projectors is ignored: the projectors come from model.continue_from")
     args = _arguments_and_seed(cfg)
     checked = preflight(cfg, args, _encoder_fields(cfg) if previous is None else None)
     if previous is not None:
-        logger.info("model, projectors and adapter: from tuner.continue_from=%s (task %d trains)",
-                    previous, cfg.tuner.task)
-        model = MultimodalLM.from_pretrained(previous, is_trainable=True, **loading_overrides(cfg))
-        model.tuner_config = cfg.tuner
-    elif cfg.model.pretrained_projectors:
-        logger.info("projectors: from model.pretrained_projectors=%s", cfg.model.pretrained_projectors)
-    model = model or MultimodalLM.from_config(cfg.model)
-    model.freeze_llm()
-    if previous is None and cfg.tuner.type not in (None, "none"):
-        logger.info("adapter: a new %s adapter (r=%s)", cfg.tuner.type, cfg.tuner.r)
-        model.apply_tuner(cfg.tuner)
-    if cfg.tuner.type == "delo":
-        start_task(model, cfg.tuner.task, continued=previous is not None)
+        logger.info("model, projectors and adapter: from model.continue_from=%s", previous)
+        model = load_previous(cfg, previous)   # adapter trainable, LLM and projectors frozen
+    else:
+        if cfg.model.pretrained_projectors:
+            logger.info("projectors: from model.pretrained_projectors=%s", cfg.model.pretrained_projectors)
+        model = model or MultimodalLM.from_config(cfg.model)
+        model.freeze_llm()
+        if cfg.tuner.type not in (None, "none"):
+            logger.info("adapter: a new %s adapter (r=%s)", cfg.tuner.type, cfg.tuner.r)
+            model.apply_tuner(cfg.tuner)
+    begin_training(model)
     return _train(cfg, args, model, cfg.data.template, checked)
 
 

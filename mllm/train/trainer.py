@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
+from mllm.checkpoint import ADAPTER_DIR, ADAPTER_WEIGHTS
 from mllm.distributed import gathered_parameters
-from mllm.model.multimodal_lm import ADAPTER_DIR, MultimodalLM
+from mllm.model.multimodal_lm import MultimodalLM
 from mllm.projectors import load_projector_weights
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def load_trainable_weights(model: MultimodalLM, checkpoint_dir: str) -> None:
     load_projector_weights(model.projectors, checkpoint_dir)
     adapter_dir = os.path.join(checkpoint_dir, ADAPTER_DIR)
     if isinstance(model.llm, PeftModel):
-        weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+        weights = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"{checkpoint_dir}: no adapter weights at {weights}")
         result = set_peft_model_state_dict(model.llm, load_file(weights))

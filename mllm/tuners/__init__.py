@@ -1,27 +1,72 @@
-"""Tuners inside the LLM, one registry: ``tuner.type`` in the config -> a peft config builder.
+"""Tuners inside the LLM, one registry: ``tuner.type`` in the config -> a peft config builder and
+the peft config class, whose class attributes say what the rest of the project may do with it:
 
-peft's LoRA and DoRA are here as they are; MokA (``moka``), MoRA (``mora``) and DeLo register
-their own peft methods (``mllm.tuners.registration``) and add an entry.
+* ``pairs_with_encoder``: stage 2 pairs ``options.pair_encoder``'s layers with the LLM's (MoRA);
+* ``mergeable``: ``merge_and_unload`` folds the adapter into the weights (False: ``merge_refusal``
+  says why, e.g. MokA's routed A matrices);
+* ``merges_into_4bit``: it merges into a 4-bit LLM once that is dequantized.
+
+peft's LoRA and DoRA are registered here; every other tuner is a package of its own (config,
+layer, model, as peft's are) whose ``__init__`` registers its peft method and its entry, so adding a
+tuner is adding its package and one import line at the end of this file.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from peft import LoraConfig, PeftConfig, get_peft_model
 from torch import nn
 
-# (TunerConfig) -> PeftConfig; mllm.config.TunerConfig is not imported to keep this module light.
+from mllm.errors import ConfigError
+
+# (TunerConfig) -> PeftConfig; mllm.config.TunerConfig is not imported (tuners know no config schema).
 TunerBuilder = Callable[[Any], PeftConfig]
-TUNER_REGISTRY: dict[str, TunerBuilder] = {}
 
 
-def register_tuner(name: str):
+@dataclass(frozen=True)
+class TunerEntry:
+    build: TunerBuilder
+    config_class: type
+
+
+TUNER_REGISTRY: dict[str, TunerEntry] = {}
+#: Capabilities a peft config class has unless it says otherwise (LoRA / DoRA have them all but pairing).
+CAPABILITY_DEFAULTS = {"pairs_with_encoder": False, "mergeable": True, "merges_into_4bit": True}
+
+
+def register_tuner(name: str, config_class: type):
     def decorator(fn: TunerBuilder) -> TunerBuilder:
-        TUNER_REGISTRY[name] = fn
+        TUNER_REGISTRY[name] = TunerEntry(fn, config_class)
         return fn
 
     return decorator
+
+
+def tuner_capability(tuner_type: str, capability: str) -> bool:
+    """``capability`` (a key of ``CAPABILITY_DEFAULTS``) of the tuner registered as ``tuner_type``."""
+    return getattr(_entry(tuner_type).config_class, capability, CAPABILITY_DEFAULTS[capability])
+
+
+def merge_refusal(tuner_type: str) -> str:
+    """Why the tuner cannot be merged (empty when it can)."""
+    if tuner_capability(tuner_type, "mergeable"):
+        return ""
+    return getattr(_entry(tuner_type).config_class, "merge_refusal", f"{tuner_type} adapters do not merge")
+
+
+def tuner_config_class(tuner_type: str) -> type:
+    """The peft config class of the tuner registered as ``tuner_type``."""
+    return _entry(tuner_type).config_class
+
+
+def _entry(tuner_type: str) -> TunerEntry:
+    try:
+        return TUNER_REGISTRY[tuner_type]
+    except KeyError:
+        known = ", ".join(["none", *sorted(TUNER_REGISTRY)])
+        raise ConfigError(f"tuner.type: unknown tuner type {tuner_type!r}; available: {known}") from None
 
 
 def _lora_config(cfg, use_dora: bool) -> LoraConfig:
@@ -37,81 +82,28 @@ def _lora_config(cfg, use_dora: bool) -> LoraConfig:
     )
 
 
-@register_tuner("lora")
+@register_tuner("lora", LoraConfig)
 def lora_config(cfg) -> LoraConfig:
     """peft LoRA; tuner.options: any other LoraConfig field (e.g. use_rslora)."""
     return _lora_config(cfg, use_dora=False)
 
 
-@register_tuner("dora")
+@register_tuner("dora", LoraConfig)
 def dora_config(cfg) -> LoraConfig:
     """peft DoRA (LoRA with use_dora); tuner.options: any other LoraConfig field."""
     return _lora_config(cfg, use_dora=True)
 
 
-@register_tuner("moka")
-def moka_config(cfg):
-    """MokA; tuner.options: modalities, modality_ranks, strengths, cross_attention, variant, num_loras.
-
-    ``mllm.tuners.moka``; ``options`` holds the method's own fields."""
-    from mllm.tuners.moka import MokaConfig
-
-    return MokaConfig(
-        r=cfg.r,
-        alpha=cfg.alpha,
-        dropout=cfg.dropout,
-        target_modules=cfg.target_modules,   # None: the family's attention + MLP projections
-        task_type="CAUSAL_LM",
-        **cfg.options,
-    )
-
-
-@register_tuner("mora")
-def mora_config(cfg):
-    """MoRA; tuner.options: pair_encoder (stage 2), num_paired_layers, shared_r, alpha (eta), inner_pairs.
-
-    ``mllm.tuners.mora``, for a two-tower model (vision and text layer lists); in stage 2
-    ``MultimodalLM.apply_tuner`` pairs ``options.pair_encoder``'s layers with the LLM's. ``alpha``
-    in ``options`` is the low-rank strength eta (LoRA's ``tuner.alpha`` means something else and is
-    not passed on); ``layer_pairs``, ``vision_layers``, ``text_layers`` set the pairing by hand."""
-    from mllm.tuners.mora import MoraConfig
-
-    fields = {"r": cfg.r, "dropout": cfg.dropout, **cfg.options}
-    if cfg.target_modules is not None:
-        fields["target_modules"] = cfg.target_modules
-    return MoraConfig(**fields)
-
-
-@register_tuner("delo")
-def delo_config(cfg):
-    """DeLo; tuner.options: num_experts, num_tasks, query_dim; task sequences: tuner.task, tuner.continue_from.
-
-    ``mllm.tuners.delo``: ``tuner.r`` is the number of rank-one factors selected per sample and
-    modality. Inside an LLM the caller (or a ``MultimodalLM``'s modality context) supplies
-    per-token modality ids; see ``DeloModel``."""
-    from mllm.tuners.delo import DeloConfig
-
-    fields = {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, **cfg.options}
-    if cfg.target_modules is not None:
-        fields["target_modules"] = cfg.target_modules
-    return DeloConfig(**fields)
-
-
 def tuner_summaries() -> dict[str, str]:
     """``tuner.type`` -> one line for ``--help`` (the first line of the builder's docstring)."""
-    return {"none": "projectors only", **{name: (builder.__doc__ or "").strip().splitlines()[0]
-                                          for name, builder in sorted(TUNER_REGISTRY.items())}}
+    return {"none": "projectors only", **{name: (entry.build.__doc__ or "").strip().splitlines()[0]
+                                          for name, entry in sorted(TUNER_REGISTRY.items())}}
 
 
 def build_peft_config(cfg) -> PeftConfig | None:
     if cfg.type in (None, "none"):
         return None
-    try:
-        builder = TUNER_REGISTRY[cfg.type]
-    except KeyError:
-        known = ", ".join(["none", *sorted(TUNER_REGISTRY)])
-        raise ValueError(f"unknown tuner type {cfg.type!r}; available: {known}") from None
-    return builder(cfg)
+    return _entry(cfg.type).build(cfg)
 
 
 def apply_tuner(llm: nn.Module, cfg) -> nn.Module:
@@ -120,3 +112,7 @@ def apply_tuner(llm: nn.Module, cfg) -> nn.Module:
     if peft_config is None:
         return llm
     return get_peft_model(llm, peft_config)
+
+
+# Each tuner package registers its peft method and its entry on import (last: they use the above).
+from mllm.tuners import delo, moka, mora  # noqa: E402,F401

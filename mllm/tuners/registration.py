@@ -3,16 +3,13 @@
 peft has no plugin mechanism: ``register_peft_method`` accepts only names that are already members
 of the closed ``PeftType`` enum. We add the member at import time (the one place that touches the
 enum's private tables), then call the official function. Both steps are idempotent, so importing
-``mllm`` twice, or under two module names, is harmless.
+``mllm`` twice, or under two module names, is harmless. No tuner is imported here: each tuner
+package registers itself (``mllm/tuners/<name>/__init__.py``).
 """
 
 from __future__ import annotations
 
 from peft.utils.peft_types import PeftType
-
-MOKA = "moka"
-MORA = "mora"
-DELO = "delo"
 
 
 def extend_peft_type(name: str) -> PeftType:
@@ -30,22 +27,11 @@ def extend_peft_type(name: str) -> PeftType:
     return member
 
 
-def moka_peft_type() -> PeftType:
-    return extend_peft_type(MOKA)
-
-
-def mora_peft_type() -> PeftType:
-    return extend_peft_type(MORA)
-
-
-def delo_peft_type() -> PeftType:
-    # "DELO", distinct from peft's own DELORA (prefix "delora_"; ours is "delo_").
-    return extend_peft_type(DELO)
-
-
-def _register(name: str, config_cls, model_cls) -> None:
+def register_peft_method(name: str, config_cls, model_cls) -> None:
+    """peft's ``register_peft_method`` for a name peft's enum lacks (idempotent). Each tuner package
+    calls it on import, as peft's own packages register themselves."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
+    from peft.utils import register_peft_method as register
 
     peft_type = extend_peft_type(name)
     registered = PEFT_TYPE_TO_TUNER_MAPPING.get(peft_type)
@@ -57,17 +43,4 @@ def _register(name: str, config_cls, model_cls) -> None:
             raise RuntimeError(f"peft method {name!r} is already registered by {registered.__module__}; "
                                f"mllm cannot register its own {model_cls.__name__} under that name")
         return  # same class imported under another module object (e.g. a reload)
-    register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)
-
-
-def register_peft_methods() -> None:
-    """Make ``moka``, ``mora`` and ``delo`` known to peft (configs, tuners, checkpoints). Safe to call repeatedly."""
-    from mllm.tuners.moka import MokaConfig, MokaModel
-    from mllm.tuners.mora import MoraConfig, MoraModel
-
-    _register(MOKA, MokaConfig, MokaModel)
-    _register(MORA, MoraConfig, MoraModel)
-
-    from mllm.tuners.delo import DeloConfig, DeloModel
-
-    _register(DELO, DeloConfig, DeloModel)
+    register(name=name, config_cls=config_cls, model_cls=model_cls, prefix=model_cls.prefix)

@@ -11,8 +11,14 @@ import torch
 from mllm.classify.datasets import read_split
 from mllm.classify.missing import IMAGE_MISSING, TEXT_MISSING
 from mllm.classify.train import MissingModalityDataset, build_classifier, load_classify_config
-from mllm.data.synthetic_missing import (PAIR_SHAPES, TASTES, pair_classes, pair_vocabulary, write_food101_pairs,
-                                         write_word_tokenizer)
+from mllm.data.synthetic_missing import (
+    PAIR_SHAPES,
+    TASTES,
+    pair_classes,
+    pair_vocabulary,
+    write_food101_pairs,
+    write_word_tokenizer,
+)
 
 
 def test_food101_pairs_are_balanced_and_each_class_pairs_a_shape_with_a_taste(tmp_path):

@@ -36,7 +36,6 @@ def write_json(path, value):
 
 def test_music_avqa_moka_uses_mokas_wording_and_the_eval_protocols_strings(tmp_path):
     from eval_suites import music_avqa
-
     from mllm.data.sources import moka
 
     src = write_json(str(tmp_path / "MUSIC_AVQA_data" / "train_samples_with_reasoning_avqa.json"), [
@@ -61,7 +60,6 @@ def test_music_avqa_moka_uses_mokas_wording_and_the_eval_protocols_strings(tmp_p
 
 def test_ave_moka_reads_the_converted_label_files(tmp_path):
     from eval_suites import ave
-
     from mllm.data.sources import moka
 
     root = tmp_path / "AVE_data"

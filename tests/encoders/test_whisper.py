@@ -16,7 +16,6 @@ from mllm.encoders.whisper import WhisperSpeechEncoder
 from mllm.modality import Modality
 
 
-
 def write_checkpoint(path, n_mels: int, seed: int = 0):
     """A tiny random Whisper saved the way the official files are: {'dims', 'model_state_dict'}."""
     torch.manual_seed(seed)

@@ -306,7 +306,7 @@ def test_cli_help_explains_option_and_partial_modality(capsys):
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--option KEY=VALUE" in text and "read as YAML" in text and "repeatable" in text
-    for piece in ("mmau: subset=speech", "mmbench: circular=True, judge=None", "protocol=default",
+    for piece in ("mmau: subset=speech", "mmbench: circular=True", "judge=None (a function", "protocol=default",
                   "audio_path=audios/{video_id}.wav", "vocabulary_path=None"):
         assert piece in text
     assert "--partial-modality MODALITY" in text and "section 4.3" in text

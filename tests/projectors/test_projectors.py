@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from mllm.projectors import (
-    ProjectorCheckpointError, ProjectorConfig, QFormerProjector, build_projectors, load_projector_weights,
-    load_projectors, save_projectors,
+    ProjectorCheckpointError,
+    ProjectorConfig,
+    QFormerProjector,
+    build_projectors,
+    load_projector_weights,
+    load_projectors,
+    save_projectors,
 )
 
 

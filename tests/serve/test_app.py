@@ -114,8 +114,9 @@ def test_concurrent_requests_are_batched(client, server):
 
 
 def _big_png(size: int) -> bytes:
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     out = io.BytesIO()
     Image.new("RGB", (size, size), "red").save(out, format="PNG")

@@ -23,7 +23,6 @@ from mllm.config import config_from_dict
 from mllm.train.stages import run_instruct, run_pretrain
 from tests.conftest import model_section
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORLD = 2
 MICRO_BATCH = 2

@@ -17,7 +17,6 @@ from mllm.train.stages import run_instruct
 from tests.conftest import model_section
 from tests.test_modality_context import _batch, _expected
 
-
 LORA = {"type": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
 MOKA = {"type": "moka", "r": 2, "alpha": 4, "dropout": 0.0,
         "options": {"modalities": ["text", "visual"], "strengths": {"visual": 0.8}}}

@@ -11,10 +11,11 @@ import shutil
 
 import pytest
 
+from mllm.checkpoint import RUN_FINGERPRINT_FILE as FINGERPRINT_FILE
 from mllm.config import ConfigError
 from mllm.data.schema import RecordError
 from mllm.model import MultimodalLM
-from mllm.train.run_folder import FINGERPRINT_FILE, check_output_dir
+from mllm.train.run_folder import check_output_dir
 from mllm.train.stages import run_pretrain
 from tests.train.test_stages import _config
 

@@ -191,8 +191,9 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_assets, 
     """A run dies right after writing checkpoint-2; `resume_from_checkpoint: true` picks that
     checkpoint up and ends with the weights of a run that never stopped. Random data order and
     dropout, so the data position and the RNG states must be restored too."""
-    import mllm.train.stages as stages
     from transformers import TrainerCallback
+
+    import mllm.train.stages as stages
 
     run = {"pretrain": run_pretrain, "instruct": run_instruct}[stage]
     extra = {"pretrained_projectors": stage1_dir} if stage == "instruct" else {}

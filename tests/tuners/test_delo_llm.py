@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 import mllm  # noqa: F401
-from mllm.modality_context import set_modality_ids
 from mllm.modality import Modality
+from mllm.modality_context import set_modality_ids
 from mllm.tuners import TUNER_REGISTRY, build_peft_config
 from mllm.tuners.delo import DeloConfig, DeloModel
 

@@ -1,6 +1,6 @@
 """Stage 2 with ``tuner: delo`` inside the MLLM's LLM (per-token modality ids from the
 MultimodalLM's tracking context): trains, saves and reloads with identical generations; runs as
-task k of a task sequence (``tuner.task``, ``tuner.continue_from``) leaving earlier tasks intact."""
+task k of a task sequence (``tuner.options.task``, ``model.continue_from``) leaving earlier tasks intact."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from mllm.config import ConfigError, config_from_dict
 from mllm.data.dataset import MultimodalCollator, MultimodalDataset
 from mllm.model import MultimodalLM
 from mllm.train.stages import run_instruct
-from mllm.tuners.delo import task_parameter_names
-from tests.train.test_stages import _config, stage1_dir  # noqa: F401  (module fixture)
-from tests.train.test_stages import assert_same_trained_weights, generate_token_ids
+from mllm.tuners.delo import DeloConfig, task_parameter_names
+from tests.train.test_stages import _config, assert_same_trained_weights, generate_token_ids, stage1_dir  # noqa: F401  (module fixture)
 
 TUNER_YAML = """
 tuner:
@@ -47,7 +46,7 @@ def test_yaml_selects_delo_and_stage2_trains_saves_and_reloads(tiny_assets, demo
     assert generate_token_ids(reloaded, demo_data["eval"], demo_data["media_root"]) == live
 
 
-# -- stage 2 across a sequence of tasks (tuner.task, tuner.continue_from) ---------------------------------
+# -- stage 2 across a sequence of tasks (tuner.options.task, model.continue_from) ------------------------
 
 def _split_by_question(demo_data, out_dir) -> tuple[str, str]:
     """Two instruction-tuning tasks from the demo data: colour questions, then everything else."""
@@ -64,7 +63,7 @@ def _split_by_question(demo_data, out_dir) -> tuple[str, str]:
 def _task_config(tiny_assets, demo_data, output_dir, train, task=0, continue_from=None, stage1=None, **training):
     cfg = _config(tiny_assets, demo_data, output_dir, "instruct", pretrained_projectors=stage1, **training)
     cfg.tuner = config_from_dict(yaml.safe_load(TUNER_YAML)).tuner
-    cfg.tuner.task, cfg.tuner.continue_from = task, continue_from
+    cfg.tuner.options["task"], cfg.model.continue_from = task, continue_from
     cfg.data.train = train
     return cfg
 
@@ -104,7 +103,7 @@ def test_task1_continues_task0_and_leaves_task0_bit_for_bit(tiny_assets, demo_da
                        max_steps=2, save_steps=1)
     model1 = run_instruct(cfg)
     tuner0, tuner1 = model0.llm.base_model, model1.llm.base_model
-    assert tuner1.current_task == 1 and model1.tuner_config.task == 1
+    assert tuner1.current_task == 1 and model1.llm.peft_config["default"].task == 1
 
     # Only task 1's pools, routers and query maps trained; projectors frozen.
     task1_names = set(task_parameter_names(model1.llm, 1))
@@ -137,7 +136,8 @@ def test_task1_continues_task0_and_leaves_task0_bit_for_bit(tiny_assets, demo_da
     # The output reloads with the same generations (Task-Key Memory picks the task per sample).
     live = generate_token_ids(model1, demo_data["eval"], demo_data["media_root"])
     reloaded = MultimodalLM.from_pretrained(str(out))
-    assert reloaded.tuner_config.task == 1 and reloaded.tuner_config.continue_from == task0_dir
+    assert reloaded.llm.peft_config["default"].task == 1
+    assert yaml.safe_load((out / "experiment.yaml").read_text())["model"]["continue_from"] == task0_dir
     assert torch.equal(reloaded.llm.base_model.delo_query["default"].counts, queries1.counts)
     assert generate_token_ids(reloaded, demo_data["eval"], demo_data["media_root"]) == live
 
@@ -153,17 +153,12 @@ def test_task1_continues_task0_and_leaves_task0_bit_for_bit(tiny_assets, demo_da
 
 def test_task_sequence_errors_name_the_field(tiny_assets, demo_data, stage1_dir, task_data, task0, tmp_path):
     task0_dir, _ = task0
-
-    def fails(match, **fields):
-        tuner = {**yaml.safe_load(TUNER_YAML)["tuner"], **fields}
-        with pytest.raises(ConfigError, match=match):
-            config_from_dict({"tuner": tuner})
-
-    fails(r"tuner\.task=2 is out of range for tuner\.options\.num_tasks=2", task=2, continue_from=task0_dir)
-    fails(r"tuner\.task=1 needs tuner\.continue_from", task=1)
-    fails(r"tuner\.task must be a task index", task=-1)
-    with pytest.raises(ConfigError, match=r"tuner\.task / tuner\.continue_from .* need tuner\.type: delo"):
-        config_from_dict({"tuner": {"type": "lora", "task": 1, "continue_from": task0_dir}})
+    with pytest.raises(ValueError, match=r"task=2 is out of range for num_tasks=2"):
+        DeloConfig(num_tasks=2, task=2)
+    with pytest.raises(ValueError, match=r"task=-1 is out of range"):
+        DeloConfig(num_tasks=2, task=-1)
+    with pytest.raises(ConfigError, match=r"tuner: unknown field\(s\) \['task'\]"):
+        config_from_dict({"tuner": {"type": "lora", "task": 1}})
 
     def run_fails(match, continue_from, task=1, output_dir=None, **options):
         cfg = _task_config(tiny_assets, demo_data, output_dir or tmp_path / "out", task_data[1], task=task,
@@ -172,15 +167,15 @@ def test_task_sequence_errors_name_the_field(tiny_assets, demo_data, stage1_dir,
         with pytest.raises(ConfigError, match=match):
             run_instruct(cfg)
 
-    # Checked again when the run starts (the fields may be set after the config was read).
-    run_fails(r"tuner\.task=1 needs tuner\.continue_from", None)
-    run_fails(r"tuner\.task=2 is out of range for tuner\.options\.num_tasks=2", task0_dir, task=2)
-    run_fails(r"tuner\.options\.num_tasks=3 differs from the previous adapter's num_tasks=2", task0_dir, num_tasks=3)
-    run_fails(r"tuner\.options\.num_experts=8 differs", task0_dir, num_experts=8)
-    run_fails(r"tuner\.continue_from=.*not a stage-2 output", stage1_dir)
-    run_fails(r"tuner\.continue_from=.*neither a local folder", str(tmp_path / "missing"))
-    run_fails(r"training\.output_dir is the previous task's output", task0_dir, output_dir=task0_dir)
+    # Checked when the run starts, before any model loads.
+    run_fails(r"tuner: task=1 needs the adapter of task 0: set model\.continue_from", None)
+    run_fails(r"tuner: task=2 is out of range for num_tasks=2", task0_dir, task=2)
+    run_fails(r"tuner: num_tasks=3 differs from the previous adapter's num_tasks=2", task0_dir, num_tasks=3)
+    run_fails(r"tuner: num_experts=8 differs", task0_dir, num_experts=8)
+    run_fails(r"model\.continue_from=.*not a stage-2 output", stage1_dir)
+    run_fails(r"model\.continue_from=.*neither a local folder", str(tmp_path / "missing"))
+    run_fails(r"training\.output_dir is the previous run's output", task0_dir, output_dir=task0_dir)
     lora_dir = tmp_path / "lora_output"
     LoraConfig(r=2).save_pretrained(str(lora_dir / "adapter"))
     (lora_dir / "mllm_config.json").write_text("{}")
-    run_fails(r"tuner\.continue_from=.*its adapter is LORA, not delo", str(lora_dir))
+    run_fails(r"model\.continue_from=.*its adapter is LORA, not delo", str(lora_dir))

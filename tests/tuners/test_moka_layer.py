@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 import mllm  # noqa: F401  (registers moka with peft)
 from mllm.modality_context import set_modality_ids
 from mllm.tuners.moka import MokaConfig
-from tests.tuners.moka_helpers import A, P, T, V, OneLinear, moka_oracle, sample_ids, tiny_llama
+from tests.tuners.moka_helpers import A, OneLinear, P, T, V, moka_oracle, sample_ids, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from mllm.config import TunerConfig
-from mllm.model.splice import position_ids_from_attention_mask
 from mllm.modality import Modality
+from mllm.model.splice import position_ids_from_attention_mask
 from tests.test_modality_context import _batch, _expected
 
 MOKA = dict(type="moka", r=2, alpha=4, dropout=0.0,

@@ -7,8 +7,7 @@ import yaml
 from mllm.config import config_from_dict
 from mllm.model import MultimodalLM
 from mllm.train.stages import run_instruct
-from tests.train.test_stages import _config, stage1_dir  # noqa: F401  (module fixture)
-from tests.train.test_stages import assert_same_trained_weights, generate_token_ids
+from tests.train.test_stages import _config, assert_same_trained_weights, generate_token_ids, stage1_dir  # noqa: F401  (module fixture)
 
 TUNER_YAML = """
 tuner:

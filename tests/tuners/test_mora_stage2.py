@@ -99,7 +99,7 @@ def test_configuration_errors_name_the_option(tiny_assets, tiny_model, tmp_path)
         _paired_model(tiny_model, pair_encoder="audio")
     with pytest.raises(ValueError, match="num_paired_layers=2: the visual encoder computes its features with 1"):
         _paired_model(tiny_model, num_paired_layers=2)
-    with pytest.raises(ValueError, match="pair_encoder is a MoRA option"):
+    with pytest.raises(ValueError, match="pair_encoder is an option of tuners that pair an encoder"):
         tiny_model.apply_tuner(TunerConfig(type="lora", options={"pair_encoder": "visual"}))
     from mllm.config import config_from_dict
     from tests.conftest import model_section

@@ -17,7 +17,7 @@ import mllm  # noqa: F401  (registers the peft methods)
 from mllm.modality_context import set_modality_ids
 from mllm.tuners.delo import DeloConfig
 from mllm.tuners.moka import MokaConfig
-from tests.tuners.moka_helpers import T, V, OneLinear, tiny_llama
+from tests.tuners.moka_helpers import OneLinear, T, V, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Iterator
 
 from mllm.data.schema import RecordError
-from mllm.data.sources.audiocaps import MOKA_AUDIO_PROMPT
 from mllm.data.sources import register_source
+from mllm.data.sources.audiocaps import MOKA_AUDIO_PROMPT
 from mllm.data.sources.base import Located, Source, conversation, csv_rows
 
 CAPTION_COLUMNS = tuple(f"caption_{k}" for k in range(1, 6))

@@ -10,8 +10,8 @@ import os
 from typing import Iterator
 
 from mllm.data.schema import RecordError
-from mllm.data.sources.audiocaps import MOKA_AUDIO_PROMPT
 from mllm.data.sources import register_source
+from mllm.data.sources.audiocaps import MOKA_AUDIO_PROMPT
 from mllm.data.sources.base import Located, Source, conversation, read_json, require_fields
 
 

@@ -30,11 +30,14 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+from mllm.checkpoint import NATIVE_CONNECTOR_FILE
 from mllm.config import ModelConfig, TunerConfig
 from mllm.data.dataset import NATIVE_MEDIA_KEYS
+from mllm.distributed import several_ranks
 from mllm.modality import Modality
-from mllm.model.multimodal_lm import MultimodalLM, _several_ranks
+from mllm.model.multimodal_lm import MultimodalLM
 from mllm.model.splice import MediaCountError, position_ids_from_attention_mask, splice_features
+from mllm.tuners import tuner_capability
 
 #: ``model_type`` of a checkpoint's config -> backbone family handled here.
 NATIVE_FAMILIES = {"qwen2_5_vl": "qwen_vl", "qwen2_vl": "qwen_vl", "llava": "llava"}
@@ -44,7 +47,6 @@ NATIVE_FAMILIES = {"qwen2_5_vl": "qwen_vl", "qwen2_vl": "qwen_vl", "llava": "lla
 LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 #: The native connector of each family (module path under the ``...ForConditionalGeneration``),
 #: and the file a stage-2 output keeps it in when it trained.
-CONNECTOR_FILE = "native_connector.safetensors"
 CONNECTOR_MODULES = {"qwen_vl": "model.visual.merger", "llava": "model.multi_modal_projector"}
 
 
@@ -58,6 +60,15 @@ def native_family(config: ModelConfig) -> str | None:
     except (OSError, ValueError):
         return None
     return NATIVE_FAMILIES.get(llm_config.model_type)
+
+
+def native_media_fields(config: ModelConfig) -> set[str]:
+    """Record fields the backbone's own vision takes ({'image'}, plus 'video' where its config has
+    a video token); empty for a plain causal LM."""
+    if native_family(config) is None:
+        return set()
+    llm_config = AutoConfig.from_pretrained(config.llm, trust_remote_code=config.trust_remote_code)
+    return {"image"} | ({"video"} if getattr(llm_config, "video_token_id", None) is not None else set())
 
 
 def _sampling_metadata(path: str, num_frames: int):
@@ -102,9 +113,9 @@ class NativeVisionLM(MultimodalLM):
 
     # ------------------------------------------------------------------ tuner and freezing
     def apply_tuner(self, tuner: TunerConfig) -> None:
-        if tuner.type == "mora":
-            raise NotImplementedError("MoRA pairs a project encoder's layers with the LLM's; it is not "
-                                      "available on a native vision-language backbone")
+        if tuner.type not in (None, "none") and tuner_capability(tuner.type, "pairs_with_encoder"):
+            raise NotImplementedError(f"{tuner.type} pairs a project encoder's layers with the LLM's; it is not "
+                                      f"available on a native vision-language backbone")
         if tuner.target_modules is None:
             tuner = dataclasses.replace(tuner, target_modules=LANGUAGE_MODEL_TARGETS)
         super().apply_tuner(tuner)
@@ -121,7 +132,7 @@ class NativeVisionLM(MultimodalLM):
     def from_config(cls, config: ModelConfig, tokenizer=None) -> "NativeVisionLM":
         model = super().from_config(config, tokenizer=tokenizer)
         # A stage-2 output that trained the connector holds it beside the projectors.
-        connector_file = os.path.join(config.pretrained_projectors or "", CONNECTOR_FILE)
+        connector_file = os.path.join(config.pretrained_projectors or "", NATIVE_CONNECTOR_FILE)
         if config.pretrained_projectors and os.path.isfile(connector_file):
             model.connector().load_state_dict(load_file(connector_file))
         return model
@@ -133,7 +144,7 @@ class NativeVisionLM(MultimodalLM):
         super().save_pretrained(output_dir, projector_state=projector_state, adapter_state=adapter_state)
         if any(p.requires_grad for p in self.connector().parameters()):
             save_file({k: v.detach().to("cpu").contiguous() for k, v in self.connector().state_dict().items()},
-                      os.path.join(output_dir, CONNECTOR_FILE))
+                      os.path.join(output_dir, NATIVE_CONNECTOR_FILE))
 
     # ------------------------------------------------------------------ data pipeline
     def media_specs(self) -> dict:
@@ -224,7 +235,7 @@ class NativeVisionLM(MultimodalLM):
             if features is None:
                 if bool((input_ids == token_id).any()):
                     raise MediaCountError(f"the batch has native {kind} tokens but no {kind} pixel values")
-                if _several_ranks():
+                if several_ranks():
                     # As the parent does for its encoders: every rank runs the vision tower the
                     # same number of times on every step, so ZeRO-3's gathers line up; a blank
                     # item, added times 0, changes nothing.

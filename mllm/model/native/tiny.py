@@ -32,8 +32,14 @@ def build_tiny_qwen_vl(output_dir: str, family: str = "qwen2_5_vl", corpus: Iter
                        seed: int = 0) -> str:
     """A tiny Qwen2.5-VL (``family="qwen2_5_vl"``) or Qwen2-VL (``"qwen2_vl"``) with its processor."""
     from transformers import (
-        Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
     )
 
     tokenizer = build_tiny_tokenizer(corpus, style="qwen2", vocab_size=300)
@@ -73,7 +79,11 @@ def _qwen_patch(patch: dict) -> dict:
 def build_tiny_llava(output_dir: str, corpus: Iterable[str] = DEFAULT_CORPUS, seed: int = 0) -> str:
     """A tiny LLaVA-1.5 layout (CLIP tower, two-layer MLP projector, LLaMA) with its processor."""
     from transformers import (
-        CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
         LlavaProcessor,
     )
 

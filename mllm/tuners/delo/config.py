@@ -8,6 +8,8 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
+from mllm.tuners.registration import extend_peft_type
+
 #: Default targets per model family. ViLT: every layer's attention query/key/value, as the DeLo
 #: reference does; decoder LLMs: the same three projections under their names.
 TARGET_MODULES_BY_MODEL_TYPE = {
@@ -38,6 +40,8 @@ class DeloConfig(PeftConfig):
     alpha: float = field(default=2.0, metadata={"help": "Scaling is alpha / r (reference: LORA_ALPHA 2.0)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the layer input of the low-rank path."})
     num_tasks: int = field(default=1, metadata={"help": "Tasks of the continual sequence (one pool set each)."})
+    task: int = field(default=0, metadata={"help": "The task this run trains (0-based, below num_tasks); task k > 0 "
+                                                   "continues from task k-1's adapter."})
     query_dim: Optional[int] = field(
         default=None, metadata={"help": "Width of the query signals; default the backbone's hidden_size."})
     target_modules: Optional[Union[list[str], str]] = field(
@@ -51,11 +55,14 @@ class DeloConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "True: b_e zero (identity at start). False: b_e random too (tests)."})
 
+    # Capabilities (mllm.tuners): per-sample expert selection folds into no weight.
+    mergeable = False
+    merge_refusal = ("DeLo's router mixes low-rank experts per sample (and picks the task by its key memory), "
+                     "so its update folds into no single weight")
+
     def __post_init__(self):
         super().__post_init__()
-        from mllm.tuners.registration import delo_peft_type
-
-        self.peft_type = delo_peft_type()
+        self.peft_type = extend_peft_type("delo")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -64,5 +71,27 @@ class DeloConfig(PeftConfig):
             raise ValueError(f"need 0 < r <= num_experts, got r={self.r}, num_experts={self.num_experts}")
         if self.num_tasks <= 0:
             raise ValueError(f"num_tasks must be positive, got {self.num_tasks}")
+        if isinstance(self.task, bool) or not isinstance(self.task, int) or not 0 <= self.task < self.num_tasks:
+            raise ValueError(f"task={self.task!r} is out of range for num_tasks={self.num_tasks} "
+                             f"(tasks 0..{self.num_tasks - 1})")
         if self.bias != "none":
             raise ValueError("DeLo adds no bias; bias must be 'none'")
+
+    #: Fields that belong to one training run, not to the adapter: a run that continues a saved
+    #: adapter takes them from its own config (mllm.train.continuation).
+    RUN_FIELDS = ("task",)
+    #: Fields the continuing run's adapter must share with the saved one.
+    _CONTINUATION_FIELDS = ("num_tasks", "num_experts", "r", "alpha", "query_dim")
+
+    def check_continuation(self, previous: "DeloConfig | None") -> None:
+        """Whether this config may train on top of ``previous`` (the saved adapter; None: a new
+        adapter). Task k > 0 needs task k-1's adapter, with the same pool sizes."""
+        if previous is None:
+            if self.task > 0:
+                raise ValueError(f"task={self.task} needs the adapter of task {self.task - 1}: set "
+                                 f"model.continue_from to that run's stage-2 output")
+            return
+        for name in self._CONTINUATION_FIELDS:
+            if getattr(self, name) != getattr(previous, name):
+                raise ValueError(f"{name}={getattr(self, name)!r} differs from the previous adapter's "
+                                 f"{name}={getattr(previous, name)!r}")

@@ -21,10 +21,9 @@ import math
 from typing import Any, Optional
 
 import torch
-from torch import nn
-
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import resolve_quantization_backend
+from torch import nn
 
 from mllm.tuners.delo.state import DeloState
 

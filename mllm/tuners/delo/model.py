@@ -3,20 +3,28 @@ routing, task partitioning, Task-Key Memory)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from peft.tuners.tuners_utils import BaseTuner
-
+from mllm.distributed import several_ranks
 from mllm.modality import Modality
-from mllm.modality_context import (cached_length, get_modality_context, kv_cache, release_tracking_context,
-                                   tracking_context)
+from mllm.modality_context import (
+    cached_length,
+    get_modality_context,
+    kv_cache,
+    release_tracking_context,
+    tracking_context,
+)
 from mllm.tuners.delo.config import TARGET_MODULES_BY_MODEL_TYPE, DeloConfig
 from mllm.tuners.delo.layer import MERGE_ERROR, DeloLayer, Linear
 from mllm.tuners.delo.state import IMAGE_MISSING, TEXT_MISSING, DeloState, TaskRoute
+
+logger = logging.getLogger(__name__)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -58,8 +66,7 @@ class TaskQueries(nn.Module):
         weight = available.to(pooled.dtype)
         added = weight.sum(0)                                            # (2,)
         total = (pooled * weight[..., None]).sum(0)                      # (2, d)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
+        if several_ranks():
             # Data parallel: every rank adds the whole global batch, so the memory stays the same on
             # all ranks and equals a single-process run's (every rank trains on every step).
             sums = torch.cat([added[:, None], total], dim=1).float()
@@ -197,6 +204,20 @@ class DeloModel(BaseTuner):
             raise ValueError(f"task {task} out of range for num_tasks {sorted(tasks)}")
         self.__dict__["_delo_task"] = task
         self._apply_task_partition()
+
+    def begin_training(self) -> None:
+        """Train the task the active adapter's config names (``DeloConfig.task``): its pools,
+        routers and query maps only (mllm.train.continuation calls this before each run)."""
+        name = self.active_adapters[0]
+        task = self.peft_config[name].task
+        self.set_task(task)
+        counts = self.delo_query[name].counts.sum(-1)
+        untrained = [t for t in range(task) if counts[t] == 0]
+        if untrained:
+            logger.warning("adapter %r has no Task-Key Memory for earlier task(s) %s: was each trained "
+                           "before task %d?", name, untrained, task)
+        if counts[task] > 0:
+            logger.warning("adapter %r already holds task %d's keys; this run adds to them", name, task)
 
     def set_missing(self, codes: Optional[torch.Tensor]) -> None:
         """Per-sample missing codes for the following forwards (None: infer from the tokens)."""

@@ -7,6 +7,8 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
+from mllm.tuners.registration import extend_peft_type
+
 #: The modality names a MokA adapter can route (``mllm.modality.Modality`` without PAD).
 MODALITY_NAMES = ("text", "visual", "audio", "speech")
 
@@ -73,11 +75,14 @@ class MokaConfig(PeftConfig):
         default=True, metadata={"help": "True: A Kaiming-uniform, B zero (identity at start). False: B random "
                                         "too (tests)."})
 
+    # Capabilities (mllm.tuners): routed A matrices and the cross-attention fold into no weight.
+    mergeable = False
+    merge_refusal = ("MokA routes each token through its own modality's A matrix and a task-centric "
+                     "cross-attention, so its update differs per token and folds into no single weight")
+
     def __post_init__(self):
         super().__post_init__()
-        from mllm.tuners.registration import moka_peft_type
-
-        self.peft_type = moka_peft_type()
+        self.peft_type = extend_peft_type("moka")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):

@@ -34,10 +34,9 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import resolve_quantization_backend
+from torch import nn
 
 from mllm.tuners.moka.routing import AdapterLayout, Interaction, ModalityRouter, Routes
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from torch import nn
-
 from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
 
 from mllm.modality_context import release_tracking_context, tracking_context
 from mllm.tuners.moka.config import TARGET_MODULES_BY_MODEL_TYPE, MokaConfig

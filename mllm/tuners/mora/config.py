@@ -7,6 +7,8 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
+from mllm.tuners.registration import extend_peft_type
+
 #: The paper's two branches. A layer belongs to a branch when its module path contains
 #: ``<branch layers path>.<index>.`` (see ``pairing.py``).
 BRANCHES = ("vision", "text")
@@ -61,11 +63,13 @@ class MoraConfig(PeftConfig):
         "help": "True: the adapted model equals the base model at initialisation (see layer.py). False: random "
                 "non-identity factors and magnitudes (tests)."})
 
+    # Capabilities (mllm.tuners): stage 2 pairs an encoder's layers with the LLM's; merging is exact,
+    # also into a 4-bit LLM once it is dequantized.
+    pairs_with_encoder = True
+
     def __post_init__(self):
         super().__post_init__()
-        from mllm.tuners.registration import mora_peft_type
-
-        self.peft_type = mora_peft_type()
+        self.peft_type = extend_peft_type("mora")
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):

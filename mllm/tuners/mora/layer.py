@@ -30,10 +30,9 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
+from torch import nn
 
 from mllm.distributed import gathered_parameters
 

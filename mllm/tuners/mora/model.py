@@ -6,9 +6,8 @@ import math
 from typing import Optional, Sequence
 
 import torch
-from torch import nn
-
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
 
 from mllm.tuners.mora.config import MoraConfig
 from mllm.tuners.mora.layer import Linear, MoraLayer, SharedFactors
