@@ -146,16 +146,6 @@ def mean_of(hits: list) -> float | None:
 # --------------------------------------------------------------------------- reading files
 
 
-def read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise AnnotationFileNotFoundError(path) from None
-    except json.JSONDecodeError as e:
-        raise AnnotationError(f"{path}:{e.lineno}", f"invalid JSON at column {e.colno}: {e.msg}") from None
-
-
 def iter_json_lines(path: str) -> Iterator[tuple[str, Any]]:
     """Yield ``("file:line", object)`` for each non-blank line of a JSON-lines file."""
     try:

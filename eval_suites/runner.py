@@ -126,7 +126,8 @@ def prompt_format(model) -> dict:
     from mllm.data.templates import resolve_chat_template
 
     record = model.prompt_record   # the checkpoint's own prompt format (mllm.checkpoint)
-    options = {"template": record.template, "system_prompt": record.system_prompt}
+    options = {"template": record.template, "system_prompt": record.system_prompt,
+               "overrides": sorted(record.overrides)}   # fields given explicitly (--template, --system-prompt)
     template = resolve_chat_template(model.tokenizer, options["template"])
     options["chat_template_sha256"] = (hashlib.sha256(template.encode()).hexdigest()
                                        if template is not None else None)
@@ -616,6 +617,9 @@ def eval_parser() -> argparse.ArgumentParser:
                              "file and line; skip leaves the sample unanswered and counts it")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, help="default: the suite's protocol value")
+    parser.add_argument("--template", help="render prompts with this template (plain, llama-2, jinja text) instead "
+                                           "of the checkpoint's recorded one (prompt_format.json); recorded")
+    parser.add_argument("--system-prompt", help="instead of the checkpoint's recorded system prompt; recorded")
     parser.add_argument("--prompt-suffix", help="replace the suite's prompt suffix (use \\n for new lines)")
     parser.add_argument("--limit", type=int, help="only the first N samples (smoke tests)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -674,6 +678,8 @@ def _eval_command(argv: list[str] | None) -> int:
             model = MultimodalLM.from_pretrained(args.checkpoint).to(device)
         except FileNotFoundError as e:
             raise UserError(f"--checkpoint: {e}") from None
+        model.prompt_record = model.prompt_record.overridden(template=args.template,
+                                                             system_prompt=args.system_prompt)
         if args.partial_modality:
             check_partial_modality(model, args.partial_modality)
         suffix = None if args.prompt_suffix is None else args.prompt_suffix.replace("\\n", "\n")

@@ -39,6 +39,12 @@ EXPERIMENT_FILE = "experiment.yaml"       # the resolved config the run trained 
 RUN_FINGERPRINT_FILE = "run_fingerprint.json"   # what decides the run's result (mllm.train.run_folder)
 TRAINER_STATE_FILE = "trainer_state.json"
 NATIVE_CONNECTOR_FILE = "native_connector.safetensors"   # a native backbone's connector, when it trained
+# The classification and continual (CMML) stages' outputs.
+RESULTS_FILE = "results.json"             # their scores and history
+MISSING_TABLES_DIR = "missing_tables"     # the seeded missing-modality tables of each split
+TRAINABLE_WEIGHTS = "trainable.safetensors"   # classify: every trained tensor outside the adapter
+CMML_HEADS_FILE = "cmml_heads.safetensors"    # CMML: the per-task classifier heads
+CMML_META_FILE = "cmml_config.json"           # CMML: which classifier and its settings
 #: Files of an output folder that a published model holds (paths relative to the folder).
 HUB_FILES = (
     MLLM_CONFIG, PROJECTOR_WEIGHTS, PROJECTOR_CONFIG, EXPERIMENT_FILE, PROMPT_RECORD_FILE, NATIVE_CONNECTOR_FILE,

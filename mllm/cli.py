@@ -48,7 +48,7 @@ def _field_lines(cls, skip=()) -> str:
 
 def _schema_help() -> str:
     from mllm.config import PATH_RESOLUTION_HELP, DataConfig, EncoderConfig, ModelConfig, TunerConfig
-    from mllm.projectors.qformer import ProjectorConfig
+    from mllm.projectors.config import ProjectorConfig
     from mllm.tuners import tuner_summaries
 
     return (

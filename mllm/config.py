@@ -21,7 +21,7 @@ import yaml
 
 from mllm.errors import ConfigError
 from mllm.modality import modality_from_name
-from mllm.projectors.qformer import ProjectorConfig
+from mllm.projectors.config import ProjectorConfig
 
 
 @dataclass

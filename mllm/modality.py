@@ -34,10 +34,6 @@ PLACEHOLDERS: dict[str, tuple[Modality, str]] = {
 MEDIA_FIELDS: dict[str, str] = {field: ph for ph, (_, field) in PLACEHOLDERS.items()}
 
 
-def modality_of_placeholder(placeholder: str) -> Modality:
-    return PLACEHOLDERS[placeholder][0]
-
-
 def modality_from_name(name: str) -> Modality:
     """'visual' / 'VISUAL' / 1 -> Modality.VISUAL, with a clear error otherwise."""
     if isinstance(name, Modality):

@@ -129,3 +129,25 @@ def test_stage1_records_the_plain_format_and_template_end_of_turn_becomes_a_stop
     custom = training_prompt_record(tokenizer, CUSTOM_TEMPLATE, None)
     assert custom.stop_strings == ["<|end|>"]   # several tokens here: stopped on as text
     assert PromptRecord(**{k: v for k, v in custom.to_dict().items() if k != "format_version"}) == custom
+
+
+def test_mllm_eval_system_prompt_overrides_the_record_and_is_recorded(trained, demo_data, monkeypatch, tmp_path):
+    """`mllm eval --system-prompt` renders with the given prompt and records it as an override."""
+    from mllm.cli import main
+
+    seen = []
+    real_generate = MultimodalLM.generate
+
+    def recording_generate(self, input_ids, attention_mask=None, **kwargs):
+        seen.extend(self.tokenizer.decode(row[mask.bool()]) for row, mask in zip(input_ids, attention_mask))
+        return real_generate(self, input_ids, attention_mask, **kwargs)
+
+    monkeypatch.setattr(MultimodalLM, "generate", recording_generate)
+    out = tmp_path / "eval"
+    assert main(["eval", "--suite", "pope", "--checkpoint", trained["checkpoint"], "--data", trained["pope"],
+                 "--media-root", demo_data["media_root"], "--output-dir", str(out), "--max-new-tokens", "2",
+                 "--system-prompt", "Answer briefly.", "--no-progress"]) == 0
+    assert seen and seen[0].startswith("<|system|>\nAnswer briefly.") and SYSTEM_PROMPT not in seen[0]
+    results = json.loads((out / "results_official.json").read_text())
+    recorded = results["generation"]["prompt_format"]
+    assert recorded["system_prompt"] == "Answer briefly." and recorded["overrides"] == ["system_prompt"]

@@ -50,3 +50,19 @@ def test_peft_imported_before_mllm_registers_at_once():
                    "from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING\n"
                    "print('MOKA' in PEFT_TYPE_TO_TUNER_MAPPING)")
     assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
+
+
+def test_scoring_existing_answers_imports_no_heavy_package(tmp_path):
+    """`mllm eval --answers` only scores: no torch, peft or transformers."""
+    (tmp_path / "coco_pope_random.json").write_text(
+        '{"question_id": 1, "image": "a.jpg", "text": "Is there a cat?", "label": "yes"}\n'
+        '{"question_id": 2, "image": "b.jpg", "text": "Is there a dog?", "label": "no"}\n')
+    (tmp_path / "answers.jsonl").write_text('{"question": "Is there a cat?", "answer": "Yes"}\n'
+                                            '{"question": "Is there a dog?", "answer": "yes"}\n')
+    done = _python("import sys\n"
+                   "from mllm.cli import main\n"
+                   f"rc = main(['eval', '--suite', 'pope', '--data', {str(tmp_path / 'coco_pope_random.json')!r}, "
+                   f"'--answers', {str(tmp_path / 'answers.jsonl')!r}, '--output-dir', {str(tmp_path / 'out')!r}])\n"
+                   f"print(rc, sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "0 []"

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mllm.checkpoint import ADAPTER_DIR
+from mllm.checkpoint import ADAPTER_DIR, MISSING_TABLES_DIR, RESULTS_FILE, TRAINABLE_WEIGHTS
 from mllm.classify.datasets import NUM_CLASSES, Sample, read_split
 from mllm.classify.missing import IMAGE_MISSING, TEXT_MISSING, MissingSpec, load_or_make_missing_table
 from mllm.classify.model import MissingModalityClassifier, apply_tuner
@@ -161,7 +161,7 @@ def load_split(cfg: ClassifyConfig, split: str, image_size: int) -> MissingModal
     section = getattr(data, f"{split}_missing")
     offset = {"train": 0, "val": 1, "test": 2}[split]
     spec = MissingSpec(ratio=section.ratio, type=section.type, both_ratio=section.both_ratio, seed=data.seed + offset)
-    table_dir = data.table_dir or os.path.join(cfg.training.output_dir, "missing_tables")
+    table_dir = data.table_dir or os.path.join(cfg.training.output_dir, MISSING_TABLES_DIR)
     groups = max((s.group for s in samples), default=-1) + 1
     table = load_or_make_missing_table(os.path.join(table_dir, spec.file_name(data.dataset, split)), groups, spec)
     return MissingModalityDataset(samples, table, image_size, data.image_fill, data.cache_images)
@@ -260,6 +260,6 @@ def _save(model: MissingModalityClassifier, cfg: ClassifyConfig, results: dict) 
     if hasattr(model.clip, "save_pretrained") and hasattr(model.clip, "peft_config"):
         model.clip.save_pretrained(os.path.join(out, ADAPTER_DIR))   # peft adapter (shared factors once)
         trainable = {n: v for n, v in trainable.items() if n.startswith("head.")}
-    save_file(trainable, os.path.join(out, "trainable.safetensors"))
-    with open(os.path.join(out, "results.json"), "w") as f:
+    save_file(trainable, os.path.join(out, TRAINABLE_WEIGHTS))
+    with open(os.path.join(out, RESULTS_FILE), "w") as f:
         json.dump(results, f, indent=2, default=str)

@@ -34,13 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllm.checkpoint import CMML_HEADS_FILE, CMML_META_FILE
 from mllm.continual.vilt_ids import publish_vilt_modality_ids
 from mllm.metrics.continual import ResultMatrix, score_task
 
-HEADS_FILE = "cmml_heads.safetensors"
 #: logit given at eval to the classes of tasks other than the one a sample was routed to
 MASKED_LOGIT = -1e4
-META_FILE = "cmml_config.json"
 
 
 @dataclass
@@ -55,7 +54,7 @@ class IncrementalClassifier(nn.Module):
     task t the logits of tasks 0..t are concatenated in task order (class-incremental). Subclasses
     say which backbone parameters train for a task and add their own loss terms."""
 
-    #: written into ``META_FILE`` so a checkpoint says which classifier it is
+    #: written into ``CMML_META_FILE`` so a checkpoint says which classifier it is
     kind = "base"
 
     def __init__(self, backbone: nn.Module, num_tasks: int, labels_per_task: int, multilabel: bool = False):
@@ -108,8 +107,8 @@ class IncrementalClassifier(nn.Module):
         from safetensors.torch import save_file
 
         self.backbone.save_pretrained(path)
-        save_file({k: v.contiguous() for k, v in self.heads.state_dict().items()}, os.path.join(path, HEADS_FILE))
-        with open(os.path.join(path, META_FILE), "w") as f:
+        save_file({k: v.contiguous() for k, v in self.heads.state_dict().items()}, os.path.join(path, CMML_HEADS_FILE))
+        with open(os.path.join(path, CMML_META_FILE), "w") as f:
             json.dump({**self._meta(), "task": self.task, "kind": self.kind}, f)
 
     @classmethod
@@ -117,14 +116,14 @@ class IncrementalClassifier(nn.Module):
         from peft import PeftModel
         from safetensors.torch import load_file
 
-        with open(os.path.join(path, META_FILE)) as f:
+        with open(os.path.join(path, CMML_META_FILE)) as f:
             meta = json.load(f)
         task = meta.pop("task")
         kind = meta.pop("kind", DeloClassifier.kind)
         if kind != cls.kind:
             raise ValueError(f"{path} holds a {kind!r} classifier, not {cls.kind!r}")
         model = cls(PeftModel.from_pretrained(base_model, path), **meta)
-        model.heads.load_state_dict(load_file(os.path.join(path, HEADS_FILE)))
+        model.heads.load_state_dict(load_file(os.path.join(path, CMML_HEADS_FILE)))
         model.set_task(task)
         return model.eval()
 

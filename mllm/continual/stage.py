@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from mllm.checkpoint import MISSING_TABLES_DIR, RESULTS_FILE
 from mllm.classify.missing import MissingSpec
 from mllm.config import ConfigError, load_sectioned_config
 from mllm.continual.cmml import (
@@ -127,7 +128,7 @@ def run_cmml(cfg: CmmlConfig) -> dict:
                              multilabel)
 
     out = cfg.training.output_dir
-    table_dir = cfg.data.table_dir or os.path.join(out, "missing_tables")
+    table_dir = cfg.data.table_dir or os.path.join(out, MISSING_TABLES_DIR)
     spec = MissingSpec(seed=cfg.data.seed, **cfg.data.missing)
     common = dict(processor=processor, spec=spec, table_dir=table_dir, batch_size=cfg.training.batch_size,
                   max_text_len=cfg.data.max_text_len, seed=cfg.training.seed, num_tasks=num_tasks)
@@ -147,6 +148,6 @@ def run_cmml(cfg: CmmlConfig) -> dict:
     results = {"benchmark": cfg.data.benchmark, "tuner": model.kind,
                "metric": "f1_macro" if multilabel else "accuracy",
                "missing": dataclasses.asdict(spec), **json.loads(matrix.to_json())}
-    with open(os.path.join(out, "results.json"), "w") as f:
+    with open(os.path.join(out, RESULTS_FILE), "w") as f:
         json.dump(results, f, indent=2)
     return results

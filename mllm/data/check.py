@@ -61,15 +61,21 @@ def media_fields_for(encoder_modalities) -> set[str]:
 
 
 def check_data(path: str, *, media_root: str | None = None, media_fields: set[str] | None = None,
-               on_bad_sample: str = "error") -> DataReport:
+               on_bad_sample: str = "error", decode: bool = False) -> DataReport:
     """Validate every record of ``path``; ``media_fields``: the fields the model can take (None:
-    all). Raises the first problem's RecordError under 'error'; counts each bad record once under 'skip'."""
+    all); ``decode``: also open every media file (slower; training finds undecodable ones when
+    their batch is drawn). Raises the first problem's RecordError under 'error'; counts each bad
+    record once under 'skip'."""
     report = DataReport(path)
     for where, raw in iter_raw_records(path):
         try:
+            # Unknown media fields first: a typo'd `images` also leaves its placeholder unmatched,
+            # and the typo is the problem to name.
+            _check_fields(where, raw)
             record = parse_record(where, raw)
-            _check_fields(where, raw, record)
             _check_media(record, media_root, media_fields)
+            if decode:
+                _decode_media(record, media_root)
         except RecordError as e:
             if on_bad_sample != "skip":
                 raise
@@ -80,15 +86,20 @@ def check_data(path: str, *, media_root: str | None = None, media_fields: set[st
     return report
 
 
-def _check_fields(where: str, raw: dict, record: Record) -> None:
-    for key, value in record.extra.items():
+def _check_fields(where: str, raw) -> None:
+    if not isinstance(raw, dict):
+        return   # parse_record names what is wrong with it
+    record_id = raw.get("id", "?")
+    for key, value in raw.items():
+        if key in ("id", "conversations", *MEDIA_FIELDS):
+            continue
         suggestion = _media_field_named_like(key)
         paths = [value] if isinstance(value, str) else value if isinstance(value, list) else []
         holds_media = bool(paths) and all(isinstance(p, str) and os.path.splitext(p)[1].lower() in MEDIA_EXTENSIONS
                                           for p in paths)
         if holds_media or (suggestion and paths):
             hint = f" (did you mean '{suggestion}'?)" if suggestion else ""
-            raise RecordError(f"{where}: record '{record.id}'",
+            raise RecordError(f"{where}: record '{record_id}'",
                               f"unknown media field '{key}'{hint}; media fields are {', '.join(MEDIA_FIELDS)}",
                               "unknown media field")
 
@@ -117,3 +128,18 @@ def _check_media(record: Record, media_root: str | None, media_fields: set[str] 
             if not os.path.isfile(resolved):
                 root = f" (media_root {media_root})" if media_root and not os.path.isabs(path) else ""
                 raise RecordError(here, f"'{media_field}' file not found: {resolved}{root}", "missing media file")
+
+
+def _decode_media(record: Record, media_root: str | None) -> None:
+    """Open each media file as training will (an image, a video's first frame, an audio track)."""
+    from mllm.data.media import MediaError, load_audio, load_image, load_video_frames
+
+    loaders = {"image": load_image, "video": lambda p, rid: load_video_frames(p, 1, rid),
+               "audio": load_audio, "speech": load_audio}
+    for media_field, paths in record.media.items():
+        for path in paths:
+            try:
+                loaders[media_field](resolve_media_path(path, media_root), record_id=record.id)
+            except MediaError as e:
+                raise RecordError(f"{record.where}: record '{record.id}'", f"'{media_field}' file unreadable: {e}",
+                                  "unreadable media file") from None

@@ -1,5 +1,6 @@
-"""``mllm data``: ``convert`` (a native dataset -> LLaVA JSONL) and ``import-projectors`` (MokA /
-Crab released stage-1 projectors -> a projector folder that ``model.pretrained_projectors`` loads)."""
+"""``mllm data``: ``convert`` (a native dataset -> LLaVA JSONL), ``check`` (validate a LLaVA-format
+file without training) and ``import-projectors`` (MokA / Crab released stage-1 projectors -> a
+projector folder that ``model.pretrained_projectors`` loads)."""
 
 from __future__ import annotations
 
@@ -85,9 +86,31 @@ def import_projectors_main(argv: list[str]) -> int:
     return 0
 
 
+def check_main(argv: list[str]) -> int:
+    from mllm.data.check import check_data
+
+    parser = argparse.ArgumentParser(
+        prog="mllm data check",
+        description="Check a LLaVA-format JSON / JSONL file as a training run's pre-flight does, without training: "
+                    "JSON, turns, placeholder counts against the media, unknown media fields (images, depth, ...), "
+                    "media files that exist (and, with --decode, open). Prints the records per modality and the "
+                    "bad records counted per problem with the first example of each; exit status 1 if any.")
+    parser.add_argument("file", help="the data file")
+    parser.add_argument("--media-root", help="folder relative media paths start from (as data.media_root)")
+    parser.add_argument("--decode", action="store_true", help="also open every media file (slower)")
+    args = parser.parse_args(argv)
+    report = check_data(args.file, media_root=args.media_root, on_bad_sample="skip", decode=args.decode)
+    print(report.summary())
+    for reason, count in report.skipped.most_common():
+        print(f"  {count:>6}  {reason}: e.g. {report.examples[reason]}")
+    return 1 if report.skipped else 0
+
+
 COMMANDS = {
     "convert": ("Write a native dataset (MokA's MUSIC-AVQA / AVE, LLaVA-Pretrain, mix665k, AudioCaps, Clotho, "
                 "WavCaps, LibriSpeech) as LLaVA-format JSONL.", convert_main),
+    "check": ("Check a LLaVA-format file (fields, placeholders, media present and readable) and count problems.",
+              check_main),
     "import-projectors": ("Convert MokA / Crab released stage-1 projectors into a projector folder.",
                           import_projectors_main),
 }

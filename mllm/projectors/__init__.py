@@ -3,20 +3,24 @@
 A projector checkpoint is a folder with ``projectors.safetensors`` (keys
 ``<modality>.<param>``) and ``projectors.json`` (``{modality: ProjectorConfig}``), so stage 1
 output loads without the LLM, the encoders or any training state.
+
+Importing this package imports no torch (the config schema names ``ProjectorConfig``, and
+``mllm --help`` / scoring answers must start fast); the modules load on first use.
 """
 
 from __future__ import annotations
 
 import json
 import os
-
-import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from typing import TYPE_CHECKING
 
 from mllm.checkpoint import PROJECTOR_CONFIG, PROJECTOR_WEIGHTS
 from mllm.errors import UserError
-from mllm.projectors.qformer import MLPProjector, ProjectorConfig, QFormerProjector
+from mllm.projectors.config import ProjectorConfig
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class ProjectorCheckpointError(UserError):
@@ -24,6 +28,10 @@ class ProjectorCheckpointError(UserError):
 
 
 def build_projectors(configs: dict[str, ProjectorConfig]) -> nn.ModuleDict:
+    from torch import nn
+
+    from mllm.projectors.qformer import QFormerProjector
+
     return nn.ModuleDict({name: QFormerProjector(cfg) for name, cfg in configs.items()})
 
 
@@ -31,6 +39,8 @@ def save_projectors(projectors: nn.ModuleDict, output_dir: str,
                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write the projectors' weights and configs. ``state_dict`` (keys ``<modality>.<param>``)
     overrides the live weights, e.g. with tensors gathered from ZeRO-3 partitions."""
+    from safetensors.torch import save_file
+
     os.makedirs(output_dir, exist_ok=True)
     if state_dict is None:
         state_dict = projectors.state_dict()
@@ -54,6 +64,9 @@ def load_projector_weights(projectors: nn.ModuleDict, checkpoint_dir: str) -> No
     """Load saved weights into existing projectors, refusing any missing, unexpected or
     wrongly shaped tensor with an error that names it. ``checkpoint_dir`` may also name MokA /
     Crab released projector files (a file or a list of files; ``mllm.projectors.released``)."""
+    import torch
+    from safetensors.torch import load_file
+
     from mllm.projectors.released import load_released_projectors, released_files
 
     files = released_files(checkpoint_dir)
@@ -85,6 +98,15 @@ def load_projectors(checkpoint_dir: str) -> nn.ModuleDict:
     projectors = build_projectors(read_projector_configs(checkpoint_dir))
     load_projector_weights(projectors, checkpoint_dir)
     return projectors
+
+
+def __getattr__(name):
+    # The torch modules, on first use (see the module docstring).
+    if name in ("MLPProjector", "QFormerProjector"):
+        from mllm.projectors import qformer
+
+        return getattr(qformer, name)
+    raise AttributeError(f"module 'mllm.projectors' has no attribute {name!r}")
 
 
 __all__ = [

@@ -20,7 +20,8 @@ import os
 import torch
 from torch import nn
 
-from mllm.projectors.qformer import ProjectorConfig, QFormerProjector
+from mllm.projectors.config import ProjectorConfig
+from mllm.projectors.qformer import QFormerProjector
 
 # Crab module prefix and attribute stem per modality of this project.
 RELEASED_PREFIXES = {"visual": ("model.vl_projector.", "visual"), "audio": ("model.al_projector.", "audio")}

@@ -79,3 +79,32 @@ def test_skip_counts_each_bad_record_once_and_summarises_in_one_line(tmp_path, m
                                 f"2 missing media file, 1 placeholder count mismatch, 1 unknown media field, "
                                 f"1 malformed JSON")
     assert "missing.png" in report.examples["missing media file"]
+
+
+def test_mllm_data_check_counts_one_problem_of_each_kind(tmp_path, capsys):
+    """The command on a file with one problem of each kind: each counted once, with an example."""
+    from PIL import Image
+
+    from mllm.cli import main
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "ok.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not an image")
+    turn = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "red"}]
+    records = [
+        {"id": "good", "image": "ok.png", "conversations": turn},
+        {"id": "typo", "images": "ok.png", "conversations": turn},                  # unknown media field
+        {"id": "gone", "image": "missing.png", "conversations": turn},              # missing file
+        {"id": "bad", "image": "corrupt.png", "conversations": turn},               # unreadable file
+        {"id": "count", "image": ["ok.png", "ok.png"], "conversations": turn},      # 2 images, 1 placeholder
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + "{not json\n")
+    assert main(["data", "check", str(path), "--media-root", str(tmp_path), "--decode"]) == 1
+    out = capsys.readouterr().out
+    assert "1 records loaded (image 1)" in out and "skipped 5 bad record(s)" in out
+    for reason in ("unknown media field", "missing media file", "unreadable media file"):
+        assert f"     1  {reason}: e.g. " in out, out
+    assert "train.jsonl:6" in out          # the malformed JSON line, named
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text(json.dumps(records[0]) + "\n")
+    assert main(["data", "check", str(clean), "--media-root", str(tmp_path)]) == 0

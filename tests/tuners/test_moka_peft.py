@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 import mllm  # noqa: F401
 from mllm.modality_context import set_modality_ids
-from mllm.tuners.moka import MokaConfig, MokaLayer
-from mllm.tuners.registration import register_peft_methods
+from mllm.tuners.moka import MokaConfig, MokaLayer, MokaModel
+from mllm.tuners.registration import register_peft_method
 from tests.tuners.moka_helpers import OneLinear, P, sample_ids, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -59,8 +59,8 @@ def _logits(model, ids, question, kwargs):
 
 
 def test_registration_is_idempotent_and_a_real_peft_type():
-    register_peft_methods()
-    register_peft_methods()
+    register_peft_method("moka", MokaConfig, MokaModel)   # again: a no-op
+    register_peft_method("moka", MokaConfig, MokaModel)
     assert PeftType("MOKA") is PeftType.MOKA and PeftType.MOKA.value == "MOKA"
     assert MokaConfig().peft_type == PeftType.MOKA
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING

@@ -18,7 +18,7 @@ from peft.utils.peft_types import PeftType
 
 import mllm  # noqa: F401
 from mllm.tuners.mora import MoraConfig, MoraModel
-from mllm.tuners.registration import register_peft_methods
+from mllm.tuners.registration import register_peft_method
 from tests.tuners.mora_helpers import clip_inputs, clip_outputs, tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,8 +30,8 @@ def _mora(seed=0, **kw):
 
 
 def test_import_registers_mora_idempotently():
-    register_peft_methods()
-    register_peft_methods()
+    register_peft_method("mora", MoraConfig, MoraModel)   # again: a no-op
+    register_peft_method("mora", MoraConfig, MoraModel)
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
     assert PeftType("MORA") is PeftType.MORA and MoraConfig().peft_type == PeftType.MORA

@@ -114,7 +114,3 @@ class MokaConfig(PeftConfig):
     # -- derived -------------------------------------------------------------------------------
     def rank_of(self, modality: str) -> int:
         return (self.modality_ranks or {}).get(modality, self.r)
-
-    @property
-    def uses_cross_attention(self) -> bool:
-        return self.variant == "moka" and self.cross_attention != "none"
