@@ -286,7 +286,7 @@ def test_every_rank_runs_the_vision_tower_on_a_batch_without_images(native_dirs,
     with torch.no_grad():
         alone = model(**batch, audio_inputs=audio).logits
     assert not calls
-    monkeypatch.setattr(native_model, "_several_ranks", lambda: True)
+    monkeypatch.setattr(native_model, "several_ranks", lambda: True)
     out = model(**batch, audio_inputs=audio)
     handle.remove()
     assert len(calls) == (2 if family == "qwen2_5_vl" else 1)  # image (+ video) once each
