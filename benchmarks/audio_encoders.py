@@ -149,7 +149,8 @@ def main(argv=None) -> list[dict]:
     for r in results:
         print(f"{r['encoder']:8} {r['dims']:34} {r['params_m']:>7.1f}M {r['clip_seconds']:>4.0f}s "
               f"{tuple(r['output'])!s:>16} {r['preprocess_clips_per_s']:>13.1f} {r['encode_s_per_batch']:>8.3f} "
-              f"{r['encode_clips_per_s']:>8.1f}" + (f"  peak {r['peak_memory_gib']} GiB" if "peak_memory_gib" in r else ""))
+              f"{r['encode_clips_per_s']:>8.1f}"
+              + (f"  peak {r['peak_memory_gib']} GiB" if "peak_memory_gib" in r else ""))
     summary = {"device": where, "dtype": args.dtype, "small": args.small, "results": results}
     print(json.dumps(summary))
     if args.json:

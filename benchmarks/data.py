@@ -174,7 +174,8 @@ def main(argv=None) -> int:
     parser.add_argument("--frames", type=int, default=8, help="frames sampled per video (MokA stage 1: 8)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--loader-samples", type=int, default=48)
-    parser.add_argument("--loader-videos", type=int, default=8, help="distinct 10 s videos the video records cycle over")
+    parser.add_argument("--loader-videos", type=int, default=8,
+                        help="distinct 10 s videos the video records cycle over")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-loader", action="store_true", help="only the video decoding table")
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads in the main process (workers use 1)")

@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {args.repeats} rounds x {args.block} "
           f"calls, median; ratio = median of per-round ratios [interquartile range]; inference batch routed by the "
           f"Task-Key Memory to tasks {routed}")
-    training = timed_rounds({"peft LoRA": train_step(lora), "DeLo": train_step(delo)}, args.repeats, args.block, args.warmup)
+    training = timed_rounds({"peft LoRA": train_step(lora), "DeLo": train_step(delo)},
+                            args.repeats, args.block, args.warmup)
     inference = timed_rounds({"peft LoRA": infer(lora), "DeLo": infer(delo)}, args.repeats, args.block, args.warmup)
     print(f"\n{'measure':<24}{'LoRA ms':>9}{'DeLo ms':>9}   DeLo / LoRA")
     results = {}

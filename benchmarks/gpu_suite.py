@@ -89,7 +89,8 @@ def table_rows(results: dict) -> list[tuple[str, str]]:
                                                           f"peak {peak}"))
         elif name == "audio":
             for r in figures["results"]:
-                rows.append((f"{r['encoder']} {r['clip_seconds']:.0f} s clips", f"{r['encode_clips_per_s']:.1f} clips/s"))
+                rows.append((f"{r['encoder']} {r['clip_seconds']:.0f} s clips",
+                             f"{r['encode_clips_per_s']:.1f} clips/s"))
         elif name == "generation":
             rows.append(("batched generation", f"{figures['batched_prompts_per_s']:.1f} prompts/s at batch "
                                                f"{figures['batch_size']} = {figures['ratio']:.2f}x batch 1"))

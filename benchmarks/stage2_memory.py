@@ -75,7 +75,8 @@ def build_checkpoints(work: str, small: bool, device: str) -> dict:
         shape = CLIP_SMALL if small else CLIP_L_14
         CLIPVisionModel(CLIPVisionConfig(**shape)).to(torch.bfloat16).save_pretrained(clip_dir)
         size = shape["image_size"]
-        CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(clip_dir)
+        CLIPImageProcessor(size={"shortest_edge": size},
+                           crop_size={"height": size, "width": size}).save_pretrained(clip_dir)
     return {"llm": llm_dir, "clip": clip_dir}
 
 

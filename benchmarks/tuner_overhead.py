@@ -28,7 +28,8 @@ then answer text up to ``--seq-len``.
         --modalities visual --repeats 10                                   # LLaMA-2-7B shapes
 
 Each round runs every model once, in turn, so that drift hits them alike; the times printed are
-medians over ``--repeats`` rounds, the ratios the median over rounds of the ratio within a round. The clock (``--clock``): wall time, with a device synchronisation on GPUs; or the CPU time
+medians over ``--repeats`` rounds, the ratios the median over rounds of the ratio within a round. The clock
+(``--clock``): wall time, with a device synchronisation on GPUs; or the CPU time
 of this process, which on a shared machine leaves out the time other jobs hold the cores. The
 default, ``auto``, takes CPU time for a single-threaded CPU run and wall time otherwise.
 """

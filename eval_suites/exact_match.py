@@ -49,7 +49,8 @@ class ExactMatch(Suite):
             require_fields(where, record, ("id", "conversations"))
             turns = record["conversations"]
             human = [t.get("value", "") for t in turns if isinstance(t, dict) and t.get("from") in ("human", "user")]
-            assistant = [t.get("value", "") for t in turns if isinstance(t, dict) and t.get("from") in ("gpt", "assistant")]
+            assistant = [t.get("value", "") for t in turns
+                         if isinstance(t, dict) and t.get("from") in ("gpt", "assistant")]
             if not human:
                 raise AnnotationError(where, "no human turn to ask")
             target = record.get("answer", assistant[-1] if assistant else None)

@@ -204,5 +204,5 @@ def resolve_bundled_paths(model_section: dict, checkpoint_dir: str) -> dict:
     return section
 
 
-__all__ = ["PROMPT_RECORD_FILE", "PromptRecord", "PromptRecordError", "read_prompt_record", "resolve_bundled_paths", "resolved_template",
-           "training_prompt_record", "write_prompt_record"]
+__all__ = ["PROMPT_RECORD_FILE", "PromptRecord", "PromptRecordError", "read_prompt_record", "resolve_bundled_paths",
+           "resolved_template", "training_prompt_record", "write_prompt_record"]

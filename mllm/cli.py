@@ -190,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                  lambda a: __import__("mllm.data.command", fromlist=["data_main"]).data_main(a)),
         "push": ("Publish a trained model (adapter, projectors, configs, model card) to the Hugging Face Hub.",
                  lambda a: __import__("mllm.hub", fromlist=["push_main"]).push_main(a)),
-        "chat": ("Chat with a checkpoint in the terminal: multi-turn, /image /video /audio /speech PATH, streamed answers.",
+        "chat": ("Chat with a checkpoint in the terminal: multi-turn, /image /video /audio /speech PATH, "
+                 "streamed answers.",
                  lambda a: __import__("mllm.chat", fromlist=["chat_main"]).chat_main(a)),
-        "export": ("Write a self-contained folder of a checkpoint (LLM, encoders, projectors, tokenizer, prompt record, "
-                   "card); --merge folds LoRA / DoRA / MoRA into the weights.",
+        "export": ("Write a self-contained folder of a checkpoint (LLM, encoders, projectors, tokenizer, "
+                   "prompt record, card); --merge folds LoRA / DoRA / MoRA into the weights.",
                    lambda a: __import__("mllm.export", fromlist=["export_main"]).export_main(a)),
         "serve": ("Serve a checkpoint over the OpenAI chat-completions API (batched, streamed) with a chat page at /.",
                   lambda a: _extra_command("mllm.serve.app", "serve_main", a)),

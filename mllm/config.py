@@ -397,7 +397,8 @@ def check_local_paths(cfg: ExperimentConfig) -> None:
     where = f" in {cfg.source}" if cfg.source else ""
     base = os.path.dirname(os.path.abspath(cfg.source)) if cfg.source else None
     how = (f"'./' and '../' paths resolve against the config file's folder {base}, other relative paths "
-           f"against the working directory {os.getcwd()}") if base else f"relative to the working directory {os.getcwd()}"
+           f"against the working directory {os.getcwd()}") if base else (
+        f"relative to the working directory {os.getcwd()}")
     fields = {"model.llm": cfg.model.llm, "model.tokenizer": cfg.model.tokenizer,
               "model.pretrained_projectors": cfg.model.pretrained_projectors,
               "model.continue_from": cfg.model.continue_from}

@@ -142,7 +142,8 @@ def test_a_missing_local_model_path_names_the_field_and_how_it_resolved(tmp_path
     with pytest.raises(ConfigError) as err:
         check_local_paths(cfg)
     message = str(err.value)
-    assert message.startswith(f"model.llm in {tmp_path / 'exp.yaml'}: local path not found: {tmp_path / 'models' / 'llm'}")
+    assert message.startswith(f"model.llm in {tmp_path / 'exp.yaml'}: "
+                              f"local path not found: {tmp_path / 'models' / 'llm'}")
     assert f"against the config file's folder {tmp_path}" in message and "Repo id" not in message
     (tmp_path / "models" / "llm").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"data\.train in .*: data file not found: .*data/train\.jsonl"):

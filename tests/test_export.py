@@ -80,7 +80,8 @@ def test_export_with_adapter_and_merged_load_without_the_originals(lora_run, dem
             config = json.loads((folder / "mllm_config.json").read_text())
             assert config["model"]["llm"] == "./llm"
             assert config["model"]["encoders"]["visual"]["path"] == "./encoders/visual"
-            assert {"prompt_format.json", "projectors.safetensors", "README.md", "tokenizer.json"} <= set(os.listdir(folder))
+            assert ({"prompt_format.json", "projectors.safetensors", "README.md", "tokenizer.json"}
+                    <= set(os.listdir(folder)))
         assert os.path.isdir(kept / "adapter") and not os.path.exists(merged / "adapter")
         assert "stays separate in `adapter/`" in (kept / "README.md").read_text()
         assert "merged into the weights" in (merged / "README.md").read_text()
@@ -91,7 +92,8 @@ def test_export_with_adapter_and_merged_load_without_the_originals(lora_run, dem
         assert from_kept["ids"] == live["ids"]
         torch.testing.assert_close(torch.tensor(from_kept["logits"]), torch.tensor(live["logits"]), rtol=0, atol=1e-6)
         from_merged = _probe_in_fresh_process(merged, demo_data)
-        torch.testing.assert_close(torch.tensor(from_merged["logits"]), torch.tensor(live["logits"]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(from_merged["logits"]), torch.tensor(live["logits"]),
+                                   rtol=1e-4, atol=1e-4)
         assert from_merged["ids"] == live["ids"]
         # The merged LLM is a plain model: LoRA lives in its weights, not beside them.
         from safetensors.torch import load_file

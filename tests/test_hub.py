@@ -80,7 +80,8 @@ def test_push_uploads_exactly_the_model_files_and_a_card(stage2_dir, eval_dir, m
     assert url.startswith(f"https://huggingface.co/{REPO}")
     assert api.repos == [{"repo_id": REPO, "private": True, "repo_type": "model"}]
     assert set(api.files) == {
-        "README.md", "mllm_config.json", "projectors.safetensors", "projectors.json", "experiment.yaml", "prompt_format.json",
+        "README.md", "mllm_config.json", "projectors.safetensors", "projectors.json", "experiment.yaml",
+        "prompt_format.json",
         "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "tokenizer.json",
         "tokenizer_config.json", "eval/pope/results_official.json"}
     # Never: Trainer checkpoints, the pickled training arguments, peft's own adapter card.

@@ -84,7 +84,8 @@ def parse_sources(value: Any, where: str = "data.train") -> list[SourceSpec]:
             raise MixtureError(f"{here}: {e}") from None
         if spec.count is not None and spec.ratio is not None:
             raise MixtureError(f"{here}: give count or ratio, not both")
-        if spec.count is not None and (isinstance(spec.count, bool) or not isinstance(spec.count, int) or spec.count < 1):
+        if spec.count is not None and (isinstance(spec.count, bool) or not isinstance(spec.count, int)
+                                       or spec.count < 1):
             raise MixtureError(f"{here}.count must be a positive integer, got {spec.count!r}")
         if spec.ratio is not None and (isinstance(spec.ratio, bool) or not isinstance(spec.ratio, (int, float))
                                        or spec.ratio <= 0):

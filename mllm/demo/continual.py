@@ -59,7 +59,8 @@ def cmml_config(paths: dict, out: str, size: str, method: str, ratio: float, see
               f"data.missing={{ratio: {ratio}, type: both, both_ratio: 0.5}}", f"data.seed={seed}",
               f"data.table_dir={os.path.join(out, 'missing_tables', size)}",
               f"training.output_dir={os.path.join(out, 'runs', size, f'{method}-missing{round(100 * ratio)}')}",
-              f"training.epochs={sizes['epochs']}", "training.batch_size=16", "training.lr=0.01", f"training.seed={seed}"]
+              f"training.epochs={sizes['epochs']}", "training.batch_size=16", "training.lr=0.01",
+              f"training.seed={seed}"]
     return load_cmml_config(None, values + list(overrides))
 
 

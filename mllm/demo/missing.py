@@ -68,8 +68,9 @@ def classify_config(paths: dict, out: str, size: str, tuner: str, ratio: float, 
               *[f"data.{split}_missing={{ratio: {ratio}, type: both, both_ratio: 0.5}}"
                 for split in ("train", "val", "test")],
               f"training.output_dir={os.path.join(out, 'runs', size, f'{tuner}-missing{round(100 * ratio)}')}",
-              f"training.epochs={SIZES[size]['epochs']}", f"training.batch_size={SIZES[size]['batch_size']}", "training.lr=0.03",
-              "training.weight_decay=0.02", "training.warmup_ratio=0.1", "training.patience=100", f"training.seed={seed}"]
+              f"training.epochs={SIZES[size]['epochs']}", f"training.batch_size={SIZES[size]['batch_size']}",
+              "training.lr=0.03", "training.weight_decay=0.02", "training.warmup_ratio=0.1", "training.patience=100",
+              f"training.seed={seed}"]
     cfg = load_classify_config(None, values + list(overrides))
     cfg.tuner.options = {**TUNER_OPTIONS[tuner], **cfg.tuner.options}
     return cfg

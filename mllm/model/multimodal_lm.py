@@ -123,7 +123,8 @@ class MultimodalLM(nn.Module):
         """Build from an experiment's ``model`` section: loads the LLM, tokenizer and encoders
         by HF id or local path, builds projectors and, when ``pretrained_projectors`` is set,
         loads them from a stage-1 checkpoint."""
-        config = dataclasses.replace(config, projectors={k: dataclasses.replace(v) for k, v in config.projectors.items()})
+        config = dataclasses.replace(config,
+                                     projectors={k: dataclasses.replace(v) for k, v in config.projectors.items()})
         if not config.llm:
             raise ValueError("model.llm is empty: give an HF id or a local path of a causal LM")
         if cls is MultimodalLM:

@@ -51,7 +51,8 @@ NOT_RESULT_FIELDS = {
 }
 
 # What a stage writes into its output folder (cleared by training.overwrite_output_dir).
-_RUN_OUTPUT = re.compile(rf"^({PREFIX_CHECKPOINT_DIR}-\d+|adapter|runs|{re.escape(RUN_FINGERPRINT_FILE)}|experiment\.yaml|"
+_RUN_OUTPUT = re.compile(rf"^({PREFIX_CHECKPOINT_DIR}-\d+|adapter|runs|{re.escape(RUN_FINGERPRINT_FILE)}|"
+                         r"experiment\.yaml|"
                          r"trainer_state\.json|training_args\.bin|all_results\.json|train_results\.json|"
                          r"projectors\.(safetensors|json)|mllm_config\.json|README\.md|chat_template\.jinja|"
                          r"(tokenizer|special_tokens_map|added_tokens)\S*|vocab\S*|merges\.txt)$")
@@ -124,7 +125,8 @@ def check_output_dir(cfg: ExperimentConfig, output_dir: str, resume: str | bool 
         shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
         raise ConfigError(
             f"training.output_dir={output_dir} already holds {what} ({shown}); use another training.output_dir, "
-            f"resume it with training.resume_from_checkpoint=true, or replace it with training.overwrite_output_dir=true")
+            f"resume it with training.resume_from_checkpoint=true, "
+            f"or replace it with training.overwrite_output_dir=true")
     to_clear = [os.path.join(output_dir, e) for e in entries if _RUN_OUTPUT.match(e)]
     kept = [e for e in entries if not _RUN_OUTPUT.match(e)]
     if kept:

@@ -47,7 +47,8 @@ def test_music_avqa_moka_uses_mokas_wording_and_the_eval_protocols_strings(tmp_p
     (record,) = records
     assert record.id == "17"
     assert record.media == {"video": ["video_data/00006835.mp4"], "audio": ["audio_data/00006835.mp3"]}
-    assert record.messages[0]["content"] == "<video>\n<audio>\nPlease answer this question: Which instrument sounds first?"
+    assert record.messages[0]["content"] == ("<video>\n<audio>\n"
+                                             "Please answer this question: Which instrument sounds first?")
     assert record.messages[1]["content"].endswith("<answer> saxophone </answer>.")
     assert record.extra["answer"] == "saxophone" and record.extra["question_type"] == ["Audio-Visual", "Temporal"]
     # Training wording = what `mllm eval --option protocol=moka` asks at test time.
@@ -70,7 +71,8 @@ def test_ave_moka_reads_the_converted_label_files(tmp_path):
     label = ("The bell rings. So the audible and visible event in the video is <event> Church bell </event>, "
              "and the time range is <range> 7,10 </range>.")
     (root / "converted_label" / "-leVhma9zaA.txt").write_text(label + "\n")
-    (root / "converted_label" / "abc.txt").write_text("... <event> Male speech, man speaking </event> ... <range> 0,8 </range>.")
+    (root / "converted_label" / "abc.txt").write_text("... <event> Male speech, man speaking </event> ... "
+                                                      "<range> 0,8 </range>.")
     records = convert(tmp_path, "ave_moka", src, "--media-root", str(root))
     assert [r.id for r in records] == ["-leVhma9zaA", "abc"]
     assert records[0].messages[1]["content"] == label
@@ -102,7 +104,8 @@ def test_llava_pretrain_both_placeholder_positions_and_the_meta_file(tmp_path):
     assert from_meta.messages[1]["content"] == "a red barn" and "<image>" in from_meta.messages[0]["content"]
     bad = write_json(str(tmp_path / "three_turns.json"), [
         {"id": "1", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>"},
-                                                        {"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}])
+                                                        {"from": "gpt", "value": "x"},
+                                                        {"from": "human", "value": "y"}]}])
     with pytest.raises(RecordError, match="exactly 2 turns"):
         list(get_source("llava_pretrain").read(bad))
 
@@ -174,7 +177,8 @@ def test_wavcaps_json_flac_names_and_blacklist(tmp_path):
 
 def test_librispeech_nested_folders_as_asr_records(tmp_path):
     root = tmp_path / "LibriSpeech" / "dev-clean"
-    for speaker, chapter, lines in (("1272", "128104", ["MISTER QUILTER IS THE APOSTLE", "NOR IS MISTER QUILTER'S MANNER"]),
+    for speaker, chapter, lines in (("1272", "128104", ["MISTER QUILTER IS THE APOSTLE",
+                                                        "NOR IS MISTER QUILTER'S MANNER"]),
                                     ("84", "121123", ["GO DO YOU HEAR"])):
         folder = root / speaker / chapter
         os.makedirs(folder)
@@ -195,7 +199,8 @@ def test_librispeech_nested_folders_as_asr_records(tmp_path):
 def test_unknown_source_and_option_are_named(tmp_path, capsys):
     assert main(["data", "convert", "--from", "nope", "x.json", str(tmp_path / "o.jsonl")]) == 2
     assert "unknown data source type 'nope'" in capsys.readouterr().err
-    assert main(["data", "convert", "--from", "clotho", "x.csv", str(tmp_path / "o.jsonl"), "--option", "colour=1"]) == 2
+    assert main(["data", "convert", "--from", "clotho", "x.csv", str(tmp_path / "o.jsonl"),
+                 "--option", "colour=1"]) == 2
     assert "has no option 'colour'" in capsys.readouterr().err
     assert {"music_avqa_moka", "ave_moka", "llava_pretrain", "llava_instruct", "audiocaps", "clotho", "wavcaps",
             "librispeech", "llava"} <= set(SOURCE_REGISTRY)

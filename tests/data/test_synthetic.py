@@ -196,7 +196,8 @@ def test_record_fields(dataset):
         assert record["id"].startswith("cap-")
         check_conversation(record, "image")
         assert record["conversations"][0]["value"] == "<image>\nDescribe the image."
-        assert re.fullmatch(r"a \w+ \w+ on the (left|right)( and a \w+ \w+ on the right)?\.", record["conversations"][1]["value"])
+        assert re.fullmatch(r"a \w+ \w+ on the (left|right)( and a \w+ \w+ on the right)?\.",
+                            record["conversations"][1]["value"])
     for record in records["instruct"] + records["eval"]:
         field = "video" if "video" in record else "image"
         assert not os.path.isabs(record[field])
@@ -259,7 +260,8 @@ def test_answers_are_balanced(dataset):
 
 def question_type(question):
     question = question.removeprefix("<image>\n")
-    for prefix, qtype in (("What color", "color"), ("What shape", "shape"), ("How many", "count"), ("Where", "position")):
+    for prefix, qtype in (("What color", "color"), ("What shape", "shape"), ("How many", "count"),
+                          ("Where", "position")):
         if question.startswith(prefix):
             return qtype
     raise AssertionError(question)

@@ -13,7 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("audio_encoders", os.path.join(ROOT, "benchmarks", "audio_encoders.py"))
+    spec = importlib.util.spec_from_file_location("audio_encoders",
+                                                  os.path.join(ROOT, "benchmarks", "audio_encoders.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

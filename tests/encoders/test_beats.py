@@ -28,7 +28,8 @@ SMALL = dict(input_patch_size=16, embed_dim=24, conv_bias=False, encoder_layers=
 
 def official_keys(cfg: dict) -> dict[str, tuple[int, ...]]:
     """Key -> shape of an official BEATs checkpoint for ``cfg``, written out from the release layout."""
-    e, d, f, h = cfg["embed_dim"], cfg["encoder_embed_dim"], cfg["encoder_ffn_embed_dim"], cfg["encoder_attention_heads"]
+    e, d, f, h = (cfg["embed_dim"], cfg["encoder_embed_dim"],
+                  cfg["encoder_ffn_embed_dim"], cfg["encoder_attention_heads"])
     p, k, g = cfg["input_patch_size"], cfg["conv_pos"], cfg["conv_pos_groups"]
     keys = {
         "patch_embedding.weight": (e, 1, p, p),

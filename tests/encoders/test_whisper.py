@@ -101,7 +101,8 @@ def test_select_layer(tiny):
         last = build_encoder(EncoderConfig(type="whisper", path=path, select_layer=-1))(mel)
         first_block = build_encoder(EncoderConfig(type="whisper", path=path, select_layer=1))(mel)
         x = torch.nn.functional.gelu(reference.encoder.conv1(mel))
-        x = torch.nn.functional.gelu(reference.encoder.conv2(x)).permute(0, 2, 1) + reference.encoder.positional_embedding
+        x = (torch.nn.functional.gelu(reference.encoder.conv2(x)).permute(0, 2, 1)
+             + reference.encoder.positional_embedding)
         expected_first = reference.encoder.blocks[0](x)
     assert torch.equal(default, last)
     assert torch.allclose(first_block, expected_first, atol=1e-6)

@@ -72,7 +72,8 @@ def test_circular_copies_are_built(mmbench_tsv):
     assert by_id["2"].question.startswith("Hint: a hint\nQuestion: Which colour?\nOptions:\nA. red\n")
     assert by_id["1"].question.startswith("Question: Which animal")
     # row 2 refers to row 1's image
-    assert by_id["2"].inline_media[by_id["2"].media["image"][0]] == by_id["1"].inline_media[by_id["1"].media["image"][0]]
+    assert (by_id["2"].inline_media[by_id["2"].media["image"][0]]
+            == by_id["1"].inline_media[by_id["1"].media["image"][0]])
 
 
 def test_official_mode_by_hand(mmbench_tsv):

@@ -71,7 +71,8 @@ def prompts(model: NativeVisionLM, questions: list[str], images: list, with_audi
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("tuner", [None, {"type": "lora"}, {"type": "moka", "options": {"modalities": ["text", "visual", "audio"]}}],
+@pytest.mark.parametrize("tuner", [None, {"type": "lora"},
+                                   {"type": "moka", "options": {"modalities": ["text", "visual", "audio"]}}],
                          ids=["plain", "lora", "moka"])
 def test_without_audio_logits_equal_the_native_models_own(native_dirs, family, tuner):
     model = build(native_dirs, family, tuner)
@@ -263,9 +264,12 @@ def test_qlora_quantises_only_the_language_model(native_dirs, family):
     assert language and all(k == "Linear4bit" for k in language.values())
     model.train()
     batch = prompts(model, ["What plays?"], [image(8)], True)
-    media = torch.isin(batch["input_ids"], torch.tensor([model.placeholder_ids["<audio>"], model.native_token_ids["image"]]))
-    model(**batch, audio_inputs=audio_inputs(model, 1), labels=batch["input_ids"].masked_fill(media, -100)).loss.backward()
-    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in model.named_parameters() if "moka_B" in n)
+    media = torch.isin(batch["input_ids"],
+                       torch.tensor([model.placeholder_ids["<audio>"], model.native_token_ids["image"]]))
+    model(**batch, audio_inputs=audio_inputs(model, 1),
+          labels=batch["input_ids"].masked_fill(media, -100)).loss.backward()
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0)
+               for n, p in model.named_parameters() if "moka_B" in n)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])

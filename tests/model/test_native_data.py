@@ -59,7 +59,8 @@ def test_video_image_and_audio_record_through_collator_and_model(native_dirs, tm
     write_audio(tmp_path / "s.wav", (0.3 * np.sin(np.arange(32000) * 0.05)).astype(np.float32), 16000)
     records = [
         {"id": "va", "video": str(tmp_path / "v.mp4"), "audio": str(tmp_path / "s.wav"),
-         "conversations": [{"from": "human", "value": "<video>\n<audio>\nWhat plays?"}, {"from": "gpt", "value": "A violin."}]},
+         "conversations": [{"from": "human", "value": "<video>\n<audio>\nWhat plays?"},
+                           {"from": "gpt", "value": "A violin."}]},
         {"id": "i", "image": str(tmp_path / "b.png"),
          "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "Red."}]},
     ]
@@ -92,7 +93,8 @@ def test_batched_answers_with_and_without_the_audio_feature_cache(native_dirs, t
     records = []
     for k in range(3):
         image(30 + k, (30 + 7 * k, 40)).save(tmp_path / f"{k}.png")
-        write_audio(tmp_path / f"{k}.wav", (0.3 * np.sin(np.arange(16000 + 4000 * k) * (0.02 + 0.01 * k))).astype(np.float32), 16000)
+        write_audio(tmp_path / f"{k}.wav",
+                    (0.3 * np.sin(np.arange(16000 + 4000 * k) * (0.02 + 0.01 * k))).astype(np.float32), 16000)
         records.append({"id": f"q{k}", "image": str(tmp_path / f"{k}.png"), "audio": str(tmp_path / f"{k}.wav"),
                         "conversations": [{"from": "human", "value": "<image>\n<audio>\n" + "Which one? " * (k + 1)},
                                           {"from": "gpt", "value": "A violin."}]})

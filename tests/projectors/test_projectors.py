@@ -55,7 +55,8 @@ def test_save_and_load_alone(tmp_path):
 def test_wrong_shape_checkpoint_names_the_tensor(tmp_path):
     save_projectors(build_projectors({"visual": _config(llm_hidden_size=48)}), tmp_path)
     target = build_projectors({"visual": _config()})
-    with pytest.raises(ProjectorCheckpointError, match=r"'visual\.mlp\.0\.bias' has shape \(48,\) but the model expects \(40,\)"):
+    with pytest.raises(ProjectorCheckpointError,
+                       match=r"'visual\.mlp\.0\.bias' has shape \(48,\) but the model expects \(40,\)"):
         load_projector_weights(target, str(tmp_path))
 
 

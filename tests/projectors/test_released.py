@@ -38,7 +38,8 @@ def official_state(prefix="model.vl_projector.", stem="visual", layers=2, seed=0
         for name in ("query", "key", "value"):
             state[f"{L}attention.self.{name}.weight"], state[f"{L}attention.self.{name}.bias"] = r(H, H), r(H)
             width = H if name == "query" else encoder_width
-            state[f"{L}crossattention.self.{name}.weight"], state[f"{L}crossattention.self.{name}.bias"] = r(H, width), r(H)
+            (state[f"{L}crossattention.self.{name}.weight"],
+             state[f"{L}crossattention.self.{name}.bias"]) = r(H, width), r(H)
         for block in ("attention", "crossattention"):
             state[f"{L}{block}.output.dense.weight"], state[f"{L}{block}.output.dense.bias"] = r(H, H), r(H)
             state[f"{L}{block}.output.LayerNorm.weight"], state[f"{L}{block}.output.LayerNorm.bias"] = r(H), r(H)
@@ -102,13 +103,15 @@ def test_only_the_named_unused_keys_are_skipped(tmp_path):
 def test_weights_only_refuses_pickled_objects(tmp_path):
     path = tmp_path / "evil.bin"
     torch.save({"model.vl_projector.visual_ln.weight": os.getcwd}, path)  # a callable, not a tensor
-    with pytest.raises(ProjectorCheckpointError, match="not a loadable weights file.*(weights_only|Unsupported global)"):
+    with pytest.raises(ProjectorCheckpointError,
+                       match="not a loadable weights file.*(weights_only|Unsupported global)"):
         import_released_projectors([str(path)])
 
 
 def test_cli_import_then_stage2_config_loads_it(tiny_assets, tmp_path, capsys):
     visual = save(official_state(), tmp_path / "visual_pretrain.bin")
-    audio = save(official_state("model.al_projector.", "audio", seed=1, encoder_width=24), tmp_path / "audio_pretrain.bin")
+    audio = save(official_state("model.al_projector.", "audio", seed=1, encoder_width=24),
+                 tmp_path / "audio_pretrain.bin")
     out = tmp_path / "imported"
     assert main(["data", "import-projectors", visual, audio, "--out", str(out), "--num-heads", "4"]) == 0
     assert "audio: 4 queries, 2 layers, encoder width 24" in capsys.readouterr().out
@@ -120,7 +123,8 @@ def test_cli_import_then_stage2_config_loads_it(tiny_assets, tmp_path, capsys):
     # model.pretrained_projectors may name the released file itself (the tiny LLM is 32 wide, CLIP 32).
     section = model_section(tiny_assets, pretrained_projectors=visual)
     model = MultimodalLM.from_config(config_from_dict({"model": section}).model)
-    assert torch.equal(model.projectors["visual"].mlp[0].weight, official_state()["model.vl_projector.visual_proj.0.weight"])
+    assert torch.equal(model.projectors["visual"].mlp[0].weight,
+                       official_state()["model.vl_projector.visual_proj.0.weight"])
     # A file whose sizes do not fit the model's projector is refused, naming the tensor.
     wide = official_state()
     wide["model.vl_projector.visual_proj.0.weight"] = torch.zeros(LLM + 1, H)

@@ -49,7 +49,8 @@ def test_completion_equals_generate(client, served_model):
 
 def test_streamed_completion_equals_generate(client, served_model):
     wav = wav_bytes(1.5, 880)
-    want = expected_answer(served_model, "<image>\n<audio>\nHow many beeps?", {"image": [png_bytes()], "audio": [wav]}, 12)
+    want = expected_answer(served_model, "<image>\n<audio>\nHow many beeps?",
+                           {"image": [png_bytes()], "audio": [wav]}, 12)
     stream = client.chat.completions.create(
         model="tiny", max_tokens=12, stream=True, stream_options={"include_usage": True},
         messages=[{"role": "user", "content": [
@@ -98,8 +99,8 @@ def test_concurrent_requests_are_batched(client, server):
 
     def ask(i):
         try:
-            response = client.chat.completions.create(model="tiny", max_tokens=8,
-                                                      messages=image_message(png_bytes(shape="circle" if i % 2 else "square")))
+            response = client.chat.completions.create(
+                model="tiny", max_tokens=8, messages=image_message(png_bytes(shape="circle" if i % 2 else "square")))
             results.append(response.choices[0].message.content)
         except Exception as e:  # noqa: BLE001 - collected for the assertion
             errors.append(e)
@@ -127,7 +128,8 @@ BAD_REQUESTS = [
     ("unknown content part", [{"role": "user", "content": [{"type": "image_file", "file": "x"}]}], {},
      400, "unknown content part type 'image_file'"),
     ("undecodable image", image_message(b"\x89PNG not really"), {}, 400, "not a readable image"),
-    ("not base64", [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}],
+    ("not base64", [{"role": "user",
+                     "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}],
      {}, 400, "not valid base64"),
     ("undecodable audio", [{"role": "user", "content": [{"type": "input_audio", "input_audio": {
         "data": base64.b64encode(b"RIFF....WAVEjunk").decode(), "format": "wav"}}]}], {}, 400, "not a decodable audio"),
@@ -157,7 +159,8 @@ BAD_REQUESTS = [
 ]
 
 
-@pytest.mark.parametrize("messages,extra,status,message", [b[1:] for b in BAD_REQUESTS], ids=[b[0] for b in BAD_REQUESTS])
+@pytest.mark.parametrize("messages,extra,status,message", [b[1:] for b in BAD_REQUESTS],
+                         ids=[b[0] for b in BAD_REQUESTS])
 def test_bad_request_gets_a_clear_openai_error(client, messages, extra, status, message):
     kwargs = {"model": "tiny", "messages": messages, "max_tokens": 4, **extra}
     with pytest.raises(openai.APIStatusError) as caught:
@@ -208,7 +211,8 @@ def test_invalid_json_and_missing_api_key(server):
 
 def test_client_disconnecting_mid_stream_frees_its_slot(client, server):
     engine = server.app.state.engine
-    body = {"model": "tiny", "stream": True, "max_tokens": 400, "min_tokens": 400, "messages": image_message(png_bytes())}
+    body = {"model": "tiny", "stream": True, "max_tokens": 400, "min_tokens": 400,
+            "messages": image_message(png_bytes())}
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=60) as response:
         assert response.status_code == 200

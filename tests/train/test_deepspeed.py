@@ -1,6 +1,7 @@
 """Both stages as two real processes under `accelerate launch --use_deepspeed` (CPU, gloo, fp32).
 
-Every shipped ZeRO config runs; LoRA, MokA, DeLo and MoRA (pairing the CLIP tower with the LLM); batches where one rank has no image or no video
+Every shipped ZeRO config runs; LoRA, MokA, DeLo and MoRA (pairing the CLIP tower with the LLM);
+batches where one rank has no image or no video
 at all. A two-process run (2 x batch 2) must save complete projectors and adapters equal to a
 single-process run over the same global batches (1 x batch 4), and resuming from a ZeRO
 checkpoint must end where the uninterrupted run ended.

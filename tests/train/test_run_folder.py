@@ -116,7 +116,8 @@ def test_a_resume_with_no_steps_left_is_refused(tiny_assets, demo_data, finished
 
 
 @pytest.mark.parametrize("record,message", [
-    ({"images": "images/x.png"}, r"train\.jsonl:2: record 'bad': unknown media field 'images' \(did you mean 'image'\?\)"),
+    ({"images": "images/x.png"},
+     r"train\.jsonl:2: record 'bad': unknown media field 'images' \(did you mean 'image'\?\)"),
     ({"image": "images/missing.png", "question": "<image>\nWhat is it?"},
      r"train\.jsonl:2: record 'bad': 'image' file not found: .*images/missing\.png"),
 ])

@@ -106,7 +106,8 @@ def test_gradients_match_the_per_token_oracle(ranks):
     got = weight_A.grad.clone(), weight_B.grad.clone()
     layout = layer.moka_layout["default"]
     blocks = {m: weight_A[layout.block(i)] for i, m in enumerate(layout.modalities)}
-    expected = torch.autograd.grad((moka_oracle(x, ids, question, blocks, weight_B, 2.0, strengths, r=4) * target).sum(),
+    expected = torch.autograd.grad((moka_oracle(x, ids, question, blocks, weight_B, 2.0, strengths, r=4)
+                                    * target).sum(),
                                    (weight_A, weight_B))
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)

@@ -64,8 +64,8 @@ print("REPORT" + json.dumps(report))
 def test_merge_under_zero3_gathers_and_equals_unmerged(tmp_path):
     env = {**_launch_env(), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port())}
-    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "adapter")], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "adapter")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.split("REPORT", 1)[1])
     assert report["partitioned_shape"] == [0]            # the merge really met partitioned weights

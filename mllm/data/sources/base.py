@@ -82,7 +82,8 @@ def json_list(path: str) -> Iterator[tuple[str, Any]]:
                 try:
                     yield f"{path}:{lineno}", json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise RecordError(f"{path}:{lineno}", f"malformed JSON line ({e.msg} at column {e.colno})") from None
+                    raise RecordError(f"{path}:{lineno}",
+                                      f"malformed JSON line ({e.msg} at column {e.colno})") from None
 
 
 def csv_rows(path: str, required: tuple[str, ...]) -> Iterator[tuple[str, dict[str, str]]]:

@@ -85,7 +85,8 @@ def _sampling_metadata(path: str, num_frames: int):
         total, rate = stream.frames, stream.average_rate
     if not total or not rate:
         return None
-    return VideoMetadata(total_num_frames=total, fps=float(rate), frames_indices=uniform_frame_indices(total, num_frames))
+    return VideoMetadata(total_num_frames=total, fps=float(rate),
+                         frames_indices=uniform_frame_indices(total, num_frames))
 
 
 class NativeVisionLM(MultimodalLM):
@@ -163,7 +164,8 @@ class NativeVisionLM(MultimodalLM):
                 load_item=lambda path, rid, field=field: {
                     k: torch.as_tensor(v) for k, v in self.process_media(field, path, rid).items()
                     if k in NATIVE_MEDIA_KEYS},
-                item_tokens=lambda path, rid, field=field: self.process_media(field, path, rid)["input_ids"][0].tolist())
+                item_tokens=lambda path, rid, field=field: (
+                    self.process_media(field, path, rid)["input_ids"][0].tolist()))
         return specs
 
     def process_media(self, field: str, path: str, record_id: str) -> dict:
@@ -177,7 +179,8 @@ class NativeVisionLM(MultimodalLM):
             # The project's uniform frame sampler (model.video_frames); the processor then resizes
             # the frames and groups them into temporal patches as for the released model.
             frames = load_video_frames(path, self.config.video_frames, record_id)
-            text, media = "<|vision_start|><|video_pad|><|vision_end|>", {"videos": [np.stack([np.asarray(f) for f in frames])]}
+            text, media = ("<|vision_start|><|video_pad|><|vision_end|>",
+                           {"videos": [np.stack([np.asarray(f) for f in frames])]})
             metadata = _sampling_metadata(path, self.config.video_frames)
             if metadata is not None:
                 # The real sampling rate sets Qwen2.5-VL's seconds per temporal patch (its time

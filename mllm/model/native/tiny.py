@@ -96,8 +96,9 @@ def build_tiny_llava(output_dir: str, corpus: Iterable[str] = DEFAULT_CORPUS, se
                        num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=16,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
                          tie_word_embeddings=False)
     torch.manual_seed(seed)
     LlavaForConditionalGeneration(config).save_pretrained(output_dir)

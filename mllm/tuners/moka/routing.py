@@ -157,7 +157,8 @@ class ModalityRouter:
                 raise RuntimeError("MokA needs per-token modality ids, but none were published for this forward "
                                    "(only input_ids with no media input are taken as text; inputs_embeds may "
                                    "hide media). A MultimodalLM publishes them itself; for a plain model call "
-                                   "mllm.modality_context.set_modality_ids(model, ids, question_mask) before the forward.")
+                                   "mllm.modality_context.set_modality_ids(model, ids, question_mask) "
+                                   "before the forward.")
             self._source, self._by_object, self._cache = (ids, question), {}, {}
         # Section 4.3 restricts the adapter on "the first generation", i.e. the prompt pass; decode
         # steps extend the cache with generated text tokens, which take the text A as usual.

@@ -29,7 +29,8 @@ class MoraConfig(PeftConfig):
     """
 
     r: int = field(default=4, metadata={"help": "Rank of the modality-specific factors A (r x d), B (d x r)."})
-    shared_r: int = field(default=4, metadata={"help": "Rank of the shared factors S^v, S^t (and size of the Gram matrices)."})
+    shared_r: int = field(default=4, metadata={
+        "help": "Rank of the shared factors S^v, S^t (and size of the Gram matrices)."})
     alpha: float = field(default=1.0, metadata={
         "help": "Low-rank strength eta multiplying both low-rank terms (appendix D; the reference's ALPHA)."})
     dropout: float = field(default=0.1, metadata={"help": "Dropout on the layer input of the low-rank paths."})
@@ -85,7 +86,8 @@ class MoraConfig(PeftConfig):
         if self.layer_pairs is not None:
             pairs = [tuple(p) for p in self.layer_pairs]
             if not pairs or any(len(p) != 2 or not all(isinstance(i, int) for i in p) for p in pairs):
-                raise ValueError(f"layer_pairs must be a non-empty list of [vision, text] indices, got {self.layer_pairs}")
+                raise ValueError(f"layer_pairs must be a non-empty list of [vision, text] indices, "
+                                 f"got {self.layer_pairs}")
             self.layer_pairs = [list(p) for p in pairs]
         elif self.num_paired_layers <= 0:
             raise ValueError(f"num_paired_layers must be positive, got {self.num_paired_layers}")
