@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
            for name, (text, *_) in SECTIONED_STAGES.items()},
         "eval": ("Generate a benchmark's answers with a checkpoint and score them as the official scripts do, "
                  "or score existing answers (--answers: an answer log or the benchmark's own answer file) "
-                 f"(suites: {_suite_names()}).", eval_main),
+                 "(suites: {suites}).", eval_main),
         "data": ("Native datasets: convert one to LLaVA JSONL, import MokA's released stage-1 projectors.",
                  lambda a: __import__("mllm.data.command", fromlist=["data_main"]).data_main(a)),
         "push": ("Publish a trained model (adapter, projectors, configs, model card) to the Hugging Face Hub.",
@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: mllm <command> [options]\n\ncommands:")
         for name, (text, _) in commands.items():
-            print(f"  {name:<10} {text}")
+            # The suite list only when it is shown: finding it imports every suite module.
+            print(f"  {name:<10} {text.replace('{suites}', _suite_names())}")
         print("\nRun 'mllm <command> --help' for a command's options.")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nmllm: unknown command {argv[0]!r}", file=sys.stderr)

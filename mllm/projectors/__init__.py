@@ -64,7 +64,6 @@ def load_projector_weights(projectors: nn.ModuleDict, checkpoint_dir: str) -> No
     """Load saved weights into existing projectors, refusing any missing, unexpected or
     wrongly shaped tensor with an error that names it. ``checkpoint_dir`` may also name MokA /
     Crab released projector files (a file or a list of files; ``mllm.projectors.released``)."""
-    import torch
     from safetensors.torch import load_file
 
     from mllm.projectors.released import load_released_projectors, released_files
@@ -76,22 +75,37 @@ def load_projector_weights(projectors: nn.ModuleDict, checkpoint_dir: str) -> No
     if not os.path.isfile(path):
         raise ProjectorCheckpointError(f"{checkpoint_dir}: no {PROJECTOR_WEIGHTS}; not a projector checkpoint")
     saved = load_file(path)
-    expected = projectors.state_dict()
-    missing = sorted(set(expected) - set(saved))
-    unexpected = sorted(set(saved) - set(expected))
+    missing, unexpected, misshapen = compare_state(projectors, saved)
     if missing or unexpected:
         raise ProjectorCheckpointError(
             f"{path}: projector keys do not match the model (missing: {missing[:5]}, "
             f"unexpected: {unexpected[:5]}); were these projectors trained for other modalities?")
-    for key, tensor in saved.items():
-        if tensor.shape != expected[key].shape:
-            raise ProjectorCheckpointError(
-                f"{path}: '{key}' has shape {tuple(tensor.shape)} but the model expects "
-                f"{tuple(expected[key].shape)}; the checkpoint was made for another encoder, LLM "
-                f"or projector size")
+    if misshapen:
+        key, got, want = misshapen[0]
+        raise ProjectorCheckpointError(
+            f"{path}: '{key}' has shape {got} but the model expects {want}; the checkpoint was made for "
+            f"another encoder, LLM or projector size")
+    copy_state(projectors, saved)
+
+
+def compare_state(module: nn.Module, tensors: dict[str, torch.Tensor]):
+    """``(missing, unexpected, misshapen)``: parameters with no tensor, tensors with no parameter
+    (both sorted), and ``(key, tensor shape, parameter shape)`` for each shape that differs."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshapen = [(key, tuple(t.shape), tuple(expected[key].shape)) for key, t in tensors.items()
+                 if key in expected and t.shape != expected[key].shape]
+    return missing, unexpected, misshapen
+
+
+def copy_state(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy checked ``tensors`` into ``module``'s parameters and buffers, in their dtypes."""
+    import torch
+
     with torch.no_grad():
-        for key, param in projectors.state_dict(keep_vars=True).items():
-            param.copy_(saved[key].to(param.dtype))
+        for key, param in module.state_dict(keep_vars=True).items():
+            param.copy_(tensors[key].to(param.dtype))
 
 
 def load_projectors(checkpoint_dir: str) -> nn.ModuleDict:
@@ -111,5 +125,6 @@ def __getattr__(name):
 
 __all__ = [
     "MLPProjector", "ProjectorCheckpointError", "ProjectorConfig", "QFormerProjector", "build_projectors",
-    "load_projector_weights", "load_projectors", "read_projector_configs", "save_projectors",
+    "compare_state", "copy_state", "load_projector_weights", "load_projectors", "read_projector_configs",
+    "save_projectors",
 ]

@@ -20,6 +20,7 @@ import os
 import torch
 from torch import nn
 
+from mllm.projectors import compare_state, copy_state
 from mllm.projectors.config import ProjectorConfig
 from mllm.projectors.qformer import QFormerProjector
 
@@ -131,22 +132,18 @@ def config_from_mapped(tensors: dict[str, torch.Tensor], num_heads: int = 12) ->
 
 def load_mapped(projector: QFormerProjector, tensors: dict[str, torch.Tensor], modality: str, where: str) -> None:
     """Copy mapped tensors into ``projector``: every parameter filled, every shape equal."""
-    expected = projector.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+    missing, extra, misshapen = compare_state(projector, tensors)
     if missing or extra:
         raise _user_error(
             f"{where}: the {modality} projector does not match the released one: its parameters "
             f"{missing[:6]} get no tensor, the released {extra[:6]} have no parameter "
             f"(a different number of Q-Former layers?)")
-    for key, tensor in tensors.items():
-        if tensor.shape != expected[key].shape:
-            raise _user_error(
-                f"{where}: {modality} '{key}' has shape {tuple(tensor.shape)} but the {modality} "
-                f"projector expects {tuple(expected[key].shape)} (another encoder, LLM width or projector size)")
-    with torch.no_grad():
-        for key, param in projector.state_dict(keep_vars=True).items():
-            param.copy_(tensors[key].to(param.dtype))
+    if misshapen:
+        key, got, want = misshapen[0]
+        raise _user_error(
+            f"{where}: {modality} '{key}' has shape {got} but the {modality} "
+            f"projector expects {want} (another encoder, LLM width or projector size)")
+    copy_state(projector, tensors)
 
 
 def released_files(value) -> list[str] | None:
