@@ -28,7 +28,7 @@ import torch
 from timing import ratio_stats, timed_rounds
 
 import mllm  # noqa: F401  (registers mora with peft)
-from mllm.classify.model import apply_tuner
+from mllm.classify.model import prepare_clip_for_tuner
 from mllm.classify.tiny import TinyClipSizes, tiny_clip
 
 
@@ -97,10 +97,10 @@ def main(argv=None) -> int:
     mora_options = {"r": args.r, "shared_r": args.r, "alpha": 1.0, "init_weights": False, **common}
 
     base = make().eval()
-    unmerged = apply_tuner(make(), "mora", mora_options).eval()   # random non-identity adapter
+    unmerged = prepare_clip_for_tuner(make(), "mora", mora_options).eval()   # random non-identity adapter
     with torch.no_grad():
         expected = unmerged(**batch)
-    merged = apply_tuner(make(), "mora", mora_options)
+    merged = prepare_clip_for_tuner(make(), "mora", mora_options)
     merged.load_state_dict(unmerged.state_dict())
     merged = merged.merge_and_unload().eval()
     plain = type(merged) is type(base) and not any("mora" in n for n, _ in merged.named_modules())
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         got = merged(**batch)
     diff = max((got.image_embeds - expected.image_embeds).abs().max().item(),
                (got.text_embeds - expected.text_embeds).abs().max().item())
-    lora = apply_tuner(make(), "lora", {"r": args.r, "lora_alpha": 2 * args.r, **common})
+    lora = prepare_clip_for_tuner(make(), "lora", {"r": args.r, "lora_alpha": 2 * args.r, **common})
 
     def infer(model):
         def run():
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
                 model(**batch)
         return run
 
-    mora_train, lora_train = trainable(apply_tuner(make(), "mora", mora_options)), trainable(lora)
+    mora_train, lora_train = trainable(prepare_clip_for_tuner(make(), "mora", mora_options)), trainable(lora)
 
     def train_step(model):
         def run():

@@ -3,7 +3,7 @@ missing tables, training and scoring (``stages/classify.py``)."""
 
 from mllm.classify.datasets import DatasetFormatError, Sample, read_split
 from mllm.classify.missing import MissingSpec, load_or_make_missing_table, make_missing_table
-from mllm.classify.model import TUNERS, MissingModalityClassifier, apply_tuner
+from mllm.classify.model import MissingModalityClassifier, prepare_clip_for_tuner
 
-__all__ = ["TUNERS", "DatasetFormatError", "MissingModalityClassifier", "MissingSpec", "Sample", "apply_tuner",
-           "load_or_make_missing_table", "make_missing_table", "read_split"]
+__all__ = ["DatasetFormatError", "MissingModalityClassifier", "MissingSpec", "Sample", "load_or_make_missing_table",
+           "make_missing_table", "prepare_clip_for_tuner", "read_split"]

@@ -1,15 +1,11 @@
 """CLIP with a classification head over the concatenated image and text embeddings (the MoRA /
-DCP setup), and the tuners the paper compares (table 4): MoRA, LoRA, DoRA, BitFit, full
-fine-tuning, frozen backbone (head only)."""
+DCP setup), prepared for any tuner the registry has for CLIP (``mllm.tuners.tuner_names(CLIP)``:
+the paper's table 4 compares MoRA, LoRA, DoRA, BitFit, full fine-tuning, frozen backbone)."""
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
-
-TUNERS = ("mora", "lora", "dora", "bitfit", "full", "frozen")
 
 
 class MissingModalityClassifier(nn.Module):
@@ -33,37 +29,10 @@ class MissingModalityClassifier(nn.Module):
         return self.head(torch.cat([image, text], dim=-1))
 
 
-def _paired_layer_regex(clip: nn.Module, options: dict) -> str:
-    """LoRA / DoRA on the same projections of the same layers MoRA adapts (fair comparison)."""
-    k = options.get("num_paired_layers", 2)
-    targets = options.get("target_modules", ["q_proj", "v_proj"])
-    depth_v = clip.config.vision_config.num_hidden_layers
-    depth_t = clip.config.text_config.num_hidden_layers
-    vision = "|".join(str(i) for i in range(depth_v - k, depth_v))
-    text = "|".join(str(i) for i in range(depth_t - k, depth_t))
-    proj = "|".join(re.escape(t) for t in targets)
-    return (rf".*(vision_model\.encoder\.layers\.({vision})|text_model\.encoder\.layers\.({text}))"
-            rf"\.self_attn\.({proj})")
+def prepare_clip_for_tuner(clip: nn.Module, tuner_type: str, options: dict | None = None) -> nn.Module:
+    """``clip`` made ready to train with the tuner registered for CLIP as ``tuner_type`` (peft-wrapped, or
+    its own parameters marked): only the tuner's parameters require grad. An unknown name, or a
+    tuner that adapts other backbones only, is a ConfigError listing ``tuner_names(CLIP)``."""
+    from mllm.tuners import CLIP, tuner_builder
 
-
-def apply_tuner(clip: nn.Module, kind: str, options: dict | None = None) -> nn.Module:
-    """Return the backbone prepared for ``kind``; only the tuner's parameters require grad."""
-    options = dict(options or {})
-    if kind not in TUNERS:
-        raise ValueError(f"unknown tuner {kind!r}; expected one of {TUNERS}")
-    if kind == "mora":
-        from peft import get_peft_model
-
-        from mllm.tuners.mora import MoraConfig
-
-        return get_peft_model(clip, MoraConfig(**options))
-    if kind in ("lora", "dora"):
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(r=options.get("r", 4), lora_alpha=options.get("lora_alpha", 8),
-                            lora_dropout=options.get("dropout", 0.1), use_dora=kind == "dora",
-                            target_modules=_paired_layer_regex(clip, options))
-        return get_peft_model(clip, config)
-    for name, param in clip.named_parameters():
-        param.requires_grad_(kind == "full" or (kind == "bitfit" and name.endswith(".bias")))
-    return clip
+    return tuner_builder(tuner_type, CLIP)(clip, dict(options or {}))

@@ -23,7 +23,7 @@ from torch import nn
 from mllm.checkpoint import ADAPTER_DIR, MISSING_TABLES_DIR, RESULTS_FILE, TRAINABLE_WEIGHTS
 from mllm.classify.datasets import NUM_CLASSES, Sample, read_split
 from mllm.classify.missing import IMAGE_MISSING, TEXT_MISSING, MissingSpec, load_or_make_missing_table
-from mllm.classify.model import MissingModalityClassifier, apply_tuner
+from mllm.classify.model import MissingModalityClassifier, prepare_clip_for_tuner
 from mllm.config import load_sectioned_config
 from mllm.metrics.classification import DATASET_METRICS, score
 
@@ -41,7 +41,7 @@ class ModelSection:
 
 @dataclass
 class TunerSection:
-    type: str = "mora"                                # mora | lora | dora | bitfit | full | frozen
+    type: str = "mora"                                # a tuner registered for CLIP (mllm.tuners.tuner_names)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -174,7 +174,7 @@ def build_classifier(cfg: ClassifyConfig) -> MissingModalityClassifier:
     clip = CLIPModel.from_pretrained(cfg.model.backbone)
     for param in clip.parameters():
         param.requires_grad_(False)
-    clip = apply_tuner(clip, cfg.tuner.type, cfg.tuner.options)
+    clip = prepare_clip_for_tuner(clip, cfg.tuner.type, cfg.tuner.options)
     return MissingModalityClassifier(clip, cfg.data.num_classes or NUM_CLASSES[cfg.data.dataset])
 
 

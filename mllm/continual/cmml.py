@@ -179,7 +179,7 @@ class DeloClassifier(IncrementalClassifier):
 
 
 class SequentialLoraClassifier(IncrementalClassifier):
-    """The sequential fine-tuning baseline: one peft LoRA adapter shared by every task and trained
+    """The sequential fine-tuning baseline: one peft adapter (LoRA) shared by every task and trained
     on task after task (no task partitioning, no memory), with the same per-task heads and the same
     class-incremental loss and evaluation as ``DeloClassifier``. Earlier heads are frozen; whatever
     the shared adapter learns for a new task changes the features earlier heads read (forgetting)."""
@@ -192,8 +192,9 @@ class SequentialLoraClassifier(IncrementalClassifier):
 
     def set_task(self, task: int) -> None:
         super().set_task(task)
+        prefix = self.backbone.base_model.prefix   # the peft tuner's parameter prefix ("lora_" for LoRA)
         for name, param in self.backbone.named_parameters():
-            param.requires_grad_("lora_" in name)
+            param.requires_grad_(prefix in name)
 
     def features(self, inputs: dict, missing: Optional[torch.Tensor], task_ids: Optional[torch.Tensor]):
         return self.backbone(**inputs).pooler_output

@@ -1,11 +1,12 @@
 """The CMML stage: a DeLo-adapted ViLT trained task by task, scored after each task on every task
 seen so far without task ids, written as the result matrix with AP / forgetting / last.
 
-``tuner.type`` picks the method: ``delo`` (default; the other ``tuner`` keys go to ``DeloConfig``)
-or ``lora``, the sequential fine-tuning baseline: one peft LoRA adapter of rank ``tuner.r`` and
-scaling ``tuner.alpha / tuner.r`` (DeLo's scaling rule) on the same projections (ViLT's
-query / key / value unless ``tuner.target_modules``), trained task after task with the same
-per-task heads, loss and class-incremental evaluation. ``num_experts`` is DeLo's only.
+``tuner.type`` picks the method among the tuners registered for ViLT (``mllm.tuners.tuner_names(VILT)``):
+``delo`` (default; the other ``tuner`` keys go to ``DeloConfig``) or ``lora``, the sequential
+fine-tuning baseline: one peft LoRA adapter of rank ``tuner.r`` and scaling ``tuner.alpha / tuner.r``
+(DeLo's scaling rule) on the same projections (ViLT's query / key / value unless
+``tuner.target_modules``), trained task after task with the same per-task heads, loss and
+class-incremental evaluation. ``num_experts`` is DeLo's only.
 
     python stages/cmml.py --config configs/cmml/food101_delo.yaml [section.field=value ...]
 """
@@ -82,37 +83,21 @@ def load_cmml_config(path: str | None, overrides: list[str] = ()) -> CmmlConfig:
     return load_sectioned_config(CmmlConfig, path, list(overrides))
 
 
-TUNER_TYPES = ("delo", "lora")
-
-
 def build_classifier(cfg: CmmlConfig, base_model, num_tasks: int, labels_per_task: int,
                      multilabel: bool) -> IncrementalClassifier:
-    """The tuner's classifier over ``base_model`` (a transformers ViltModel)."""
-    from peft import LoraConfig, get_peft_model
-
-    from mllm.tuners.delo import DeloConfig
-    from mllm.tuners.delo.config import TARGET_MODULES_BY_MODEL_TYPE
+    """The classifier over ``base_model`` (a transformers ViltModel) adapted by the tuner registered for
+    ViLT as ``tuner.type``: a tuner that ``partitions_tasks`` (DeLo) gets one part per task and the
+    task-partitioned classifier, any other one is trained task after task (sequential fine-tuning)."""
+    from mllm.tuners import VILT, tuner_builder, tuner_capability
 
     options = dict(cfg.tuner)
     kind = options.pop("type", "delo")
-    if kind not in TUNER_TYPES:
-        raise ConfigError(f"tuner.type must be one of {TUNER_TYPES}, got {kind!r}")
-    if kind == "delo":
-        backbone = get_peft_model(base_model, DeloConfig(num_tasks=num_tasks, **options))
+    build = tuner_builder(kind, VILT)
+    if tuner_capability(kind, "partitions_tasks"):
+        backbone = build(base_model, {"num_tasks": num_tasks, **options})
         return DeloClassifier(backbone, num_tasks, labels_per_task, multilabel, cfg.training.align_weight,
                               cfg.training.head_selection)
-    options.pop("num_experts", None)
-    r, alpha = options.pop("r"), options.pop("alpha")
-    targets = options.pop("target_modules", None) or \
-        TARGET_MODULES_BY_MODEL_TYPE.get(base_model.config.model_type, "all-linear")
-    dropout = options.pop("dropout", 0.0)
-    if options:
-        raise ConfigError(f"tuner: field(s) {sorted(options)} are not used by the lora baseline "
-                          f"(it takes r, alpha, dropout, target_modules)")
-    backbone = get_peft_model(base_model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                                     target_modules=list(targets) if not isinstance(targets, str)
-                                                     else targets))
-    return SequentialLoraClassifier(backbone, num_tasks, labels_per_task, multilabel)
+    return SequentialLoraClassifier(build(base_model, options), num_tasks, labels_per_task, multilabel)
 
 
 def run_cmml(cfg: CmmlConfig) -> dict:
@@ -145,7 +130,7 @@ def run_cmml(cfg: CmmlConfig) -> dict:
                     matrix.values[i, : i + 1].round(4).tolist())
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(os.path.join(out, "final"))
-    results = {"benchmark": cfg.data.benchmark, "tuner": model.kind,
+    results = {"benchmark": cfg.data.benchmark, "tuner": cfg.tuner.get("type", "delo"),
                "metric": "f1_macro" if multilabel else "accuracy",
                "missing": dataclasses.asdict(spec), **json.loads(matrix.to_json())}
     with open(os.path.join(out, RESULTS_FILE), "w") as f:

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import mllm  # noqa: F401
-from mllm.classify.model import TUNERS, MissingModalityClassifier, apply_tuner
+from mllm.classify.model import MissingModalityClassifier, prepare_clip_for_tuner
 from mllm.classify.train import MissingModalityDataset, load_classify_config, run_classify
+from mllm.tuners import CLIP, tuner_names
 from tests.classify.helpers import write_memes, write_tiny_clip, write_tiny_tokenizer
 from tests.tuners.mora_helpers import tiny_clip
 
@@ -32,10 +33,10 @@ def _config(assets, out, tuner, **extra):
     return load_classify_config(os.path.join(ROOT, "configs/missing_modality/hateful_memes.yaml"), overrides)
 
 
-@pytest.mark.parametrize("tuner", TUNERS)
+@pytest.mark.parametrize("tuner", tuner_names(CLIP))
 def test_each_tuner_trains_only_its_parameters(tuner):
-    model = MissingModalityClassifier(apply_tuner(tiny_clip(0), tuner, {"r": 4, "shared_r": 4, "dropout": 0.0}
-                                                  if tuner == "mora" else {"r": 4}), num_classes=2)
+    options = {"r": 4, "shared_r": 4, "dropout": 0.0} if tuner == "mora" else {"r": 4}
+    model = MissingModalityClassifier(prepare_clip_for_tuner(tiny_clip(0), tuner, options), num_classes=2)
     names = {n for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")}
     expected = {"mora": "mora_", "lora": "lora_", "dora": "lora_", "bitfit": ".bias"}
     if tuner == "frozen":

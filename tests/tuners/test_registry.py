@@ -8,13 +8,22 @@ import pytest
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
 from mllm.config import TunerConfig
-from mllm.tuners import CAPABILITY_DEFAULTS, TUNER_REGISTRY, build_peft_config, merge_refusal, tuner_capability
+from mllm.tuners import (
+    CAPABILITY_DEFAULTS,
+    CAUSAL_LM,
+    TUNER_REGISTRY,
+    build_peft_config,
+    merge_refusal,
+    tuner_capability,
+    tuner_names,
+)
 from mllm.tuners.registration import extend_peft_type
 
 
 def test_every_entry_builds_its_config_class():
-    assert set(TUNER_REGISTRY) == {"lora", "dora", "moka", "mora", "delo"}
-    for name, entry in TUNER_REGISTRY.items():
+    assert set(tuner_names(CAUSAL_LM)) == {"lora", "dora", "moka", "mora", "delo"}
+    for name in tuner_names(CAUSAL_LM):
+        entry = TUNER_REGISTRY[name]
         config = build_peft_config(TunerConfig(type=name, r=4, alpha=8))
         assert type(config) is entry.config_class, name
         if name in ("moka", "mora", "delo"):   # the project's own methods are known to peft by name
@@ -22,9 +31,10 @@ def test_every_entry_builds_its_config_class():
 
 
 def test_capabilities_come_from_the_config_class():
-    table = {name: {c: tuner_capability(name, c) for c in CAPABILITY_DEFAULTS} for name in TUNER_REGISTRY}
+    table = {name: {c: tuner_capability(name, c) for c in CAPABILITY_DEFAULTS} for name in tuner_names(CAUSAL_LM)}
     assert table["mora"]["pairs_with_encoder"] and not any(table[n]["pairs_with_encoder"] for n in table if n != "mora")
     assert {n for n in table if not table[n]["mergeable"]} == {"moka", "delo"}
+    assert {n for n in table if table[n]["partitions_tasks"]} == {"delo"}
     for name in table:   # a tuner that cannot merge says why
         assert bool(merge_refusal(name)) == (not table[name]["mergeable"])
     with pytest.raises(ValueError, match=r"tuner\.type: unknown tuner type 'fancy'"):

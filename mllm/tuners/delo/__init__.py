@@ -12,7 +12,7 @@ __all__ = ["COMPLETE", "IMAGE_MISSING", "TEXT_MISSING", "DeloConfig", "DeloLayer
 
 
 # -- registration: the peft method and the stage-2 entry (tuner.type: delo) ------------------------------
-from mllm.tuners import register_tuner  # noqa: E402
+from mllm.tuners import VILT, register_tuner  # noqa: E402
 from mllm.tuners.registration import register_peft_method  # noqa: E402
 
 register_peft_method("delo", DeloConfig, DeloModel)
@@ -29,3 +29,11 @@ def delo_config(cfg) -> DeloConfig:
     if cfg.target_modules is not None:
         fields["target_modules"] = cfg.target_modules
     return DeloConfig(**fields)
+
+
+@register_tuner("delo", DeloConfig, backbone=VILT)
+def delo_on_vilt(vilt, options: dict):
+    """DeLo on ViLT (the CMML stage); options: any DeloConfig field, num_tasks given by the stage."""
+    from peft import get_peft_model
+
+    return get_peft_model(vilt, DeloConfig(**options))

@@ -55,8 +55,9 @@ class DeloConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "True: b_e zero (identity at start). False: b_e random too (tests)."})
 
-    # Capabilities (mllm.tuners): per-sample expert selection folds into no weight.
+    # Capabilities (mllm.tuners): per-sample expert selection folds into no weight; one pool set per task.
     mergeable = False
+    partitions_tasks = True
     merge_refusal = ("DeLo's router mixes low-rank experts per sample (and picks the task by its key memory), "
                      "so its update folds into no single weight")
 

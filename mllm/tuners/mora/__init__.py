@@ -12,7 +12,7 @@ __all__ = ["BRANCHES", "Linear", "MoraConfig", "MoraLayer", "MoraModel", "Pairin
 
 
 # -- registration: the peft method and the stage-2 entry (tuner.type: mora) ------------------------------
-from mllm.tuners import register_tuner  # noqa: E402
+from mllm.tuners import CLIP, register_tuner  # noqa: E402
 from mllm.tuners.registration import register_peft_method  # noqa: E402
 
 register_peft_method("mora", MoraConfig, MoraModel)
@@ -30,3 +30,11 @@ def mora_config(cfg) -> MoraConfig:
     if cfg.target_modules is not None:
         fields["target_modules"] = cfg.target_modules
     return MoraConfig(**fields)
+
+
+@register_tuner("mora", MoraConfig, backbone=CLIP)
+def mora_on_clip(clip, options: dict):
+    """MoRA on CLIP's two towers; options: any MoraConfig field (r, shared_r, alpha, num_paired_layers, ...)."""
+    from peft import get_peft_model
+
+    return get_peft_model(clip, MoraConfig(**options))
