@@ -103,7 +103,7 @@ def stage_main(stage: str, argv: list[str] | None = None) -> int:
 #: The stages that train outside the MLLM: command -> (help, "module:config loader", "module:runner", result keys).
 SECTIONED_STAGES = {
     "classify": ("Missing-modality classification with a CLIP dual encoder (MoRA's setting: MM-IMDb, "
-                 "UPMC-Food101, Hateful Memes; tuners mora, lora, dora, bitfit, full, frozen).",
+                 "UPMC-Food101, Hateful Memes; tuners MoRA and the baselines MoRA compares).",
                  "mllm.classify.train:ClassifyConfig", "mllm.classify.train:run_classify",
                  ("dataset", "tuner", "test")),
     "cmml": ("Continual missing-modality learning on ViLT (DeLo's setting: tasks in sequence; result matrix, "
@@ -111,6 +111,8 @@ SECTIONED_STAGES = {
              "mllm.continual.stage:CmmlConfig", "mllm.continual.stage:run_cmml",
              ("benchmark", "metric", "average", "forgetting", "last")),
 }
+#: The backbone kind (``mllm.tuners``) each of them adapts: its --help lists the registry's tuners for it.
+SECTIONED_STAGE_BACKBONES = {"classify": "clip", "cmml": "vilt"}
 
 
 def _load(target: str):
@@ -138,7 +140,10 @@ def sectioned_stage_main(stage: str, argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="override config fields, e.g. training.epochs=3")
     if any(a in ("-h", "--help") for a in (argv or [])):
-        parser.epilog = _sections_help(_load(schema_target))
+        from mllm.tuners import tuner_names
+
+        parser.epilog = (_sections_help(_load(schema_target)) + "\ntuners (tuner.type): "
+                         + ", ".join(tuner_names(SECTIONED_STAGE_BACKBONES[stage])))
     args = parser.parse_args(argv)
     from mllm.config import load_sectioned_config
 

@@ -83,6 +83,10 @@ def load_cmml_config(path: str | None, overrides: list[str] = ()) -> CmmlConfig:
     return load_sectioned_config(CmmlConfig, path, list(overrides))
 
 
+#: ``tuner.type`` when the config names none (the CMML presets are DeLo's)
+DEFAULT_TUNER = "delo"
+
+
 def build_classifier(cfg: CmmlConfig, base_model, num_tasks: int, labels_per_task: int,
                      multilabel: bool) -> IncrementalClassifier:
     """The classifier over ``base_model`` (a transformers ViltModel) adapted by the tuner registered for
@@ -91,10 +95,12 @@ def build_classifier(cfg: CmmlConfig, base_model, num_tasks: int, labels_per_tas
     from mllm.tuners import VILT, tuner_builder, tuner_capability
 
     options = dict(cfg.tuner)
-    kind = options.pop("type", "delo")
-    build = tuner_builder(kind, VILT)
-    if tuner_capability(kind, "partitions_tasks"):
-        backbone = build(base_model, {"num_tasks": num_tasks, **options})
+    tuner_type = options.pop("type", DEFAULT_TUNER)
+    build = tuner_builder(tuner_type, VILT)
+    if "num_tasks" in options:
+        raise ConfigError("tuner.num_tasks: the stage sets it from data.num_tasks (or the benchmark's)")
+    if tuner_capability(tuner_type, "partitions_tasks"):
+        backbone = build(base_model, {**options, "num_tasks": num_tasks})
         return DeloClassifier(backbone, num_tasks, labels_per_task, multilabel, cfg.training.align_weight,
                               cfg.training.head_selection)
     return SequentialLoraClassifier(build(base_model, options), num_tasks, labels_per_task, multilabel)
@@ -130,7 +136,7 @@ def run_cmml(cfg: CmmlConfig) -> dict:
                     matrix.values[i, : i + 1].round(4).tolist())
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(os.path.join(out, "final"))
-    results = {"benchmark": cfg.data.benchmark, "tuner": cfg.tuner.get("type", "delo"),
+    results = {"benchmark": cfg.data.benchmark, "tuner": cfg.tuner.get("type", DEFAULT_TUNER),
                "metric": "f1_macro" if multilabel else "accuracy",
                "missing": dataclasses.asdict(spec), **json.loads(matrix.to_json())}
     with open(os.path.join(out, RESULTS_FILE), "w") as f:

@@ -136,3 +136,13 @@ def test_a_new_tuner_is_one_registration_away_from_every_stage(clip_path):
         _through_the_cmml_stage("ia3", clip_path)
     finally:
         TUNER_REGISTRY.pop("ia3", None)
+
+
+@pytest.mark.parametrize("stage,backbone", [("classify", CLIP), ("cmml", VILT)])
+def test_stage_help_lists_the_registry_tuners_of_its_backbone(stage, backbone, capsys):
+    from mllm.cli import sectioned_stage_main
+
+    with pytest.raises(SystemExit):
+        sectioned_stage_main(stage, ["--help"])
+    listed = capsys.readouterr().out.split("tuners (tuner.type): ", 1)[1].split()
+    assert [name.rstrip(",") for name in listed] == tuner_names(backbone)
