@@ -101,8 +101,10 @@ def merge_refusal(tuner_type: str) -> str:
     return getattr(_entry(tuner_type).config_class, "merge_refusal", f"{tuner_type} adapters do not merge")
 
 
-def tuner_config_class(tuner_type: str) -> type | None:
-    """The peft config class of the tuner registered as ``tuner_type``."""
+def tuner_config_class(tuner_type: str, backbone: str = CAUSAL_LM) -> type | None:
+    """The peft config class of the tuner registered as ``tuner_type`` for ``backbone`` (a ConfigError
+    listing the valid names when it adapts other backbones only)."""
+    tuner_builder(tuner_type, backbone)
     return _entry(tuner_type).config_class
 
 

@@ -146,3 +146,12 @@ def test_stage_help_lists_the_registry_tuners_of_its_backbone(stage, backbone, c
         sectioned_stage_main(stage, ["--help"])
     listed = capsys.readouterr().out.split("tuners (tuner.type): ", 1)[1].split()
     assert [name.rstrip(",") for name in listed] == tuner_names(backbone)
+
+
+def test_continuing_an_mllm_run_refuses_a_tuner_of_another_backbone():
+    """The continuation step asks for the LLM tuner's config class: a CLIP-only baseline is named as such."""
+    from mllm.tuners import tuner_config_class
+
+    assert tuner_config_class("delo") is TUNER_REGISTRY["delo"].config_class
+    with pytest.raises(ConfigError, match="'bitfit' does not adapt the MLLM's causal LM"):
+        tuner_config_class("bitfit")
