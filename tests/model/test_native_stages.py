@@ -164,12 +164,13 @@ def test_music_avqa_suite_runs_on_the_native_backbone(connector_output, tmp_path
     annotations = tmp_path / "avqa-test.json"
     annotations.write_text(json.dumps(items))
     model = MultimodalLM.from_pretrained(connector_output)
-    kwargs = dict(media_root=str(media), max_new_tokens=4, progress=False, checkpoint=connector_output)
-    results = run_suite("music_avqa", model, str(annotations), str(tmp_path / "batched"), batch_size=3, **kwargs)
+    # No scoring mode: a random tiny model's answers parse as no MUSIC-AVQA answer (scoring does not
+    # depend on the backbone; the suite's own tests cover it).
+    kwargs = dict(media_root=str(media), max_new_tokens=4, progress=False, checkpoint=connector_output, modes=())
+    run_suite("music_avqa", model, str(annotations), str(tmp_path / "batched"), batch_size=3, **kwargs)
     run_suite("music_avqa", model, str(annotations), str(tmp_path / "single"), batch_size=1, **kwargs)
     batched, single = (read_answer_log(str(tmp_path / run / "samples.jsonl")) for run in ("batched", "single"))
-    assert len(batched) == 3 and batched == single
-    assert results["official"]["num_samples"] == 3
+    assert len(batched) == 3 and batched == single and any(batched.values())
 
     identity = checkpoint_identity(model, connector_output)
     assert "native_connector.safetensors" in identity["files"]
