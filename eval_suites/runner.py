@@ -44,7 +44,7 @@ import time
 from eval_suites import MODES, SUITES, get_suite, suite_options
 from eval_suites.answers import HEADER_KEY, answer_log_rows, read_answers
 from eval_suites.base import AnnotationError, AnnotationFileNotFoundError, EvalSample, Suite, check_mode
-from mllm.checkpoint import ADAPTER_DIR, MLLM_CONFIG, PROJECTOR_CONFIG, PROJECTOR_WEIGHTS
+from mllm.checkpoint import ADAPTER_DIR, MLLM_CONFIG, NATIVE_CONNECTOR_FILE, PROJECTOR_CONFIG, PROJECTOR_WEIGHTS
 from mllm.errors import UserError
 from mllm.modality import MEDIA_FIELDS
 
@@ -54,8 +54,9 @@ LOG_NAME = "samples.jsonl"
 PROMPTS_NAME = "pending_prompts.jsonl"
 SETTINGS_NAME = "generation_settings.json"
 BAD_MEDIA_POLICIES = ("error", "skip")
-#: the files of a checkpoint folder whose bytes make its fingerprint (all of ``adapter/`` too)
-FINGERPRINTED_FILES = (MLLM_CONFIG, PROJECTOR_CONFIG, PROJECTOR_WEIGHTS)
+#: the files of a checkpoint folder whose bytes make its fingerprint (all of ``adapter/`` too; a native
+#: backbone's trained connector where it has one)
+FINGERPRINTED_FILES = (MLLM_CONFIG, PROJECTOR_CONFIG, PROJECTOR_WEIGHTS, NATIVE_CONNECTOR_FILE)
 
 
 # --------------------------------------------------------------------------- answer log
@@ -108,8 +109,11 @@ def checkpoint_identity(model, checkpoint: str | None = None) -> dict:
 
 
 def _trained_weights(model) -> dict:
-    """The projector and adapter weights: what a checkpoint adds to the LLM and encoders it names."""
+    """The projector and adapter weights (and a native backbone's trained connector): what a
+    checkpoint adds to the LLM and encoders it names."""
     weights = {f"projectors.{k}": v for k, v in model.projectors.state_dict().items()}
+    if getattr(model, "connector_is_saved", lambda: False)():
+        weights.update({f"native_connector.{k}": v for k, v in model.connector().state_dict().items()})
     llm = getattr(model, "llm", None)
     if llm is not None and hasattr(llm, "peft_config"):
         from peft import get_peft_model_state_dict

@@ -54,7 +54,8 @@ NOT_RESULT_FIELDS = {
 _RUN_OUTPUT = re.compile(rf"^({PREFIX_CHECKPOINT_DIR}-\d+|adapter|runs|{re.escape(RUN_FINGERPRINT_FILE)}|"
                          r"experiment\.yaml|"
                          r"trainer_state\.json|training_args\.bin|all_results\.json|train_results\.json|"
-                         r"projectors\.(safetensors|json)|mllm_config\.json|README\.md|chat_template\.jinja|"
+                         r"projectors\.(safetensors|json)|native_connector\.safetensors|mllm_config\.json|"
+                         r"README\.md|chat_template\.jinja|"
                          r"(tokenizer|special_tokens_map|added_tokens)\S*|vocab\S*|merges\.txt)$")
 
 

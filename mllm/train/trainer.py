@@ -99,8 +99,11 @@ class MultimodalTrainer(Trainer):
         model = self._mllm()
         if state_dict is None:  # only reached without ZeRO-3 partitioning
             state_dict = trainable_state_dict(model)
+        # A native backbone's trained connector (mllm.model.native), gathered with the rest.
+        connector = _strip(state_dict, CONNECTOR_PREFIX)
         model.save_pretrained(output_dir, projector_state=_strip(state_dict, "projectors."),
-                              adapter_state=_strip(state_dict, "llm."))
+                              adapter_state=_strip(state_dict, "llm."),
+                              **({"connector_state": connector} if connector else {}))
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -108,7 +111,8 @@ class MultimodalTrainer(Trainer):
 
 
 def trainable_state_dict(model: MultimodalLM) -> dict[str, torch.Tensor]:
-    """Projector and adapter tensors (keys as in ``model.state_dict()``), as full CPU copies.
+    """Projector and adapter tensors (keys as in ``model.state_dict()``), and a native backbone's
+    trained connector (keys ``native_connector.*``), as full CPU copies.
 
     Under ZeRO-3 these parameters are partitioned (0-sized on each rank); they are gathered
     here, so every rank must call this. Only the trainable parts are gathered, never the LLM."""
@@ -116,8 +120,14 @@ def trainable_state_dict(model: MultimodalLM) -> dict[str, torch.Tensor]:
     entries = {name: value for name, value in model.state_dict(keep_vars=True).items()
                if name.startswith("projectors.")
                or (adapter_prefix and name.startswith("llm.") and adapter_prefix in name)}
+    if getattr(model, "connector_is_saved", lambda: False)():
+        entries.update({CONNECTOR_PREFIX + name: value for name, value in model.connector_parameters().items()})
     with gathered_parameters(entries.values()):
         return {name: value.detach().to("cpu", copy=True) for name, value in entries.items()}
+
+
+#: Key prefix of the native connector's tensors in ``trainable_state_dict`` (its own names follow).
+CONNECTOR_PREFIX = "native_connector."
 
 
 def _strip(state_dict: dict, prefix: str) -> dict:
@@ -134,8 +144,11 @@ def _fill_hidden_size_autos(ds_config, hidden_size: int) -> None:
 
 
 def load_trainable_weights(model: MultimodalLM, checkpoint_dir: str) -> None:
-    """Put a checkpoint's projector and adapter weights into a live model (resume)."""
+    """Put a checkpoint's projector and adapter weights (and a native backbone's trained
+    connector) into a live model (resume)."""
     load_projector_weights(model.projectors, checkpoint_dir)
+    if hasattr(model, "load_connector"):
+        model.load_connector(checkpoint_dir)
     adapter_dir = os.path.join(checkpoint_dir, ADAPTER_DIR)
     if isinstance(model.llm, PeftModel):
         weights = os.path.join(adapter_dir, ADAPTER_WEIGHTS)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +114,71 @@ def test_save_reload_in_a_fresh_process_generates_identically(native_dirs, av_da
     assert out.returncode == 0, out.stderr[-2000:]
     reloaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(live) == 4 and reloaded == live
+
+
+@pytest.fixture(scope="module")
+def connector_output(native_dirs, av_data, stage1_dir, tmp_path_factory):
+    """A stage-2 output that trained the native connector."""
+    out = tmp_path_factory.mktemp("native-connector-output")
+    run_instruct(_config(native_dirs, av_data, out, "instruct", pretrained_projectors=stage1_dir,
+                         train_native_connector=True))
+    return str(out)
+
+
+def test_a_loaded_trained_connector_is_kept_by_later_saves(connector_output, tmp_path):
+    """Outputs saved from a loaded model (mllm export, a continued run) keep the trained connector,
+    which no longer trains there; without it they would reload the released one."""
+    from safetensors.torch import load_file
+
+    model = MultimodalLM.from_pretrained(connector_output)
+    assert not any(p.requires_grad for p in model.connector().parameters())
+    model.save_pretrained(str(tmp_path / "again"))
+    saved, again = (load_file(os.path.join(folder, "native_connector.safetensors"))
+                    for folder in (connector_output, tmp_path / "again"))
+    assert sorted(saved) == sorted(again) and all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+def test_music_avqa_suite_runs_on_the_native_backbone(connector_output, tmp_path):
+    """The paper's Qwen2.5-VL row is evaluated on MUSIC-AVQA: native video + the BEATs audio branch
+    through the eval runner, batched answers equal to one-by-one ones, and the trained connector
+    part of the checkpoint's identity (an answer log of another connector is not resumed)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from eval_suites.runner import checkpoint_identity, read_answer_log, run_suite
+    from mllm.data.media import write_audio, write_video
+
+    media = tmp_path / "media"
+    items = []
+    for k in range(3):
+        video_id = f"{k + 1:08d}"
+        frames = [np.random.RandomState(10 * k + f).randint(0, 255, (32, 40, 3), dtype=np.uint8)
+                  for f in range(6 + 4 * k)]   # 1.5, 2.5 and 3.5 s
+        write_video(media / "videos" / f"{video_id}.mp4", frames, fps=4)
+        write_audio(media / "audios" / f"{video_id}.wav",
+                    (0.3 * np.sin(np.arange(16000) * (0.02 + 0.01 * k))).astype(np.float32), 16000)
+        items.append({"video_id": video_id, "question_id": k + 1, "type": '["Audio-Visual", "Counting"]',
+                      "question_content": "How many instruments are sounding?", "templ_values": "[]",
+                      "question_deleted": 0, "anser": "two"})
+    annotations = tmp_path / "avqa-test.json"
+    annotations.write_text(json.dumps(items))
+    model = MultimodalLM.from_pretrained(connector_output)
+    # No scoring mode: a random tiny model's answers parse as no MUSIC-AVQA answer (scoring does not
+    # depend on the backbone; the suite's own tests cover it).
+    kwargs = dict(media_root=str(media), max_new_tokens=4, progress=False, checkpoint=connector_output, modes=())
+    run_suite("music_avqa", model, str(annotations), str(tmp_path / "batched"), batch_size=3, **kwargs)
+    run_suite("music_avqa", model, str(annotations), str(tmp_path / "single"), batch_size=1, **kwargs)
+    batched, single = (read_answer_log(str(tmp_path / run / "samples.jsonl")) for run in ("batched", "single"))
+    assert len(batched) == 3 and batched == single and any(batched.values())
+
+    identity = checkpoint_identity(model, connector_output)
+    assert "native_connector.safetensors" in identity["files"]
+    other = tmp_path / "other-connector"
+    shutil.copytree(connector_output, other)
+    connector = load_file(os.path.join(other, "native_connector.safetensors"))
+    save_file({k: v + 0.1 for k, v in connector.items()}, os.path.join(other, "native_connector.safetensors"))
+    assert checkpoint_identity(model, str(other))["sha256"] != identity["sha256"]
+    # In memory too (a model built in this process): the connector is part of the weights hashed.
+    in_memory = checkpoint_identity(MultimodalLM.from_pretrained(str(other)))
+    assert checkpoint_identity(model)["sha256"] != in_memory["sha256"]

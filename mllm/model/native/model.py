@@ -33,9 +33,11 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from mllm.checkpoint import NATIVE_CONNECTOR_FILE
 from mllm.config import ModelConfig, TunerConfig
 from mllm.data.dataset import NATIVE_MEDIA_KEYS
-from mllm.distributed import several_ranks
+from mllm.distributed import gathered_parameters, several_ranks
+from mllm.errors import UserError
 from mllm.modality import Modality
 from mllm.model.multimodal_lm import MultimodalLM
+from mllm.model.native.video_sampling import sample_native_video
 from mllm.model.splice import MediaCountError, position_ids_from_attention_mask, splice_features
 from mllm.tuners import tuner_capability
 
@@ -48,6 +50,10 @@ LANGUAGE_MODEL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate
 #: The native connector of each family (module path under the ``...ForConditionalGeneration``),
 #: and the file a stage-2 output keeps it in when it trained.
 CONNECTOR_MODULES = {"qwen_vl": "model.visual.merger", "llava": "model.multi_modal_projector"}
+
+
+class ConnectorCheckpointError(UserError):
+    """A saved native connector that does not fit the backbone's."""
 
 
 def native_family(config: ModelConfig) -> str | None:
@@ -71,24 +77,6 @@ def native_media_fields(config: ModelConfig) -> set[str]:
     return {"image"} | ({"video"} if getattr(llm_config, "video_token_id", None) is not None else set())
 
 
-def _sampling_metadata(path: str, num_frames: int):
-    """transformers' ``VideoMetadata`` for ``num_frames`` frames picked uniformly from the video
-    (as ``load_video_frames`` picks them), or None when the container declares no frame rate or
-    frame count."""
-    import av
-    from transformers.video_utils import VideoMetadata
-
-    from mllm.data.media import uniform_frame_indices
-
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        total, rate = stream.frames, stream.average_rate
-    if not total or not rate:
-        return None
-    return VideoMetadata(total_num_frames=total, fps=float(rate),
-                         frames_indices=uniform_frame_indices(total, num_frames))
-
-
 class NativeVisionLM(MultimodalLM):
     AUTO_MODEL_CLASS = AutoModelForImageTextToText
     # QLoRA quantises the language model only. The list replaces bitsandbytes' defaults, so it
@@ -102,6 +90,7 @@ class NativeVisionLM(MultimodalLM):
             processor = AutoProcessor.from_pretrained(config.llm, trust_remote_code=config.trust_remote_code)
         processor.tokenizer = tokenizer   # the one with the project's placeholders added
         self.processor = processor
+        self.connector_loaded = False   # load_connector put a trained connector in
         llm_config = llm.config
         image_id = getattr(llm_config, "image_token_id", None)
         if image_id is None:
@@ -133,18 +122,66 @@ class NativeVisionLM(MultimodalLM):
     def from_config(cls, config: ModelConfig, tokenizer=None) -> "NativeVisionLM":
         model = super().from_config(config, tokenizer=tokenizer)
         # A stage-2 output that trained the connector holds it beside the projectors.
-        connector_file = os.path.join(config.pretrained_projectors or "", NATIVE_CONNECTOR_FILE)
-        if config.pretrained_projectors and os.path.isfile(connector_file):
-            model.connector().load_state_dict(load_file(connector_file))
+        if config.pretrained_projectors and isinstance(config.pretrained_projectors, str):
+            model.load_connector(config.pretrained_projectors)
         return model
 
+    def connector_is_saved(self) -> bool:
+        """The connector differs from the released one: it trains now, or a trained one was loaded.
+        Outputs then keep it (``native_connector.safetensors``), else reloading would bring back
+        the released connector."""
+        return self.connector_loaded or any(p.requires_grad for p in self.connector().parameters())
+
+    def connector_parameters(self) -> dict[str, torch.Tensor]:
+        """The connector's tensors by name (as in its ``state_dict``), live, maybe ZeRO-3-partitioned."""
+        return dict(self.connector().state_dict(keep_vars=True))
+
+    def connector_state(self) -> dict[str, torch.Tensor]:
+        """Full CPU copies of the connector's tensors. Under ZeRO-3 they are gathered: every rank
+        must call this."""
+        tensors = self.connector_parameters()
+        with gathered_parameters(tensors.values()):
+            return {name: value.detach().to("cpu", copy=True).contiguous() for name, value in tensors.items()}
+
+    def load_connector(self, folder: str) -> bool:
+        """Put ``folder``'s trained connector (if it has one) into this model, also when ZeRO-3 has
+        partitioned it (every rank then calls this, and loads the same file). Returns whether
+        one was loaded; a file whose keys or shapes differ from the connector raises."""
+        path = os.path.join(folder, NATIVE_CONNECTOR_FILE)
+        if not os.path.isfile(path):
+            return False
+        saved = load_file(path)
+        live = self.connector_parameters()
+        full_shapes = {name: tuple(getattr(t, "ds_shape", t.shape)) for name, t in live.items()}
+        missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+        misshapen = [(k, tuple(saved[k].shape), full_shapes[k]) for k in saved
+                     if k in live and tuple(saved[k].shape) != full_shapes[k]]
+        if missing or unexpected or misshapen:
+            raise ConnectorCheckpointError(
+                f"{path}: does not fit {self.config.llm}'s connector (missing: {missing[:3]}, unexpected: "
+                f"{unexpected[:3]}, shapes (saved, model): {misshapen[:3]}); was it trained on another backbone?")
+        with gathered_parameters(live.values(), modifier_rank=0), torch.no_grad():
+            for name, tensor in live.items():
+                tensor.copy_(saved[name].to(tensor.dtype))
+        self.connector_loaded = True
+        return True
+
     def save_pretrained(self, output_dir: str, projector_state: dict | None = None,
-                        adapter_state: dict | None = None) -> None:
+                        adapter_state: dict | None = None, connector_state: dict | None = None) -> None:
         """As the parent (projectors, adapter, tokenizer, config: the backbone itself is never
-        copied, ``model.llm`` names it), plus the native connector when it trains (``model.train_native_connector``)."""
+        copied, ``model.llm`` names it), plus the native connector when it trained
+        (``model.train_native_connector``) or came trained from the folder this model loaded.
+        Under ZeRO-3 the caller passes ``connector_state`` gathered on every rank
+        (``connector_state()``); without it the connector must not be partitioned."""
         super().save_pretrained(output_dir, projector_state=projector_state, adapter_state=adapter_state)
-        if any(p.requires_grad for p in self.connector().parameters()):
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in self.connector().state_dict().items()},
+        if connector_state is None and self.connector_is_saved():
+            connector_state = self.connector_state()
+        if connector_state:
+            empty = [name for name, t in connector_state.items() if t.numel() == 0]
+            if empty:   # a partitioned ZeRO-3 slice: never write what would reload as nothing
+                raise ValueError(f"native connector tensors {empty[:3]} are empty (ZeRO-3 partitions); "
+                                 f"pass connector_state gathered on every rank")
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in connector_state.items()},
                       os.path.join(output_dir, NATIVE_CONNECTOR_FILE))
 
     # ------------------------------------------------------------------ data pipeline
@@ -170,22 +207,17 @@ class NativeVisionLM(MultimodalLM):
 
     def process_media(self, field: str, path: str, record_id: str) -> dict:
         """One image / video file through the checkpoint's processor, with its placeholder text."""
-        from mllm.data.media import load_image, load_video_frames
+        from mllm.data.media import load_image
 
         if field == "image":
             text, media = ("<|vision_start|><|image_pad|><|vision_end|>" if self.family == "qwen_vl"
                            else self.processor.image_token), {"images": [load_image(path, record_id)]}
         else:
-            # The project's uniform frame sampler (model.video_frames); the processor then resizes
-            # the frames and groups them into temporal patches as for the released model.
-            frames = load_video_frames(path, self.config.video_frames, record_id)
+            # The released model's sampling: by frames per second, through the checkpoint's own
+            # video processor, with the file's real frame count and rate (its time positions).
+            frames, metadata = sample_native_video(self.processor.video_processor, path, record_id)
             text, media = ("<|vision_start|><|video_pad|><|vision_end|>",
-                           {"videos": [np.stack([np.asarray(f) for f in frames])]})
-            metadata = _sampling_metadata(path, self.config.video_frames)
-            if metadata is not None:
-                # The real sampling rate sets Qwen2.5-VL's seconds per temporal patch (its time
-                # positions); without it transformers assumes 24 fps.
-                media["video_metadata"] = [metadata]
+                           {"videos": [frames], "video_metadata": [metadata], "do_sample_frames": False})
         return self.processor(text=[text], add_special_tokens=False, return_tensors="pt", **media)
 
     # ------------------------------------------------------------------ inputs
