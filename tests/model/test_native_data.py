@@ -33,7 +33,7 @@ def test_image_record_gives_what_the_checkpoints_processor_gives(native_dirs, fa
     data = _write(tmp_path, [{"id": "r1", "image": str(tmp_path / "a.png"),
                               "conversations": [{"from": "human", "value": f"<image>\n{question}"},
                                                 {"from": "gpt", "value": "A square."}]}])
-    template = "auto" if family == "qwen2_5_vl" else model.processor.chat_template
+    template = "auto" if family == "qwen2_5_vl" else model.processor.hf_processor.chat_template
     dataset = MultimodalDataset(data, model.tokenizer, model.media_specs(), template=template,
                                 for_generation=True, progress=False)
     batch = MultimodalCollator(model.tokenizer.pad_token_id, "left")([dataset[0]])
@@ -42,7 +42,7 @@ def test_image_record_gives_what_the_checkpoints_processor_gives(native_dirs, fa
         [{"role": "user", "content": f"{VISION_TEXT[family]}\n{question}"}],
         chat_template=resolve_chat_template(model.tokenizer, template),
         tokenize=False, add_generation_prompt=True)
-    reference = model.processor(text=[prompt], images=[image(1, (37, 52))], add_special_tokens=False,
+    reference = model.processor.hf_processor(text=[prompt], images=[image(1, (37, 52))], add_special_tokens=False,
                                 return_tensors="pt")
     assert batch["input_ids"].tolist() == reference["input_ids"].tolist()
     torch.testing.assert_close(batch["pixel_values"], reference["pixel_values"])
