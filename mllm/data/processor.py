@@ -79,7 +79,7 @@ def audio_cut(cfg: EncoderConfig, chunk_seconds: float | None) -> AudioCut:
 class ImageItems:
     """One image per item: (3, H, W)."""
 
-    cached = False               # a decoded-video cache applies to videos only
+    cache_decoded = False        # the decoded-video cache (feature cache on) applies to videos only
 
     def __init__(self, preprocessor: MediaPreprocessor, encoder: EncoderConfig, model: ModelConfig):
         self.preprocessor = preprocessor
@@ -98,7 +98,7 @@ class ImageItems:
 class VideoItems(ImageItems):
     """``video_frames`` frames sampled uniformly per item: (frames, 3, H, W)."""
 
-    cached = True
+    cache_decoded = True
 
     def __init__(self, preprocessor: MediaPreprocessor, encoder: EncoderConfig, model: ModelConfig):
         super().__init__(preprocessor, encoder, model)
@@ -117,7 +117,7 @@ class VideoItems(ImageItems):
 class AudioItems:
     """A 16 kHz clip cut into windows or 30 s chunks (``audio_cut``): (parts, ...)."""
 
-    cached = False
+    cache_decoded = False
 
     def __init__(self, preprocessor: MediaPreprocessor, encoder: EncoderConfig, model: ModelConfig):
         self.preprocessor = preprocessor
@@ -236,7 +236,7 @@ class MediaProcessor:
         video seen before is not even decoded (keyed on its bytes)."""
         load = lambda path, rid: self.load(placeholder, path, rid)  # noqa: E731
         cache = self.feature_caches.get(PLACEHOLDERS[placeholder][0].name.lower())
-        if cache is not None and self._items(placeholder).cached:
+        if cache is not None and self._items(placeholder).cache_decoded:
             return cached_video_loader(cache, load, {"video_frames": self.config.video_frames})
         return load
 
