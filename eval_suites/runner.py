@@ -179,7 +179,7 @@ def _open_log(log_path: str, identity: dict, settings: dict, new_log: bool) -> d
 
 def check_model_inputs(suite: Suite, samples: list[EvalSample], model) -> None:
     """Fail early, and clearly, if the samples carry media the model has no encoder for."""
-    supported = {spec.field for spec in model.media_specs().values()}
+    supported = {spec.field for spec in model.processor.media_specs().values()}
     needed = {field for s in samples for field in s.media}
     missing = sorted(needed - supported)
     if missing:
@@ -334,7 +334,7 @@ def generate_into_log(suite: Suite, samples: list[EvalSample], model, output_dir
     prompt_options = prompt_format(model) if prompt_options is None else prompt_options
     prompts_path = _write_prompt_records(suite, samples, output_dir, prompt_suffix)
     try:
-        dataset = MultimodalDataset(prompts_path, model.tokenizer, model.media_specs(), media_root=media_root,
+        dataset = MultimodalDataset(prompts_path, model.tokenizer, model.processor.media_specs(), media_root=media_root,
                                     template=prompt_options["template"],
                                     system_prompt=prompt_options["system_prompt"], for_generation=True,
                                     progress=False)

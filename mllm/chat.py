@@ -42,7 +42,7 @@ class ChatSession:
     def attach(self, field_name: str, path: str) -> None:
         from mllm.serve.inputs import decode_media_file
 
-        self.pending.append((field_name, decode_media_file(self.model, field_name, path, self.limits)))
+        self.pending.append((field_name, decode_media_file(self.model.processor, field_name, path, self.limits)))
 
     def ask(self, text: str, on_text=lambda piece: None, on_start=lambda: None) -> str:
         """Send one user turn; ``on_text`` gets each new piece of the answer. Raises UserError

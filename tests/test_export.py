@@ -69,6 +69,7 @@ def _probe_in_fresh_process(folder, demo_data) -> dict:
 
 def test_export_with_adapter_and_merged_load_without_the_originals(lora_run, demo_data):
     from mllm.cli import main
+    from mllm.data.processor import MediaProcessor
 
     kept, merged = lora_run["root"] / "export-adapter", lora_run["root"] / "export-merged"
     assert main(["export", lora_run["checkpoint"], str(kept)]) == 0
@@ -82,6 +83,8 @@ def test_export_with_adapter_and_merged_load_without_the_originals(lora_run, dem
             assert config["model"]["encoders"]["visual"]["path"] == "./encoders/visual"
             assert ({"prompt_format.json", "projectors.safetensors", "README.md", "tokenizer.json"}
                     <= set(os.listdir(folder)))
+            # The media processor finds the bundled CLIP (./encoders/visual) on its own.
+            assert MediaProcessor.from_pretrained(str(folder)).num_media_tokens("<image>") == 4
         assert os.path.isdir(kept / "adapter") and not os.path.exists(merged / "adapter")
         assert "stays separate in `adapter/`" in (kept / "README.md").read_text()
         assert "merged into the weights" in (merged / "README.md").read_text()

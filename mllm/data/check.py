@@ -61,11 +61,12 @@ def media_fields_for(encoder_modalities) -> set[str]:
 
 
 def check_data(path: str, *, media_root: str | None = None, media_fields: set[str] | None = None,
-               on_bad_sample: str = "error", decode: bool = False) -> DataReport:
+               on_bad_sample: str = "error", decode: bool = False, loaders: dict | None = None) -> DataReport:
     """Validate every record of ``path``; ``media_fields``: the fields the model can take (None:
     all); ``decode``: also open every media file (slower; training finds undecodable ones when
-    their batch is drawn). Raises the first problem's RecordError under 'error'; counts each bad
-    record once under 'skip'."""
+    their batch is drawn), with ``loaders`` (field -> ``(path, record_id) -> item``, e.g. a media
+    processor's ``load_item``s, which also preprocess) where given. Raises the first problem's
+    RecordError under 'error'; counts each bad record once under 'skip'."""
     report = DataReport(path)
     for where, raw in iter_raw_records(path):
         try:
@@ -75,7 +76,7 @@ def check_data(path: str, *, media_root: str | None = None, media_fields: set[st
             record = parse_record(where, raw)
             _check_media(record, media_root, media_fields)
             if decode:
-                _decode_media(record, media_root)
+                _decode_media(record, media_root, loaders)
         except RecordError as e:
             if on_bad_sample != "skip":
                 raise
@@ -130,16 +131,18 @@ def _check_media(record: Record, media_root: str | None, media_fields: set[str] 
                 raise RecordError(here, f"'{media_field}' file not found: {resolved}{root}", "missing media file")
 
 
-def _decode_media(record: Record, media_root: str | None) -> None:
-    """Open each media file as training will (an image, a video's first frame, an audio track)."""
+def _decode_media(record: Record, media_root: str | None, loaders: dict | None) -> None:
+    """Open each media file as training will (an image, a video's first frame, an audio track;
+    or what ``loaders`` do with it)."""
     from mllm.data.media import MediaError, load_audio, load_image, load_video_frames
 
-    loaders = {"image": load_image, "video": lambda p, rid: load_video_frames(p, 1, rid),
-               "audio": load_audio, "speech": load_audio}
+    loaders = loaders or {"image": load_image, "video": lambda p, rid: load_video_frames(p, 1, rid),
+                          "audio": lambda p, rid: load_audio(p, record_id=rid),
+                          "speech": lambda p, rid: load_audio(p, record_id=rid)}
     for media_field, paths in record.media.items():
         for path in paths:
             try:
-                loaders[media_field](resolve_media_path(path, media_root), record_id=record.id)
+                loaders[media_field](resolve_media_path(path, media_root), record.id)
             except MediaError as e:
                 raise RecordError(f"{record.where}: record '{record.id}'", f"'{media_field}' file unreadable: {e}",
                                   "unreadable media file") from None

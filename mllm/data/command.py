@@ -98,9 +98,25 @@ def check_main(argv: list[str]) -> int:
     parser.add_argument("file", help="the data file")
     parser.add_argument("--media-root", help="folder relative media paths start from (as data.media_root)")
     parser.add_argument("--decode", action="store_true", help="also open every media file (slower)")
+    parser.add_argument("--checkpoint", help="a trained model's folder: check against its media processor (built "
+                                             "from the folder's configs; no model is loaded): media it has no "
+                                             "encoder for are bad records, --decode also preprocesses each file as "
+                                             "training does, and the tokens per media item are printed")
     args = parser.parse_args(argv)
-    report = check_data(args.file, media_root=args.media_root, on_bad_sample="skip", decode=args.decode)
+    media_fields = loaders = None
+    if args.checkpoint:
+        from mllm.data.processor import MediaProcessor
+
+        specs = MediaProcessor.from_pretrained(args.checkpoint).media_specs()
+        media_fields = {spec.field for spec in specs.values()}
+        loaders = {spec.field: spec.load_item for spec in specs.values()}
+    report = check_data(args.file, media_root=args.media_root, on_bad_sample="skip", decode=args.decode,
+                        media_fields=media_fields, loaders=loaders)
     print(report.summary())
+    if args.checkpoint:
+        counts = ", ".join(f"{ph} {spec.num_tokens if spec.item_tokens is None else 'per item'}"
+                           for ph, spec in specs.items())
+        print(f"{args.checkpoint}: tokens per media item: {counts or 'none (text only)'}")
     for reason, count in report.skipped.most_common():
         print(f"  {count:>6}  {reason}: e.g. {report.examples[reason]}")
     return 1 if report.skipped else 0

@@ -24,15 +24,40 @@ def as_mono_waveform(item) -> torch.Tensor:
     return waveform
 
 
+class MediaPreprocessor:
+    """What the data pipeline needs of an encoder, without its weights: decoded media (PIL
+    images, waveforms, ...) -> the encoder's input tensors, and how many feature rows the
+    encoder returns per item. ``from_config`` reads only configs or checkpoint metadata, so the
+    media processor (``mllm.data.processor``) builds without loading any model."""
+
+    # Encoders with a fixed input length (Whisper: 30 s) set it here; a longer clip is encoded
+    # in consecutive chunks of it, up to the config's ``max_seconds``. None: no fixed length.
+    chunk_seconds: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "MediaPreprocessor":
+        raise NotImplementedError
+
+    def preprocess(self, items: list[Any]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def output_length(self, num_samples: int | None = None) -> int:
+        """Feature rows the encoder returns for one item (of ``num_samples`` samples, for
+        encoders whose output length depends on the input)."""
+        raise NotImplementedError
+
+
 class MediaEncoder(nn.Module):
     """A frozen encoder for one modality.
 
-    Subclasses set ``modality`` and implement:
+    Subclasses set ``modality`` and ``preprocessor_class``, and implement:
 
     * ``from_config(cfg)``: build from an ``EncoderConfig`` (loads real weights from ``cfg.path``);
-    * ``preprocess(items)``: turn decoded media (PIL images, waveforms, ...) into one tensor
-      batch; runs in the data pipeline, so it must not touch the module's parameters;
+    * ``__init__`` sets ``self.preprocessor``, its ``preprocessor_class`` built from the module's
+      own settings (the same object ``preprocessor_class.from_config`` builds without weights);
     * ``forward(inputs)``: ``(N, ...) -> (N, L, hidden_size)`` features, one row per item.
+
+    ``preprocess`` and ``output_length`` are the preprocessor's.
     """
 
     modality: Modality
@@ -44,21 +69,24 @@ class MediaEncoder(nn.Module):
     # query and output projections inside one layer.
     layers_path: str
     attention_projections: tuple[str, str] = ("self_attn.q_proj", "self_attn.out_proj")
-    # Encoders with a fixed input length (Whisper: 30 s) set it here; a longer clip is encoded
-    # in consecutive chunks of it, up to the config's ``max_seconds``. None: no fixed length.
-    chunk_seconds: float | None = None
+    preprocessor_class: type[MediaPreprocessor]
+    preprocessor: MediaPreprocessor
 
     @classmethod
     def from_config(cls, cfg: Any) -> "MediaEncoder":
         raise NotImplementedError
 
+    @property
+    def chunk_seconds(self) -> float | None:
+        return self.preprocessor_class.chunk_seconds
+
     def preprocess(self, items: list[Any]) -> torch.Tensor:
-        raise NotImplementedError
+        """Decoded items -> one tensor batch; runs in the data pipeline, never touches parameters."""
+        return self.preprocessor.preprocess(items)
 
     def output_length(self, num_samples: int | None = None) -> int:
-        """Feature rows ``forward`` returns for one item (of ``num_samples`` samples, for
-        encoders whose output length depends on the input)."""
-        raise NotImplementedError
+        """Feature rows ``forward`` returns for one item (see ``MediaPreprocessor.output_length``)."""
+        return self.preprocessor.output_length(num_samples)
 
     def num_used_layers(self) -> int:
         """How many layers, from the first, compute the features ``forward`` returns (LLaVA's

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.encoders import register_encoder
-from mllm.encoders.base import EncoderCheckpointError, MediaEncoder, as_mono_waveform
+from mllm.encoders.base import EncoderCheckpointError, MediaEncoder, MediaPreprocessor, as_mono_waveform
 from mllm.modality import Modality
 
 SAMPLE_RATE = 16000
@@ -444,16 +444,27 @@ class BEATsModel(nn.Module):
         return torch.sigmoid((logits * keep).sum(1) / keep.sum(1).clamp(min=1))
 
 
-def load_beats_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> tuple[BEATsModel, dict]:
-    """Load an official BEATs ``.pt`` file; returns the model and the ``label_dict`` (may be empty)."""
+def _read_checkpoint(path: str, mmap: bool = False) -> dict:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap (for the cfg alone): no tensor is read from the file.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise FileNotFoundError(f"BEATs checkpoint not found: {path}") from None
+    except RuntimeError:
+        if not mmap:
+            raise
+        # Files in the legacy (non-zip) torch format cannot be memory-mapped.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or "cfg" not in checkpoint or "model" not in checkpoint:
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise EncoderCheckpointError(f"{path}: not a BEATs checkpoint (expected keys 'cfg' and 'model', "
                                      f"found {found})")
+    return checkpoint
+
+
+def load_beats_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> tuple[BEATsModel, dict]:
+    """Load an official BEATs ``.pt`` file; returns the model and the ``label_dict`` (may be empty)."""
+    checkpoint = _read_checkpoint(path)
     config = BEATsConfig.from_dict(checkpoint["cfg"], source=path)
     model = BEATsModel(config)
     result = model.load_state_dict(checkpoint["model"], strict=False)
@@ -463,51 +474,28 @@ def load_beats_checkpoint(path: str, dtype: torch.dtype = torch.float32) -> tupl
     return model.to(dtype), dict(checkpoint.get("label_dict") or {})
 
 
-# --------------------------------------------------------------------------- media encoder
+class BEATsPreprocessor(MediaPreprocessor):
+    """BEATs' normalised Kaldi fbank of 16 kHz mono waveforms; 8 tokens per 16-frame patch column."""
 
-
-@register_encoder("beats")
-class BEATsAudioEncoder(MediaEncoder):
-    """Frozen BEATs for general audio. ``cfg.path`` is an official ``.pt`` checkpoint.
-
-    Items are 16 kHz mono waveforms (1-D numpy arrays or tensors, floats in [-1, 1]).
-    Clips shorter than one patch (``min_samples`` = 2800, 175 ms) get silence appended up to
-    it. In a batch of unequal clips, ``preprocess_with_padding_mask`` returns the frame
-    padding mask and ``forward_with_padding_mask`` the token padding mask; padded tokens are
-    kept out of attention, so each clip's real tokens match encoding it alone.
-    """
-
-    modality = Modality.AUDIO
-    layers_path = "model.encoder.layers"
-    sample_rate = SAMPLE_RATE
-
-    def __init__(self, model: BEATsModel, select_layer: int | None = None, label_dict: dict | None = None):
-        super().__init__()
-        self.model = model
-        self.hidden_size = model.config.encoder_embed_dim
-        self.label_dict = label_dict or {}
-        num_layers = model.config.encoder_layers
-        self.select_layer = -1 if select_layer is None else select_layer
-        if not -(num_layers + 1) <= self.select_layer <= num_layers:
-            raise ValueError(f"select_layer={select_layer} is out of range for BEATs with {num_layers} layers")
+    def __init__(self, input_patch_size: int = 16):
+        self.input_patch_size = input_patch_size
 
     @classmethod
-    def from_config(cls, cfg) -> "BEATsAudioEncoder":
-        dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
-        model, label_dict = load_beats_checkpoint(cfg.path, dtype)
-        return cls(model, select_layer=cfg.select_layer, label_dict=label_dict)
+    def from_config(cls, cfg) -> "BEATsPreprocessor":
+        """From the checkpoint's ``cfg`` (the file is memory-mapped; no weight is read)."""
+        config = BEATsConfig.from_dict(_read_checkpoint(cfg.path, mmap=True)["cfg"], source=cfg.path)
+        return cls(config.input_patch_size)
 
-    # --- lengths (for windowing audio into fixed-length items)
     @property
     def min_samples(self) -> int:
         """Shortest waveform giving one patch column (16 frames): 2800 samples."""
-        return FBANK_FRAME_LENGTH + (self.model.config.input_patch_size - 1) * FBANK_FRAME_SHIFT
+        return FBANK_FRAME_LENGTH + (self.input_patch_size - 1) * FBANK_FRAME_SHIFT
 
     def num_tokens(self, num_samples: int) -> int:
         """Tokens for a waveform of ``num_samples`` (after padding to ``min_samples``):
         8 per 16 fbank frames, trailing frames that do not fill a patch dropped."""
         frames = num_fbank_frames(max(num_samples, self.min_samples))
-        return frames // self.model.config.input_patch_size * self.model.tokens_per_patch_column
+        return frames // self.input_patch_size * (FBANK_NUM_MEL_BINS // self.input_patch_size)
 
     def output_length(self, num_samples: int | None = None) -> int:
         if num_samples is None:
@@ -515,7 +503,6 @@ class BEATsAudioEncoder(MediaEncoder):
                              "window_seconds so every item has the same length")
         return self.num_tokens(num_samples)
 
-    # --- preprocessing (data pipeline; never touches parameters)
     def fbank(self, waveform) -> torch.Tensor:
         """Normalised fbank (frames, 128) of one 16 kHz waveform."""
         fbank = kaldi_fbank(as_mono_waveform(waveform) * WAVEFORM_SCALE)
@@ -548,6 +535,57 @@ class BEATsAudioEncoder(MediaEncoder):
     def preprocess(self, items: Sequence) -> torch.Tensor:
         """Waveforms -> padded normalised fbank (N, frames, 128)."""
         return self.preprocess_with_padding_mask(items)[0]
+
+
+# --------------------------------------------------------------------------- media encoder
+
+
+@register_encoder("beats")
+class BEATsAudioEncoder(MediaEncoder):
+    """Frozen BEATs for general audio. ``cfg.path`` is an official ``.pt`` checkpoint.
+
+    Items are 16 kHz mono waveforms (1-D numpy arrays or tensors, floats in [-1, 1]).
+    Clips shorter than one patch (``min_samples`` = 2800, 175 ms) get silence appended up to
+    it. In a batch of unequal clips, ``preprocess_with_padding_mask`` returns the frame
+    padding mask and ``forward_with_padding_mask`` the token padding mask; padded tokens are
+    kept out of attention, so each clip's real tokens match encoding it alone.
+    """
+
+    modality = Modality.AUDIO
+    layers_path = "model.encoder.layers"
+    sample_rate = SAMPLE_RATE
+    preprocessor_class = BEATsPreprocessor
+
+    def __init__(self, model: BEATsModel, select_layer: int | None = None, label_dict: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.preprocessor = BEATsPreprocessor(model.config.input_patch_size)
+        self.hidden_size = model.config.encoder_embed_dim
+        self.label_dict = label_dict or {}
+        num_layers = model.config.encoder_layers
+        self.select_layer = -1 if select_layer is None else select_layer
+        if not -(num_layers + 1) <= self.select_layer <= num_layers:
+            raise ValueError(f"select_layer={select_layer} is out of range for BEATs with {num_layers} layers")
+
+    @classmethod
+    def from_config(cls, cfg) -> "BEATsAudioEncoder":
+        dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
+        model, label_dict = load_beats_checkpoint(cfg.path, dtype)
+        return cls(model, select_layer=cfg.select_layer, label_dict=label_dict)
+
+    # --- lengths and preprocessing: the preprocessor's (data pipeline; never touches parameters)
+    @property
+    def min_samples(self) -> int:
+        return self.preprocessor.min_samples
+
+    def num_tokens(self, num_samples: int) -> int:
+        return self.preprocessor.num_tokens(num_samples)
+
+    def fbank(self, waveform) -> torch.Tensor:
+        return self.preprocessor.fbank(waveform)
+
+    def preprocess_with_padding_mask(self, items: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.preprocessor.preprocess_with_padding_mask(items)
 
     # --- encoding
     def forward_with_padding_mask(self, fbank: torch.Tensor, frame_padding_mask: torch.Tensor | None = None):

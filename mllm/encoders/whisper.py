@@ -5,7 +5,7 @@ any size, tiny to large-v3 / turbo (128 mel bins); only the ``encoder.*`` weight
 Nothing is downloaded: a model *name* such as ``"large-v3"`` is not accepted, pass the file.
 
 Speech longer than 30 s is encoded in consecutive 30 s chunks, up to the config's
-``max_seconds`` (``MultimodalLM`` cuts the clip; see :func:`num_chunks`): each chunk is one item,
+``max_seconds`` (the media processor cuts the clip; see :func:`num_chunks`): each chunk is one item,
 so a 70 s clip with ``max_seconds: 90`` is three items whose features are concatenated in order,
 the last chunk padded with silence exactly as Whisper pads any short input.
 
@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 
 from mllm.encoders import register_encoder
-from mllm.encoders.base import MediaEncoder, as_mono_waveform
+from mllm.encoders.base import MediaEncoder, MediaPreprocessor, as_mono_waveform
 from mllm.errors import ConfigError
 from mllm.modality import Modality
 
@@ -62,15 +62,10 @@ def check_speech_cut(cfg) -> None:
                           f"{cfg.window_seconds} would be trimmed; use max_seconds for consecutive 30 s chunks")
 
 
-def load_whisper_checkpoint(path: str, dtype: torch.dtype = torch.float32):
-    """Build ``whisper.model.AudioEncoder`` from an official checkpoint file.
-
-    Returns ``(audio_encoder, dims)`` with ``dims`` a ``whisper.model.ModelDimensions``.
-    """
-    from whisper.model import AudioEncoder, ModelDimensions
-
+def _read_checkpoint(path: str) -> dict:
+    """An official checkpoint file, memory-mapped: tensors are read only when used."""
     try:
-        # mmap: the decoder half of the file is never read into memory.
+        # mmap: the decoder half of the file (and, for the dims alone, all of it) is never read.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"Whisper checkpoint not found: {path}") from None
@@ -81,6 +76,17 @@ def load_whisper_checkpoint(path: str, dtype: torch.dtype = torch.float32):
         found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ValueError(f"{path}: not an openai-whisper checkpoint "
                          f"(expected keys 'dims' and 'model_state_dict', found {found})")
+    return checkpoint
+
+
+def load_whisper_checkpoint(path: str, dtype: torch.dtype = torch.float32):
+    """Build ``whisper.model.AudioEncoder`` from an official checkpoint file.
+
+    Returns ``(audio_encoder, dims)`` with ``dims`` a ``whisper.model.ModelDimensions``.
+    """
+    from whisper.model import AudioEncoder, ModelDimensions
+
+    checkpoint = _read_checkpoint(path)
     dims = ModelDimensions(**checkpoint["dims"])
     encoder = AudioEncoder(dims.n_mels, dims.n_audio_ctx, dims.n_audio_state, dims.n_audio_head, dims.n_audio_layer)
     prefix = "encoder."
@@ -92,57 +98,22 @@ def load_whisper_checkpoint(path: str, dtype: torch.dtype = torch.float32):
     return encoder.to(dtype), dims
 
 
-class _Float32LayerNorm(torch.nn.LayerNorm):
-    """``whisper.model.LayerNorm`` normalises in float32 but passes the module's own weights,
-    which fails ("mixed dtype") once the encoder is cast to bfloat16 / float16; this casts the
-    weights too. Same parameters and state-dict keys, identical output in float32."""
+class WhisperPreprocessor(MediaPreprocessor):
+    """Whisper's per-clip log-mel: 16 kHz mono waveforms -> (N, n_mels, 3000), each padded with
+    silence or trimmed to 30 s; the encoder gives ``num_positions`` rows per item."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return torch.nn.functional.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type(x.dtype)
-
-
-@register_encoder("whisper")
-class WhisperSpeechEncoder(MediaEncoder):
-    """Frozen Whisper encoder for speech: 16 kHz mono waveforms -> (N, 1500, n_audio_state).
-
-    ``select_layer``: None or -1 is the encoder output (after ``ln_post``, what SALMONN and
-    Qwen-Audio use); 0 is the input to the first block; i > 0 the output of block i.
-    """
-
-    modality = Modality.SPEECH
-    layers_path = "audio_encoder.blocks"
-    attention_projections = ("attn.query", "attn.out")   # openai-whisper's names
-    sample_rate = SAMPLE_RATE
     chunk_seconds = CHUNK_SECONDS
 
-    def __init__(self, audio_encoder: torch.nn.Module, n_mels: int, select_layer: int | None = None):
-        super().__init__()
-        for module in audio_encoder.modules():
-            if isinstance(module, torch.nn.LayerNorm):  # so that bf16 / fp16 weights work
-                module.__class__ = _Float32LayerNorm
-        self.audio_encoder = audio_encoder
+    def __init__(self, n_mels: int, num_positions: int = NUM_MEL_FRAMES // 2):
         self.n_mels = n_mels
-        self.hidden_size = audio_encoder.ln_post.weight.shape[0]
-        num_layers = len(audio_encoder.blocks)
-        self.select_layer = -1 if select_layer is None else select_layer
-        if not -(num_layers + 1) <= self.select_layer <= num_layers:
-            raise ValueError(f"select_layer={select_layer} is out of range for a Whisper encoder "
-                             f"with {num_layers} blocks")
+        self.num_positions = num_positions
 
     @classmethod
-    def from_config(cls, cfg) -> "WhisperSpeechEncoder":
+    def from_config(cls, cfg) -> "WhisperPreprocessor":
+        """From the checkpoint's ``dims`` (the file is memory-mapped; no weight is read)."""
         check_speech_cut(cfg)
-        dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
-        audio_encoder, dims = load_whisper_checkpoint(cfg.path, dtype)
-        return cls(audio_encoder, dims.n_mels, select_layer=cfg.select_layer)
-
-    # --- lengths
-    @property
-    def num_positions(self) -> int:
-        """Encoder positions per item (1500 for 30 s)."""
-        return self.audio_encoder.positional_embedding.shape[0]
+        dims = _read_checkpoint(cfg.path)["dims"]
+        return cls(dims["n_mels"], dims["n_audio_ctx"])
 
     def output_length(self, num_samples: int | None = None) -> int:
         return self.num_positions  # always padded or trimmed to 30 s
@@ -152,7 +123,6 @@ class WhisperSpeechEncoder(MediaEncoder):
         """Positions (20 ms each) that hold real audio for a clip of ``num_samples``."""
         return min(math.ceil(num_samples / SAMPLES_PER_POSITION), NUM_MEL_FRAMES // 2)
 
-    # --- preprocessing (data pipeline; never touches parameters)
     def log_mel(self, waveform) -> torch.Tensor:
         """Whisper log-mel (n_mels, 3000) of one 16 kHz waveform, padded or trimmed to 30 s."""
         from whisper.audio import log_mel_spectrogram, pad_or_trim
@@ -180,6 +150,68 @@ class WhisperSpeechEncoder(MediaEncoder):
                               for w in items])
         padding_mask = torch.arange(NUM_MEL_FRAMES)[None, :] >= valid[:, None]
         return mels, padding_mask
+
+
+class _Float32LayerNorm(torch.nn.LayerNorm):
+    """``whisper.model.LayerNorm`` normalises in float32 but passes the module's own weights,
+    which fails ("mixed dtype") once the encoder is cast to bfloat16 / float16; this casts the
+    weights too. Same parameters and state-dict keys, identical output in float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return torch.nn.functional.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type(x.dtype)
+
+
+@register_encoder("whisper")
+class WhisperSpeechEncoder(MediaEncoder):
+    """Frozen Whisper encoder for speech: 16 kHz mono waveforms -> (N, 1500, n_audio_state).
+
+    ``select_layer``: None or -1 is the encoder output (after ``ln_post``, what SALMONN and
+    Qwen-Audio use); 0 is the input to the first block; i > 0 the output of block i.
+    """
+
+    modality = Modality.SPEECH
+    layers_path = "audio_encoder.blocks"
+    attention_projections = ("attn.query", "attn.out")   # openai-whisper's names
+    sample_rate = SAMPLE_RATE
+    preprocessor_class = WhisperPreprocessor
+
+    def __init__(self, audio_encoder: torch.nn.Module, n_mels: int, select_layer: int | None = None):
+        super().__init__()
+        for module in audio_encoder.modules():
+            if isinstance(module, torch.nn.LayerNorm):  # so that bf16 / fp16 weights work
+                module.__class__ = _Float32LayerNorm
+        self.audio_encoder = audio_encoder
+        self.n_mels = n_mels
+        self.preprocessor = WhisperPreprocessor(n_mels, audio_encoder.positional_embedding.shape[0])
+        self.hidden_size = audio_encoder.ln_post.weight.shape[0]
+        num_layers = len(audio_encoder.blocks)
+        self.select_layer = -1 if select_layer is None else select_layer
+        if not -(num_layers + 1) <= self.select_layer <= num_layers:
+            raise ValueError(f"select_layer={select_layer} is out of range for a Whisper encoder "
+                             f"with {num_layers} blocks")
+
+    @classmethod
+    def from_config(cls, cfg) -> "WhisperSpeechEncoder":
+        check_speech_cut(cfg)
+        dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32
+        audio_encoder, dims = load_whisper_checkpoint(cfg.path, dtype)
+        return cls(audio_encoder, dims.n_mels, select_layer=cfg.select_layer)
+
+    # --- lengths and preprocessing: the preprocessor's (data pipeline; never touches parameters)
+    @property
+    def num_positions(self) -> int:
+        """Encoder positions per item (1500 for 30 s)."""
+        return self.audio_encoder.positional_embedding.shape[0]
+
+    num_valid_positions = staticmethod(WhisperPreprocessor.num_valid_positions)
+
+    def log_mel(self, waveform) -> torch.Tensor:
+        return self.preprocessor.log_mel(waveform)
+
+    def preprocess_with_padding_mask(self, items: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.preprocessor.preprocess_with_padding_mask(items)
 
     # --- encoding
     def _hidden_states(self, mel: torch.Tensor) -> list[torch.Tensor]:

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
-import numpy as np
 import torch
 from peft import (
     PeftModel,
@@ -24,7 +22,6 @@ from peft import (
     prepare_model_for_kbit_training,
     set_peft_model_state_dict,
 )
-from PIL import Image
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -34,19 +31,10 @@ from mllm.checkpoint import (
     PromptRecord,
     read_mllm_config,
     read_prompt_record,
-    resolve_bundled_paths,
     write_prompt_record,
 )
-from mllm.config import ConfigError, EncoderConfig, ModelConfig, TunerConfig
-from mllm.data.audio_windows import clip_relative_windows
-from mllm.data.media import (
-    AUDIO_SAMPLE_RATE,
-    load_audio,
-    load_image,
-    load_video_frames,
-    split_audio_windows,
-)
-from mllm.data.media_cache import cached_video_loader
+from mllm.config import ConfigError, ModelConfig, TunerConfig
+from mllm.data.processor import MediaProcessor, add_placeholder_tokens, read_model_config
 from mllm.distributed import local_device, several_ranks
 from mllm.encoders import MediaEncoder, build_encoder
 from mllm.encoders.cache import FeatureCache
@@ -54,30 +42,8 @@ from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS
 from mllm.modality_context import attach_modality_context
 from mllm.model import paired_encoder
 from mllm.model.splice import MediaCountError, compute_modality_ids, position_ids_from_attention_mask, splice_features
-from mllm.projectors import build_projectors, load_projector_weights, read_projector_configs, save_projectors
+from mllm.projectors import build_projectors, load_projector_weights, save_projectors
 from mllm.tuners import apply_tuner, merge_refusal, tuner_capability
-
-
-class AudioCut(NamedTuple):
-    """Parts one audio / speech clip is cut into (``split_audio_windows``' arguments, in samples)."""
-
-    count: int
-    samples: int | None                 # None: the whole clip is one part
-    hop: int | None                     # None: parts spread evenly over the clip
-    offset: int
-    max_seconds: float | None = None    # audio past it is not encoded (chunked speech)
-
-
-def add_placeholder_tokens(tokenizer) -> dict[str, int]:
-    """Add every placeholder as one special token (idempotent); return placeholder -> id."""
-    missing = [ph for ph in PLACEHOLDERS if ph not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-    return {ph: tokenizer.convert_tokens_to_ids(ph) for ph in PLACEHOLDERS}
-
-
-def _samples(seconds: float | None) -> int | None:
-    return None if seconds is None else round(seconds * AUDIO_SAMPLE_RATE)
 
 
 def _torch_dtype(name: str | None) -> torch.dtype:
@@ -101,21 +67,19 @@ class MultimodalLM(nn.Module):
         self.tokenizer = tokenizer
         self.encoders = nn.ModuleDict(encoders)
         self.projectors = projectors
-        self.placeholder_ids = add_placeholder_tokens(tokenizer)
-        # How prompts are rendered and generation stops (mllm.checkpoint); training sets it,
-        # from_pretrained reads it, save_pretrained writes it.
-        self.prompt_record = PromptRecord()
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        # Placeholders whose modality has an encoder: only these may appear in inputs.
-        self.supported_placeholders = [ph for ph, (mod, _) in PLACEHOLDERS.items()
-                                       if mod.name.lower() in self.encoders]
-        self.placeholder_modalities = {self.placeholder_ids[ph]: PLACEHOLDERS[ph][0] for ph in PLACEHOLDERS}
-        self.modality_context = attach_modality_context(self.base_llm)
-        self._dummy_media: dict[str, torch.Tensor] = {}
         self.feature_caches = {
             name: FeatureCache(os.path.join(config.feature_cache, name), encoder, config.encoders[name])
             for name, encoder in self.encoders.items()} if config.feature_cache else {}
+        # Media -> encoder inputs and token counts (also the placeholder tokens and the pad token).
+        self.processor = self._build_processor(tokenizer)
+        self.placeholder_ids = self.processor.placeholder_ids
+        # How prompts are rendered and generation stops (mllm.checkpoint); training sets it,
+        # from_pretrained reads it, save_pretrained writes it.
+        self.prompt_record = PromptRecord()
+        # Placeholders whose modality has an encoder: only these may appear in inputs.
+        self.supported_placeholders = self.processor.supported_placeholders
+        self.placeholder_modalities = {self.placeholder_ids[ph]: PLACEHOLDERS[ph][0] for ph in PLACEHOLDERS}
+        self.modality_context = attach_modality_context(self.base_llm)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -231,92 +195,17 @@ class MultimodalLM(nn.Module):
     # audio / speech windows. Their tensors are (N, parts, ...).
     MULTI_PART_FIELDS = ("video", "audio", "speech")
 
-    def _parts_per_item(self, placeholder: str) -> int:
-        field = PLACEHOLDERS[placeholder][1]
-        if field == "video":
-            return self.config.video_frames
-        if field in ("audio", "speech"):
-            return self._audio_cut(placeholder).count
-        return 1
+    def _build_processor(self, tokenizer) -> MediaProcessor:
+        """The data side of this model (``mllm.data.processor``), over its encoders' preprocessors."""
+        return MediaProcessor(self.config, tokenizer, {name: enc.preprocessor for name, enc in self.encoders.items()},
+                              self.feature_caches)
 
-    def _window_samples(self, placeholder: str) -> int | None:
-        return self._audio_cut(placeholder).samples
-
-    def _audio_cut(self, placeholder: str) -> AudioCut:
-        """How one clip of this placeholder is cut into the parts its encoder takes as items.
-
-        An encoder with a fixed input length (Whisper, 30 s) and no windows configured takes
-        consecutive chunks of that length up to ``max_seconds`` (one chunk by default): every clip
-        gives the same number of chunks, so the placeholder's token count is fixed, and audio past
-        the last chunk is trimmed (the data pipeline counts and reports such clips)."""
-        cfg = self.config.encoders[PLACEHOLDERS[placeholder][0].name.lower()]
-        chunk_seconds = self.encoder_for(placeholder).chunk_seconds
-        if chunk_seconds is not None and cfg.window_seconds is None and cfg.num_windows == 1:
-            chunk = _samples(chunk_seconds)
-            count = 1 if cfg.max_seconds is None else math.ceil(cfg.max_seconds / chunk_seconds)
-            return AudioCut(count, chunk, chunk, 0, max_seconds=count * chunk_seconds)
-        return AudioCut(cfg.num_windows, _samples(cfg.window_seconds), _samples(cfg.window_hop_seconds),
-                        _samples(cfg.window_offset_seconds))
-
+    # The processor's, kept here because so much calls them on the model.
     def num_media_tokens(self, placeholder: str) -> int:
-        """How many sequence positions one item of this placeholder occupies."""
-        encoder = self.encoder_for(placeholder)
-        projector = self.projectors[PLACEHOLDERS[placeholder][0].name.lower()]
-        length = encoder.output_length(self._window_samples(placeholder))
-        return self._parts_per_item(placeholder) * projector.num_output_tokens(length)
+        return self.processor.num_media_tokens(placeholder)
 
     def media_specs(self) -> dict:
-        """Placeholder -> ``MediaSpec`` for the data pipeline, for every modality with an encoder."""
-        from mllm.data.dataset import MediaSpec
-
-        specs = {}
-        for placeholder in self.supported_placeholders:
-            media_field = PLACEHOLDERS[placeholder][1]
-            max_seconds = self._audio_cut(placeholder).max_seconds if media_field in ("audio", "speech") else None
-            specs[placeholder] = MediaSpec(
-                placeholder=placeholder, field=media_field, token_id=self.placeholder_ids[placeholder],
-                num_tokens=self.num_media_tokens(placeholder), load_item=self._item_loader(placeholder),
-                max_seconds=max_seconds)
-        return specs
-
-    def _item_loader(self, placeholder: str):
-        """(path, record_id) -> the preprocessed tensor of one item."""
-        media_field = PLACEHOLDERS[placeholder][1]
-        if media_field == "image":
-            return lambda path, rid: self._preprocess_item(placeholder, load_image(path, rid))
-        if media_field == "video":
-            frames = self.config.video_frames
-            load = lambda path, rid: self._preprocess_item(placeholder, load_video_frames(path, frames, rid))  # noqa: E731
-            cache = self.feature_caches.get(PLACEHOLDERS[placeholder][0].name.lower())
-            # With the feature cache on, a video seen before is not even decoded (keyed on its bytes).
-            return cached_video_loader(cache, load, {"video_frames": frames}) if cache else load
-        return lambda path, rid: self._preprocess_item(placeholder, load_audio(path, record_id=rid))
-
-    def _preprocess_item(self, placeholder: str, decoded) -> torch.Tensor:
-        """A decoded item (image, list of frames, waveform) -> its preprocessed tensor."""
-        encoder = self.encoder_for(placeholder)
-        media_field = PLACEHOLDERS[placeholder][1]
-        if media_field == "image":
-            return encoder.preprocess([decoded])[0]
-        if media_field == "video":
-            return encoder.preprocess(decoded)
-        cfg = self.config.encoders[PLACEHOLDERS[placeholder][0].name.lower()]
-        cut = self._audio_cut(placeholder)
-        if cfg.window_clip_seconds is not None:  # MokA's placement, relative to the clip's length
-            return encoder.preprocess(clip_relative_windows(
-                decoded, cut.count, cfg.window_seconds, cfg.window_clip_seconds,
-                AUDIO_SAMPLE_RATE, cfg.window_hop_seconds, cfg.window_offset_seconds))
-        return encoder.preprocess(split_audio_windows(decoded, cut.count, cut.samples, cut.hop, cut.offset))
-
-    def dummy_media(self, placeholder: str) -> torch.Tensor:
-        """One blank item (white image or frames, one second of silence) as a batch of one."""
-        if placeholder not in self._dummy_media:
-            media_field = PLACEHOLDERS[placeholder][1]
-            white = Image.new("RGB", (64, 64), "white")
-            decoded = {"image": white, "video": [white] * self.config.video_frames}.get(
-                media_field, np.zeros(AUDIO_SAMPLE_RATE, dtype=np.float32))
-            self._dummy_media[placeholder] = self._preprocess_item(placeholder, decoded)[None]
-        return self._dummy_media[placeholder]
+        return self.processor.media_specs()
 
     def encoder_for(self, placeholder: str) -> MediaEncoder:
         name = PLACEHOLDERS[placeholder][0].name.lower()
@@ -364,7 +253,8 @@ class MultimodalLM(nn.Module):
                     # Every rank runs every encoder and projector on every step, so ZeRO-3's
                     # parameter gathers line up when one rank's batch lacks this media (as LLaVA
                     # and LLaMA-Factory do); a blank item, added times 0, changes nothing.
-                    features = self.encode_media(placeholder, self.dummy_media(placeholder).to(embeds.device))
+                    blank = self.processor.dummy_media(placeholder).to(embeds.device)
+                    features = self.encode_media(placeholder, blank)
                     embeds = embeds + 0.0 * features.sum()
                 continue
             features = self.encode_media(placeholder, inputs)
@@ -453,11 +343,7 @@ class MultimodalLM(nn.Module):
 
         checkpoint_dir = resolve_checkpoint(checkpoint_dir, revision=revision)
         saved = read_mllm_config(checkpoint_dir)
-        raw = dict(resolve_bundled_paths(saved["model"], checkpoint_dir), **overrides)
-        encoders = {k: EncoderConfig(**v) for k, v in raw.pop("encoders").items()}
-        projectors = read_projector_configs(checkpoint_dir)
-        raw.pop("projectors")
-        config = ModelConfig(**raw, encoders=encoders, projectors=projectors)
+        config = read_model_config(checkpoint_dir, **overrides)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir, trust_remote_code=config.trust_remote_code)
         config.pretrained_projectors = checkpoint_dir
         model = cls.from_config(config, tokenizer=tokenizer)

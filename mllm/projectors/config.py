@@ -28,5 +28,18 @@ class ProjectorConfig:
     encoder_hidden_size: int | None = None
     llm_hidden_size: int | None = None
 
+    def num_windows(self, length: int) -> int:
+        """Q-Former windows over ``length`` encoder positions (1 without ``window_size``)."""
+        size, stride = self.window_size, self.window_stride or self.window_size
+        if size is None:
+            return 1
+        if length < size:
+            raise ValueError(f"window_size {size} is longer than the {length} encoder positions")
+        return (length - size) // stride + 1
+
+    def num_output_tokens(self, length: int) -> int:
+        """Tokens the projector emits for ``length`` encoder positions (known without its weights)."""
+        return self.num_windows(length) * self.num_queries
+
     def to_dict(self) -> dict:
         return asdict(self)

@@ -48,17 +48,9 @@ class QFormerProjector(nn.Module):
     def num_queries(self) -> int:
         return self.config.num_queries
 
-    def _num_windows(self, length: int) -> int:
-        size, stride = self.config.window_size, self.config.window_stride or self.config.window_size
-        if size is None:
-            return 1
-        if length < size:
-            raise ValueError(f"window_size {size} is longer than the {length} encoder positions")
-        return (length - size) // stride + 1
-
     def num_output_tokens(self, length: int) -> int:
         """Tokens emitted for ``length`` encoder positions."""
-        return self._num_windows(length) * self.num_queries
+        return self.config.num_output_tokens(length)
 
     def forward(self, features: torch.Tensor, feature_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(N, L, encoder_hidden) -> (N, num_output_tokens(L), llm_hidden).
@@ -71,7 +63,7 @@ class QFormerProjector(nn.Module):
         1 / True = attend, 0 / False = ignore: the inverse of the encoders' padding masks.
         """
         features = self.encoder_norm(features.to(self.encoder_norm.weight.dtype))
-        num_items, num_windows = features.shape[0], self._num_windows(features.shape[1])
+        num_items, num_windows = features.shape[0], self.config.num_windows(features.shape[1])
         if self.config.window_size is not None:
             size, stride = self.config.window_size, self.config.window_stride or self.config.window_size
             # (N, L, C) -> (N * windows, size, C): each window is its own Q-Former input.

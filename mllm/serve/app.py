@@ -197,9 +197,9 @@ def _prepare(model, parsed: ParsedRequest, limits: Limits):
     media: dict[str, list] = {}
     for ref in parsed.media:
         if ref.path is not None:
-            item = decode_media_file(model, ref.field, ref.path, limits)
+            item = decode_media_file(model.processor, ref.field, ref.path, limits)
         else:
-            item = decode_media(model, ref.field, ref.data, ref.where, limits)
+            item = decode_media(model.processor, ref.field, ref.data, ref.where, limits)
         media.setdefault(ref.field, []).append(item)
     return build_prompt(model, parsed.messages, media, limits)
 

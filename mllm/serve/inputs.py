@@ -66,17 +66,19 @@ def placeholder_counts(text: str) -> dict[str, int]:
 # --------------------------------------------------------------------------- media
 
 
-def decode_media(model, field_name: str, data: bytes, what: str, limits: Limits) -> torch.Tensor:
-    """Encoded bytes of one image / video / audio / speech item -> its preprocessed tensor."""
+def decode_media(processor, field_name: str, data: bytes, what: str, limits: Limits) -> torch.Tensor:
+    """Encoded bytes of one image / video / audio / speech item -> its preprocessed tensor, by the
+    model's media processor (``model.processor``, ``mllm.data.processor``)."""
     placeholder = MEDIA_FIELDS[field_name]
-    if placeholder not in model.supported_placeholders:
+    if placeholder not in processor.supported_placeholders:
         raise InputError(f"{what}: this model has no encoder for {field_name} input "
-                         f"(it takes: {', '.join(model.supported_placeholders) or 'text only'})", "unsupported_media")
+                         f"(it takes: {', '.join(processor.supported_placeholders) or 'text only'})",
+                         "unsupported_media")
     if field_name == "image":
         decoded = _decode_image(data, what, limits)
     elif field_name == "video":
         with _temporary_file(data, what) as path:
-            decoded = load_video_frames(path, model.config.video_frames)
+            decoded = load_video_frames(path, processor.config.video_frames)
         width, height = decoded[0].size
         _check_pixels(width, height, what, limits)
     else:
@@ -86,15 +88,15 @@ def decode_media(model, field_name: str, data: bytes, what: str, limits: Limits)
         if seconds > limits.max_audio_seconds:
             raise InputError(f"{what}: audio is {seconds:.1f} s long; this server takes at most "
                              f"{limits.max_audio_seconds:g} s", "audio_too_long")
-    return model._preprocess_item(placeholder, decoded)
+    return processor.preprocess(placeholder, decoded)
 
 
-def decode_media_file(model, field_name: str, path: str, limits: Limits) -> torch.Tensor:
+def decode_media_file(processor, field_name: str, path: str, limits: Limits) -> torch.Tensor:
     """A media file on disk -> its preprocessed tensor (the same checks as for bytes)."""
     if not os.path.isfile(path):
         raise MediaError(path, "file not found" if not os.path.exists(path) else "not a regular file")
     with open(path, "rb") as f:
-        return decode_media(model, field_name, f.read(), path, limits)
+        return decode_media(processor, field_name, f.read(), path, limits)
 
 
 def _decode_image(data: bytes, what: str, limits: Limits) -> Image.Image:
@@ -183,7 +185,7 @@ def build_prompt(model, messages: list[dict], media: dict[str, list[torch.Tensor
         raise
     except ValueError as e:   # roles out of order, a template that cannot render them ...
         raise InputError(str(e), "invalid_messages") from None
-    specs = {spec.token_id: spec for spec in model.media_specs().values()}
+    specs = {spec.token_id: spec for spec in model.processor.media_specs().values()}
     input_ids, _, question_mask = expand_placeholders(tokens.input_ids, tokens.labels, tokens.question_mask, specs)
     limit = limits.max_prompt_tokens or context_length(model)
     if limit is not None and len(input_ids) > limit:

@@ -48,7 +48,7 @@ def test_the_model_places_windows_relative_to_the_clip(tiny_assets, tmp_path):
     section["projectors"]["audio"] = dict(TINY_PROJECTOR)
     model = MultimodalLM.from_config(config_from_dict({"model": section}).model)
     clip = np.random.default_rng(1).standard_normal(16000 * 3 // 2).astype(np.float32)  # 1.5 s clip
-    got = model._preprocess_item("<audio>", clip)
+    got = model.processor.preprocess("<audio>", clip)
     # Three 0.5 s windows back to back, each padded to 1 s.
     expected = model.encoder_for("<audio>").preprocess(
         [np.pad(clip[i * 8000:(i + 1) * 8000], (0, 8000)) for i in range(3)])

@@ -146,7 +146,7 @@ def test_speech_projector_attends_over_all_positions_padding_included(av_model):
     window-level Q-Former sees every one of the 1500 positions: no padding mask is applied."""
     encoder, projector = av_model.encoders["speech"], av_model.projectors["speech"].eval()
     clip = _sine(1.0, 200)
-    inputs = av_model._preprocess_item("<speech>", clip)[None]              # (1 clip, 1 window, 80, 3000)
+    inputs = av_model.processor.preprocess("<speech>", clip)[None]              # (1 clip, 1 window, 80, 3000)
     mel, frame_mask = encoder.preprocess_with_padding_mask([clip])
     assert torch.equal(inputs[0], mel)
     with torch.no_grad():
@@ -185,7 +185,7 @@ def test_70_s_of_speech_is_three_chunks_each_equal_to_encoding_that_chunk_alone(
     encoder, projector = model.encoders["speech"], model.projectors["speech"]
     assert model.num_media_tokens("<speech>") == 3 * 15
     clip = _speech_like(70, seed=0)
-    inputs = model._preprocess_item("<speech>", clip)[None]
+    inputs = model.processor.preprocess("<speech>", clip)[None]
     assert inputs.shape == (1, 3, 80, 3000)                                  # one clip, three chunks
     with torch.no_grad():
         features = model.encode_media("<speech>", inputs)
@@ -236,7 +236,7 @@ def test_long_speech_through_dataset_collator_cache_and_generation(long_speech_m
     # The 5 s clip: its second and third chunks are silence; the 100 s clip ends at 90 s.
     silence = model.encoders["speech"].preprocess([np.zeros(16000, np.float32)])[0]
     assert torch.equal(samples[1]["speech_inputs"][0, 2], silence)
-    too_long = model._preprocess_item("<speech>", load_audio(tmp_path / "too_long.flac")[:90 * 16000])
+    too_long = model.processor.preprocess("<speech>", load_audio(tmp_path / "too_long.flac")[:90 * 16000])
     assert torch.equal(samples[2]["speech_inputs"][0], too_long)
 
     batch = MultimodalCollator(model.tokenizer.pad_token_id)(samples)

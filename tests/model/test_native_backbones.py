@@ -54,7 +54,7 @@ def image(seed: int, size=(30, 45)) -> Image.Image:
 
 def audio_inputs(model: NativeVisionLM, count: int) -> torch.Tensor:
     waves = [np.sin(np.arange(24000) * (0.01 + 0.02 * k)).astype(np.float32) * 0.3 for k in range(count)]
-    return torch.stack([model._preprocess_item("<audio>", w) for w in waves])
+    return torch.stack([model.processor.preprocess("<audio>", w) for w in waves])
 
 
 def prompts(model: NativeVisionLM, questions: list[str], images: list, with_audio: bool, videos=None):
@@ -65,9 +65,9 @@ def prompts(model: NativeVisionLM, questions: list[str], images: list, with_audi
     if videos is not None:
         vision = "<|vision_start|><|video_pad|><|vision_end|>"
     texts = [f"{vision}{audio}{q}" for q in questions]
-    model.processor.tokenizer.padding_side = "left"
+    model.processor.hf_processor.tokenizer.padding_side = "left"
     media = {"videos": videos} if videos is not None else {"images": images}
-    return dict(model.processor(text=texts, padding=True, return_tensors="pt", **media))
+    return dict(model.processor.hf_processor(text=texts, padding=True, return_tensors="pt", **media))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -281,8 +281,8 @@ def test_every_rank_runs_the_vision_tower_on_a_batch_without_images(native_dirs,
     model = build(native_dirs, family, train_native_connector=True)
     model.freeze_llm()
     model.connector().requires_grad_(True)
-    model.processor.tokenizer.padding_side = "left"
-    batch = dict(model.processor(text=["<audio>" * model.num_media_tokens("<audio>") + "What plays?"],
+    model.processor.hf_processor.tokenizer.padding_side = "left"
+    batch = dict(model.processor.hf_processor(text=["<audio>" * model.num_media_tokens("<audio>") + "What plays?"],
                                  return_tensors="pt"))
     audio = audio_inputs(model, 1)
     calls = []
@@ -311,7 +311,7 @@ def test_speech_beside_image_and_audio_on_qwen2_5_vl(native_dirs):
     speech_text = "<speech>" * model.num_media_tokens("<speech>")
     batch = prompts(model, [speech_text + "Who speaks?", speech_text + "Why?"], [image(11), image(12, (44, 36))], True)
     waves = [np.sin(np.arange(16000 * (2 + k)) * 0.03).astype(np.float32) * 0.2 for k in range(2)]
-    speech = torch.stack([model._preprocess_item("<speech>", w) for w in waves])
+    speech = torch.stack([model.processor.preprocess("<speech>", w) for w in waves])
     extra = {"audio_inputs": audio_inputs(model, 2), "speech_inputs": speech}
     seen = _lm_inputs(model, batch, **extra)
     is_speech = batch["input_ids"] == model.placeholder_ids["<speech>"]

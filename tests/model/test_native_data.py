@@ -4,7 +4,11 @@ through the model as the released model's own processor output does."""
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -13,6 +17,8 @@ from transformers import AutoModelForImageTextToText
 
 from mllm.data.dataset import MultimodalCollator, MultimodalDataset
 from mllm.data.media import write_audio, write_video
+from mllm.data.native_processor import NativeMediaProcessor
+from mllm.data.processor import MediaProcessor
 from mllm.data.templates import resolve_chat_template
 from tests.model.test_native_backbones import build, image, native_dirs  # noqa: F401 (fixture)
 
@@ -33,7 +39,7 @@ def test_image_record_gives_what_the_checkpoints_processor_gives(native_dirs, fa
     data = _write(tmp_path, [{"id": "r1", "image": str(tmp_path / "a.png"),
                               "conversations": [{"from": "human", "value": f"<image>\n{question}"},
                                                 {"from": "gpt", "value": "A square."}]}])
-    template = "auto" if family == "qwen2_5_vl" else model.processor.chat_template
+    template = "auto" if family == "qwen2_5_vl" else model.processor.hf_processor.chat_template
     dataset = MultimodalDataset(data, model.tokenizer, model.media_specs(), template=template,
                                 for_generation=True, progress=False)
     batch = MultimodalCollator(model.tokenizer.pad_token_id, "left")([dataset[0]])
@@ -42,8 +48,8 @@ def test_image_record_gives_what_the_checkpoints_processor_gives(native_dirs, fa
         [{"role": "user", "content": f"{VISION_TEXT[family]}\n{question}"}],
         chat_template=resolve_chat_template(model.tokenizer, template),
         tokenize=False, add_generation_prompt=True)
-    reference = model.processor(text=[prompt], images=[image(1, (37, 52))], add_special_tokens=False,
-                                return_tensors="pt")
+    reference = model.processor.hf_processor(text=[prompt], images=[image(1, (37, 52))],
+                                             add_special_tokens=False, return_tensors="pt")
     assert batch["input_ids"].tolist() == reference["input_ids"].tolist()
     torch.testing.assert_close(batch["pixel_values"], reference["pixel_values"])
     native = AutoModelForImageTextToText.from_pretrained(native_dirs[family]).eval()
@@ -109,3 +115,33 @@ def test_batched_answers_with_and_without_the_audio_feature_cache(native_dirs, t
     assert answers[None, 3] == answers[None, 1]
     assert answers[str(tmp_path / "cache"), 3] == answers[None, 3] == answers[str(tmp_path / "cache"), 1]
     assert any(answers[None, 3]) and (tmp_path / "cache" / "audio").is_dir()
+
+
+def test_the_native_processor_builds_without_the_backbones_weights(native_dirs, tmp_path):
+    """``MediaProcessor.from_config`` on a native backbone's config: the checkpoint's own processor
+    for images and video, BEATs for audio, the same ids and tensors as the model's, with the
+    backbone's weight files deleted."""
+    model = build(native_dirs, "qwen2_5_vl", video_frames=4)
+    backbone = shutil.copytree(native_dirs["qwen2_5_vl"], tmp_path / "backbone")
+    for path in glob.glob(f"{backbone}/*.safetensors"):
+        os.remove(path)
+    processor = MediaProcessor.from_config(dataclasses.replace(model.config, llm=str(backbone)))
+    assert isinstance(processor, NativeMediaProcessor) and processor.family == "qwen_vl"
+    assert processor.num_media_tokens("<audio>") == model.num_media_tokens("<audio>") == 2 * 4
+    write_video(tmp_path / "v.mp4", [np.asarray(image(20 + f, (32, 32))) for f in range(6)], fps=4)
+    image(2).save(tmp_path / "b.png")
+    write_audio(tmp_path / "s.wav", (0.3 * np.sin(np.arange(32000) * 0.05)).astype(np.float32), 16000)
+    files = {"<image>": tmp_path / "b.png", "<video>": tmp_path / "v.mp4", "<audio>": tmp_path / "s.wav"}
+    specs, model_specs = processor.media_specs(), model.processor.media_specs()
+    assert sorted(specs) == sorted(model_specs) == sorted(files)
+    for placeholder, path in files.items():
+        ours, theirs = specs[placeholder], model_specs[placeholder]
+        if ours.item_tokens is not None:
+            assert ours.item_tokens(str(path), "r") == theirs.item_tokens(str(path), "r")
+        got, want = ours.load_item(str(path), "r"), theirs.load_item(str(path), "r")
+        if isinstance(want, dict):
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), placeholder
+        else:
+            assert torch.equal(got, want), placeholder
+    assert torch.equal(processor.dummy_native("video")["video_grid_thw"],
+                       model.processor.dummy_native("video")["video_grid_thw"])

@@ -14,7 +14,7 @@ import torch
 
 from mllm.data.dataset import MultimodalCollator, MultimodalDataset
 from mllm.data.media import MediaError, write_video
-from mllm.model.native.video_sampling import QWEN_DEFAULT_FPS, sample_native_video
+from mllm.data.native_video import QWEN_DEFAULT_FPS, sample_native_video
 from tests.model.test_native_backbones import build, image, native_dirs  # noqa: F401 (fixture)
 
 QUESTION = "What happens?"

@@ -29,7 +29,7 @@ def test_audio_encoders_pair_their_own_projections_with_the_llm(audio_model_sect
     assert encoder.num_used_layers() == 2
     clip = {"audio": np.random.default_rng(0).standard_normal(16000).astype(np.float32),
             "speech": np.random.default_rng(0).standard_normal(32000).astype(np.float32)}[name]
-    inputs = model._preprocess_item(placeholder, clip)[None]
+    inputs = model.processor.preprocess(placeholder, clip)[None]
     with torch.no_grad():
         base = model.encode_media(placeholder, inputs)
 

@@ -19,7 +19,7 @@ QUESTION = "What color is the shape?"
 
 def expected_answer(model, content: str, media: dict[str, list[bytes]], max_tokens: int) -> str:
     """What MultimodalLM.generate gives for the same conversation, decoded as the server sends it."""
-    items = {field: [decode_media(model, field, data, field, Limits()) for data in datas]
+    items = {field: [decode_media(model.processor, field, data, field, Limits()) for data in datas]
              for field, datas in media.items()}
     prompt = build_prompt(model, [{"role": "user", "content": content}], items)
     return generate_text(model, prompt, max_new_tokens=max_tokens)

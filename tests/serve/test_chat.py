@@ -42,7 +42,7 @@ def test_two_turns_with_images_and_errors_that_do_not_end_the_session(av_checkpo
 
     # The same conversation through MultimodalLM.generate: turn 2 sees turn 1 and both images.
     limits = Limits()
-    images = [decode_media_file(served_model, "image", str(p), limits) for p in (first, second)]
+    images = [decode_media_file(served_model.processor, "image", str(p), limits) for p in (first, second)]
     turn1 = [{"role": "user", "content": "<image>\nWhat color is the shape?"}]
     want1 = generate_text(served_model, build_prompt(served_model, turn1, {"image": images[:1]}), max_new_tokens=8)
     turn2 = [*turn1, {"role": "assistant", "content": want1}, {"role": "user", "content": "<image>\nAnd this one?"}]

@@ -28,7 +28,7 @@ def _count_calls(encoder) -> list:
 
 def _images(model, n=3, seed=0):
     torch.manual_seed(seed)
-    return torch.randn(n, *model.dummy_media("<image>").shape[1:])
+    return torch.randn(n, *model.processor.dummy_media("<image>").shape[1:])
 
 
 def _entries(cache_dir):

@@ -24,25 +24,21 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from mllm.checkpoint import NATIVE_CONNECTOR_FILE
 from mllm.config import ModelConfig, TunerConfig
 from mllm.data.dataset import NATIVE_MEDIA_KEYS
+from mllm.data.native_processor import NATIVE_FAMILIES, NativeMediaProcessor, native_family, native_media_fields
 from mllm.distributed import gathered_parameters, several_ranks
 from mllm.errors import UserError
 from mllm.modality import Modality
 from mllm.model.multimodal_lm import MultimodalLM
-from mllm.model.native.video_sampling import sample_native_video
 from mllm.model.splice import MediaCountError, position_ids_from_attention_mask, splice_features
 from mllm.tuners import tuner_capability
 
-#: ``model_type`` of a checkpoint's config -> backbone family handled here.
-NATIVE_FAMILIES = {"qwen2_5_vl": "qwen_vl", "qwen2_vl": "qwen_vl", "llava": "llava"}
 #: Tuner targets inside the language model only: peft's "all-linear" and suffix lists would also
 #: adapt the vision tower (Qwen2.5-VL's vision MLP shares the LM's names, CLIP its q/k/v) and the
 #: connector, where tuner layers would see patches without modality ids.
@@ -56,40 +52,15 @@ class ConnectorCheckpointError(UserError):
     """A saved native connector that does not fit the backbone's."""
 
 
-def native_family(config: ModelConfig) -> str | None:
-    """The native backbone family ``model.llm`` names ('qwen_vl', 'llava'), or None for a plain
-    causal LM (or a path AutoConfig cannot read: the causal-LM loader reports that)."""
-    if not config.llm:
-        return None
-    try:
-        llm_config = AutoConfig.from_pretrained(config.llm, trust_remote_code=config.trust_remote_code)
-    except (OSError, ValueError):
-        return None
-    return NATIVE_FAMILIES.get(llm_config.model_type)
-
-
-def native_media_fields(config: ModelConfig) -> set[str]:
-    """Record fields the backbone's own vision takes ({'image'}, plus 'video' where its config has
-    a video token); empty for a plain causal LM."""
-    if native_family(config) is None:
-        return set()
-    llm_config = AutoConfig.from_pretrained(config.llm, trust_remote_code=config.trust_remote_code)
-    return {"image"} | ({"video"} if getattr(llm_config, "video_token_id", None) is not None else set())
-
-
 class NativeVisionLM(MultimodalLM):
     AUTO_MODEL_CLASS = AutoModelForImageTextToText
     # QLoRA quantises the language model only. The list replaces bitsandbytes' defaults, so it
     # names lm_head too; prefixes match from the start of in-memory module names.
     QUANTIZATION_SKIP_MODULES = ["model.visual", "model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
-    def __init__(self, config: ModelConfig, llm, tokenizer, encoders, projectors, processor=None):
+    def __init__(self, config: ModelConfig, llm, tokenizer, encoders, projectors):
         super().__init__(config, llm, tokenizer, encoders, projectors)
-        self.family = NATIVE_FAMILIES[llm.config.model_type]
-        if processor is None:
-            processor = AutoProcessor.from_pretrained(config.llm, trust_remote_code=config.trust_remote_code)
-        processor.tokenizer = tokenizer   # the one with the project's placeholders added
-        self.processor = processor
+        self.family = self.processor.family
         self.connector_loaded = False   # load_connector put a trained connector in
         llm_config = llm.config
         image_id = getattr(llm_config, "image_token_id", None)
@@ -185,40 +156,12 @@ class NativeVisionLM(MultimodalLM):
                       os.path.join(output_dir, NATIVE_CONNECTOR_FILE))
 
     # ------------------------------------------------------------------ data pipeline
-    def media_specs(self) -> dict:
-        """The new branches' specs, plus ``<image>`` (and ``<video>`` for Qwen-VL) through the
-        checkpoint's processor: each placeholder becomes exactly the ids the processor writes for
-        that item (Qwen-VL: ``<|vision_start|>`` + pads + ``<|vision_end|>``; LLaVA: its pads), and
-        the item's tensors are the processor's (pixel values, grids, seconds per temporal patch)."""
-        from mllm.data.dataset import MediaSpec
-
-        specs = super().media_specs()
-        fields = ("image", "video") if self.family == "qwen_vl" else ("image",)
-        for field in fields:
-            placeholder = f"<{field}>"
-            specs[placeholder] = MediaSpec(
-                placeholder=placeholder, field=field, token_id=self.placeholder_ids[placeholder], num_tokens=0,
-                load_item=lambda path, rid, field=field: {
-                    k: torch.as_tensor(v) for k, v in self.process_media(field, path, rid).items()
-                    if k in NATIVE_MEDIA_KEYS},
-                item_tokens=lambda path, rid, field=field: (
-                    self.process_media(field, path, rid)["input_ids"][0].tolist()))
-        return specs
-
-    def process_media(self, field: str, path: str, record_id: str) -> dict:
-        """One image / video file through the checkpoint's processor, with its placeholder text."""
-        from mllm.data.media import load_image
-
-        if field == "image":
-            text, media = ("<|vision_start|><|image_pad|><|vision_end|>" if self.family == "qwen_vl"
-                           else self.processor.image_token), {"images": [load_image(path, record_id)]}
-        else:
-            # The released model's sampling: by frames per second, through the checkpoint's own
-            # video processor, with the file's real frame count and rate (its time positions).
-            frames, metadata = sample_native_video(self.processor.video_processor, path, record_id)
-            text, media = ("<|vision_start|><|video_pad|><|vision_end|>",
-                           {"videos": [frames], "video_metadata": [metadata], "do_sample_frames": False})
-        return self.processor(text=[text], add_special_tokens=False, return_tensors="pt", **media)
+    def _build_processor(self, tokenizer) -> NativeMediaProcessor:
+        """Images and videos through the checkpoint's own processor, audio / speech as the parent's."""
+        hf_processor = AutoProcessor.from_pretrained(self.config.llm, trust_remote_code=self.config.trust_remote_code)
+        preprocessors = {name: enc.preprocessor for name, enc in self.encoders.items()}
+        return NativeMediaProcessor(self.config, tokenizer, preprocessors, hf_processor,
+                                    NATIVE_FAMILIES[self.llm.config.model_type], self.feature_caches)
 
     # ------------------------------------------------------------------ inputs
     def _native_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -247,17 +190,6 @@ class NativeVisionLM(MultimodalLM):
             return torch.cat(list(out.pooler_output), dim=0)
         return None
 
-    def _dummy_native(self, kind: str) -> dict[str, torch.Tensor]:
-        if kind not in self._dummy_media:
-            white = Image.new("RGB", (64, 64), "white")
-            if kind == "image":
-                out = self.processor.image_processor(images=[white], return_tensors="pt")
-            else:
-                frames = np.stack([np.asarray(white)] * 2)
-                out = self.processor.video_processor(videos=[frames], return_tensors="pt")
-            self._dummy_media[kind] = {k: out[k] for k in NATIVE_MEDIA_KEYS if k in out}
-        return self._dummy_media[kind]
-
     def embed_inputs(self, input_ids: torch.Tensor, media: dict) -> torch.Tensor:
         native_positions = self._native_positions(input_ids)
         # The parent embeds text and splices the new branches; native pads are embedded as pad
@@ -274,7 +206,7 @@ class NativeVisionLM(MultimodalLM):
                     # As the parent does for its encoders: every rank runs the vision tower the
                     # same number of times on every step, so ZeRO-3's gathers line up; a blank
                     # item, added times 0, changes nothing.
-                    dummy = {k: v.to(embeds.device) for k, v in self._dummy_native(kind).items()}
+                    dummy = {k: v.to(embeds.device) for k, v in self.processor.dummy_native(kind).items()}
                     embeds = embeds + 0.0 * self.native_features(kind, dummy).sum()
                 continue
             embeds = splice_features(embeds, input_ids, token_id, features[None], what=f"native {kind}")
@@ -348,4 +280,5 @@ class NativeVisionLM(MultimodalLM):
         return output[:, input_ids.shape[1]:]
 
 
-__all__ = ["LANGUAGE_MODEL_TARGETS", "NATIVE_FAMILIES", "NATIVE_MEDIA_KEYS", "NativeVisionLM", "native_family"]
+__all__ = ["LANGUAGE_MODEL_TARGETS", "NATIVE_FAMILIES", "NATIVE_MEDIA_KEYS", "NativeVisionLM", "native_family",
+           "native_media_fields"]
