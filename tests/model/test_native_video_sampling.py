@@ -50,7 +50,7 @@ def _released(model, path, **settings):
     prompt = model.tokenizer.apply_chat_template(
         [{"role": "user", "content": f"<|vision_start|><|video_pad|><|vision_end|>\n{QUESTION}"}],
         tokenize=False, add_generation_prompt=True)
-    return model.processor(text=[prompt], videos=[frames], video_metadata=[metadata], do_sample_frames=True,
+    return model.processor.hf_processor(text=[prompt], videos=[frames], video_metadata=[metadata], do_sample_frames=True,
                            add_special_tokens=False, return_tensors="pt", **settings)
 
 
@@ -97,8 +97,8 @@ def test_the_checkpoints_own_rate_and_frame_limits_are_used(native_dirs, videos,
 def test_a_video_shorter_than_a_temporal_patch_and_a_broken_file(native_dirs, tmp_path):
     model = build(native_dirs, "qwen2_5_vl")
     write_video(tmp_path / "one.mp4", [np.asarray(image(7, (32, 32)))], fps=4)
-    frames, metadata = sample_native_video(model.processor.video_processor, str(tmp_path / "one.mp4"))
+    frames, metadata = sample_native_video(model.processor.hf_processor.video_processor, str(tmp_path / "one.mp4"))
     assert frames.shape == (1, 32, 32, 3) and metadata.frames_indices == [0]
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     with pytest.raises(MediaError, match=r"record 'r9'.*bad\.mp4"):
-        sample_native_video(model.processor.video_processor, str(tmp_path / "bad.mp4"), "r9")
+        sample_native_video(model.processor.hf_processor.video_processor, str(tmp_path / "bad.mp4"), "r9")
