@@ -96,22 +96,21 @@ class QueryCache:
 
 # -- when the cache may serve a forward -----------------------------------------------------------------
 
-def is_delo_parameter(name: str) -> bool:
-    return "delo_pools" in name.split(".")
-
-
 def backbone_state(model: nn.Module) -> tuple[int, Optional[str]]:
-    """(fingerprint, a trainable backbone parameter's name or None), in one pass over the
-    parameters. The fingerprint changes when any backbone tensor outside DeLo is replaced, moved,
-    cast or written in place (storage, in-place version, dtype, device)."""
-    trainable, state = None, []
-    for name, tensor in model.named_parameters():
-        if is_delo_parameter(name):
-            continue
-        if trainable is None and tensor.requires_grad:
-            trainable = name
-        state.append((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device))
-    state.extend((t.data_ptr(), t._version, t.dtype, t.device) for t in model.buffers())
+    """(fingerprint, the name of a trainable backbone parameter or None), in one walk over the
+    modules that leaves DeLo's pools out. The fingerprint changes when any backbone tensor is
+    replaced, moved, cast or written in place (storage, in-place version, dtype, device)."""
+    trainable, state, stack = None, [], [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        for name, tensor in (*module._parameters.items(), *module._buffers.items()):
+            if tensor is None:
+                continue
+            if trainable is None and tensor.requires_grad:
+                trainable = prefix + name
+            state.append((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device))
+        stack.extend((f"{prefix}{name}.", child) for name, child in module._modules.items()
+                     if child is not None and name != "delo_pools")
     return hash(tuple(state)), trainable
 
 
