@@ -303,10 +303,13 @@ class DeloModel(BaseTuner):
             queries.accumulate(self.current_task, pooled, available)
 
         routes, pairs = [], []
+        # Without activation checkpointing no layer is recomputed, so all of them share one
+        # computation of the queries (TaskRoute).
+        shared = not any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
         for task in task_ids.unique().tolist():
             proj_visual = queries.proj_visual[task]
             route = TaskRoute(task, pooled, available, proj_visual, queries.proj_text[task],
-                              (task_ids == task).to(proj_visual.dtype))
+                              (task_ids == task).to(proj_visual.dtype), shared)
             routes.append(route)
             pairs.append((*route.raw_queries(), complete & (task_ids == task)))
         state.routes, state.align_pairs, state.task_ids = routes, pairs, task_ids
