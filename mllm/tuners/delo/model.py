@@ -23,6 +23,7 @@ from mllm.modality_context import (
 from mllm.tuners.delo.config import TARGET_MODULES_BY_MODEL_TYPE, DeloConfig
 from mllm.tuners.delo.layer import MERGE_ERROR, DeloLayer, Linear
 from mllm.tuners.delo.query_cache import (
+    BackboneState,
     QueryCache,
     backbone_dropout,
     backbone_state,
@@ -277,7 +278,8 @@ class DeloModel(BaseTuner):
         if "use_cache" in query_kwargs or cache is not None:
             query_kwargs["use_cache"] = False
         context = get_modality_context(self.model)
-        pooled, available = self._query_features(module, args, query_kwargs, context)
+        backbone = backbone_state(self.model)
+        pooled, available = self._query_features(module, args, query_kwargs, context, backbone)
         batch, device = pooled.shape[0], pooled.device
         if state.missing is not None:
             codes = state.missing.to(device)
@@ -305,7 +307,7 @@ class DeloModel(BaseTuner):
         routes, pairs = [], []
         # Without activation checkpointing no layer is recomputed, so all of them share one
         # computation of the queries (TaskRoute).
-        shared = not any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
+        shared = not backbone.checkpointing
         for task in task_ids.unique().tolist():
             proj_visual = queries.proj_visual[task]
             route = TaskRoute(task, pooled, available, proj_visual, queries.proj_text[task],
@@ -314,11 +316,11 @@ class DeloModel(BaseTuner):
             pairs.append((*route.raw_queries(), complete & (task_ids == task)))
         state.routes, state.align_pairs, state.task_ids = routes, pairs, task_ids
 
-    def _query_features(self, module: nn.Module, args: tuple, query_kwargs: dict, context):
+    def _query_features(self, module: nn.Module, args: tuple, query_kwargs: dict, context, backbone: BackboneState):
         """Each sample's last hidden states of the frozen backbone mean-pooled over its visual and
         its text tokens (B, 2, d), and whether it has tokens of each (B, 2): from the query cache,
         else from the query pass (whose result then fills the cache)."""
-        keys, device = self._query_cache_keys(module, args, query_kwargs, context)
+        keys, device = self._query_cache_keys(module, args, query_kwargs, context, backbone)
         if keys is not None:
             cached = self.query_cache.lookup(keys, device)
             if cached is not None:
@@ -343,7 +345,8 @@ class DeloModel(BaseTuner):
             cache = self.__dict__["_delo_query_cache"] = QueryCache()
         return cache
 
-    def _query_cache_keys(self, module: nn.Module, args: tuple, query_kwargs: dict, context):
+    def _query_cache_keys(self, module: nn.Module, args: tuple, query_kwargs: dict, context,
+                          backbone: BackboneState):
         """(per-sample keys, device) when the query cache may serve this forward, else (None, None):
         training forwards of an adapter with ``query_cache`` on, whose query pass is a fixed
         function of the keyed inputs (``mllm.tuners.delo.query_cache``)."""
@@ -356,9 +359,8 @@ class DeloModel(BaseTuner):
             cache.off("the query pass's inputs depend on trainable parameters (e.g. stage 2's projectors "
                       "train in the first task)")
             return None, None
-        fingerprint, trainable = backbone_state(self.model)
-        if trainable is not None:
-            cache.off(f"backbone parameter {trainable} trains")
+        if backbone.trainable is not None:
+            cache.off(f"backbone parameter {backbone.trainable} trains")
             return None, None
         if "_delo_backbone_dropout" not in self.__dict__:
             self.__dict__["_delo_backbone_dropout"] = backbone_dropout(self.model)
@@ -366,7 +368,7 @@ class DeloModel(BaseTuner):
         if dropout is not None:
             cache.off(f"the backbone has dropout ({dropout}), so its training forwards are random")
             return None, None
-        cache.check_backbone(fingerprint)
+        cache.check_backbone(backbone.fingerprint)
         ids = context.modality_ids if context is not None else None
         keys = sample_keys(args, query_kwargs, ids)
         if keys is None:

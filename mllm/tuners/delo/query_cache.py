@@ -34,7 +34,7 @@ probability about 2^-64.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -96,13 +96,20 @@ class QueryCache:
 
 # -- when the cache may serve a forward -----------------------------------------------------------------
 
-def backbone_state(model: nn.Module) -> tuple[int, Optional[str]]:
-    """(fingerprint, the name of a trainable backbone parameter or None), in one walk over the
-    modules that leaves DeLo's pools out. The fingerprint changes when any backbone tensor is
-    replaced, moved, cast or written in place (storage, in-place version, dtype, device)."""
-    trainable, state, stack = None, [], [("", model)]
+class BackboneState(NamedTuple):
+    fingerprint: int                 # changes when a backbone tensor is replaced, moved, cast or written in place
+    trainable: Optional[str]         # the name of a trainable backbone parameter, if any
+    checkpointing: bool              # a module recomputes its forward (activation checkpointing is on)
+
+
+def backbone_state(model: nn.Module) -> BackboneState:
+    """One walk over the backbone's modules (DeLo's pools left out; plain dict reads, as it runs
+    before every forward): the fingerprint of its tensors (storage, in-place version, dtype,
+    device), a trainable parameter, and whether transformers' activation checkpointing is on."""
+    trainable, state, checkpointing, stack = None, [], False, [("", model)]
     while stack:
         prefix, module = stack.pop()
+        checkpointing = checkpointing or module.__dict__.get("gradient_checkpointing") is True
         for name, tensor in (*module._parameters.items(), *module._buffers.items()):
             if tensor is None:
                 continue
@@ -111,7 +118,7 @@ def backbone_state(model: nn.Module) -> tuple[int, Optional[str]]:
             state.append((tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device))
         stack.extend((f"{prefix}{name}.", child) for name, child in module._modules.items()
                      if child is not None and name != "delo_pools")
-    return hash(tuple(state)), trainable
+    return BackboneState(hash(tuple(state)), trainable, checkpointing)
 
 
 def backbone_dropout(model: nn.Module) -> Optional[str]:
