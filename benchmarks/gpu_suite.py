@@ -7,8 +7,9 @@
 Runs, each in its own process (so each peak memory is its own), the benchmark scripts beside this
 file and collects the figures they write with ``--json``:
 
-* ``tuners``     MokA / peft LoRA train step, prompt pass and decode step at LLaMA-2-7B shapes in
-                 bf16 (``tuner_overhead.py``; one sequence of 1024 tokens, 640 of them image tokens);
+* ``tuners``     MokA / peft LoRA and DeLo / peft LoRA train step, prompt pass and decode step at
+                 LLaMA-2-7B shapes in bf16, DeLo's train step also on a query cache hit
+                 (``tuner_overhead.py``; one sequence of 1024 tokens, 640 of them image tokens);
 * ``stage2``     stage-2 tokens/s, MFU (6 N tokens/s over the GPU's bf16 peak, N the LLM's
                  parameters) and peak memory for a bf16 LLM and a 4-bit QLoRA LLM at LLaMA-2-7B +
                  CLIP ViT-L/14 shapes with gradient checkpointing (``stage2_memory.py``);
@@ -40,7 +41,7 @@ STEPS = {
                ["--device", "cuda", "--dtype", "bf16", "--hidden", "4096", "--ffn", "11008", "--heads", "32",
                 "--kv-heads", "32", "--layers", "32", "--batch", "1", "--seq-len", "1024", "--media-tokens", "640",
                 "--modalities", "visual", "--repeats", "10", "--no-wide-lora"],
-               ["--repeats", "2", "--warmup", "1", "--no-wide-lora", "--layers", "2", "--hidden", "64"], 150),
+               ["--repeats", "2", "--warmup", "1", "--no-wide-lora", "--layers", "2", "--hidden", "64"], 200),
     "stage2": ("stage2_memory.py", ["--device", "cuda", "--steps", "5"],
                ["--small", "--device", "cpu", "--steps", "1", "--runs", "bf16"], 240),
     "audio": ("audio_encoders.py", ["--device", "cuda"], ["--device", "cpu", "--small", "--repeats", "1",
@@ -81,6 +82,14 @@ def table_rows(results: dict) -> list[tuple[str, str]]:
             for measure, m in figures["measures"].items():
                 rows.append((f"MokA / LoRA {measure}", f"{m['moka_over_lora']:.3f}  ({m['moka_ms']:.1f} vs "
                                                         f"{m['lora_ms']:.1f} ms)"))
+            for measure, m in figures["measures"].items():
+                if "delo_over_lora" in m:
+                    rows.append((f"DeLo / LoRA {measure}", f"{m['delo_over_lora']:.3f}  ({m['delo_ms']:.1f} vs "
+                                                            f"{m['lora_ms']:.1f} ms)"))
+                if "delo_cached_over_lora" in m:
+                    rows.append((f"DeLo / LoRA {measure}, query cache hit",
+                                 f"{m['delo_cached_over_lora']:.3f}  ({m['delo_cached_ms']:.1f} vs "
+                                 f"{m['lora_ms']:.1f} ms)"))
         elif name == "stage2":
             for run, r in figures["runs"].items():
                 peak = f"{r['peak_gib']:.1f} GiB" if r["peak_gib"] is not None else "n/a"

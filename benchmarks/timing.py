@@ -11,8 +11,9 @@ from typing import Callable
 
 
 def timed_rounds(runs: dict[str, Callable[[], object]], repeats: int, block: int = 1,
-                 warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds per call of each run, one sample per round (the mean of ``block`` calls)."""
+                 warmup: int = 3, clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Seconds per call of each run, one sample per round (the mean of ``block`` calls); ``clock``
+    e.g. ``time.process_time`` for a single-threaded CPU run on a shared machine."""
     for run in runs.values():
         for _ in range(warmup):
             run()
@@ -23,10 +24,10 @@ def timed_rounds(runs: dict[str, Callable[[], object]], repeats: int, block: int
         shuffle(order)
         for name in order:
             run = runs[name]
-            start = time.perf_counter()
+            start = clock()
             for _ in range(block):
                 run()
-            samples[name].append((time.perf_counter() - start) / block)
+            samples[name].append((clock() - start) / block)
     return samples
 
 

@@ -1,4 +1,4 @@
-"""MokA vs peft LoRA overhead on one LLaMA-architecture model and one set of inputs.
+"""MokA and DeLo vs peft LoRA overhead on one LLaMA-architecture model and one set of inputs.
 
 Prints, for a training step (forward + backward), a prompt pass and a KV-cache decode step, the
 median time of each and the ratio MokA / LoRA, all measured in one run on copies of the same
@@ -14,8 +14,15 @@ randomly initialised model (same seed) with the same inputs. Both adapt the same
 * ``MokA / LoRA r*M``: LoRA with rank r x M, M = number of MokA modalities (text included), so
   that LoRA's A has as many rows as MokA's stacked A (its B is M times wider than MokA's).
 
-The modality ids (and question mask) are published afresh before every MokA forward (a new
-tensor each time, as a ``MultimodalLM`` does), so MokA's per-forward routing is part of what is
+DeLo (``--no-delo`` leaves it out): ``--delo-experts`` rank-one factor pairs per modality (visual
+and text) in one task, r of them selected per sample and modality, on the same modules with the
+same alpha / r scaling. Its training step includes the frozen query pass and the alignment loss,
+and is timed twice on the same model: with its query cache off (the query pass on every step) and
+on a cache hit (as from a run's second epoch, ``mllm.tuners.delo.query_cache``). Its prompt pass
+includes the query pass; its decode steps reuse the prompt's routing.
+
+The modality ids (and question mask) are published afresh before every MokA and DeLo forward (a
+new tensor each time, as a ``MultimodalLM`` does), so the per-forward routing is part of what is
 timed. Decode steps use a filled KV cache of the prompt and one new text token per sample.
 
 The input layout (per sample): 2 text tokens, ``--media-tokens`` media tokens split evenly over the
@@ -45,9 +52,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import mllm  # noqa: F401  (registers moka with peft)
+import mllm  # noqa: F401  (registers moka and delo with peft)
 from mllm.modality import Modality
 from mllm.modality_context import set_modality_ids
+from mllm.tuners.delo import DeloConfig
 from mllm.tuners.moka import MokaConfig
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -89,9 +97,9 @@ def inputs(args):
     return (t.to(args.device) for t in (input_ids, ids, question))
 
 
-def paired_ratio(samples: dict[str, list[float]], other: str) -> float:
-    """MokA / ``other``: the median over rounds of the ratio of the two times within a round."""
-    return statistics.median(m / o for m, o in zip(samples["moka"], samples[other]))
+def paired_ratio(samples: dict[str, list[float]], other: str, model: str = "moka") -> float:
+    """``model`` / ``other``: the median over rounds of the ratio of the two times within a round."""
+    return statistics.median(m / o for m, o in zip(samples[model], samples[other]))
 
 
 def parse_args():
@@ -129,6 +137,8 @@ def parse_args():
                      help="wall time, or this process's CPU time (default auto: cpu for --device cpu "
                           "--threads 1, else wall)")
     run.add_argument("--no-wide-lora", action="store_true", help="skip the LoRA r*M reading")
+    adapter.add_argument("--delo-experts", type=int, default=16, help="DeLo factor pairs per modality (default 16)")
+    run.add_argument("--no-delo", action="store_true", help="leave DeLo out")
     run.add_argument("--json", default=None, metavar="PATH", help="also write the figures to PATH as JSON")
     args = parser.parse_args()
     args.ffn = args.ffn or 2 * args.hidden
@@ -164,6 +174,9 @@ def main() -> None:
     }
     if not args.no_wide_lora:
         configs["lora_wide"] = LoraConfig(r=wide, lora_alpha=2 * wide, target_modules=TARGETS)
+    if not args.no_delo:  # init_weights=False: non-zero B pools
+        configs["delo"] = DeloConfig(r=args.r, alpha=2 * args.r, num_experts=args.delo_experts, num_tasks=1,
+                                     target_modules=TARGETS, init_weights=False)
     models = {name: get_peft_model(build_base(args), config) for name, config in configs.items()}
     for model in models.values():  # non-zero B so every path does real work
         for name, param in model.named_parameters():
@@ -171,14 +184,18 @@ def main() -> None:
                 torch.nn.init.normal_(param, std=0.02)
 
     def publish(name, ids, mask=None, decode_step=False):
-        if name == "moka":  # fresh tensors: the routing is recomputed, as for a new batch
+        if name in ("moka", "delo"):  # fresh tensors: the routing is recomputed, as for a new batch
             set_modality_ids(models[name], ids.clone(), None if mask is None else mask.clone(), decode_step)
 
-    def train_step(model, name):
+    def train_step(model, name, query_cache=False):
         def run():
+            if name == "delo":
+                model.peft_config["default"].query_cache = query_cache
             model.train()
             publish(name, modality_ids, question)
             loss = model(input_ids=input_ids, labels=input_ids).loss
+            if name == "delo":
+                loss = loss + model.base_model.alignment_loss()
             loss.backward()
             model.zero_grad(set_to_none=True)
         return run
@@ -217,14 +234,19 @@ def main() -> None:
           f"targets {','.join(TARGETS)}; {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{clock} clock")
     print(f"MokA: r={args.r} per modality ({','.join(moka_modalities)}), one shared B (out x {args.r}); "
-          f"LoRA r={args.r}" + ("" if args.no_wide_lora else f"; LoRA r*M={wide}"))
+          f"LoRA r={args.r}" + ("" if args.no_wide_lora else f"; LoRA r*M={wide}")
+          + ("" if args.no_delo else f"; DeLo: r={args.r} of {args.delo_experts} per modality (visual, text)"))
     header = f"{'measure':<14}{'LoRA r ms':>11}{'MokA ms':>10}{'MokA/LoRA r':>13}"
     if not args.no_wide_lora:
         header += f"{'LoRA r*M ms':>13}{'MokA/LoRA r*M':>15}"
+    if not args.no_delo:
+        header += f"{'DeLo ms':>10}{'DeLo/LoRA r':>13}"
     print(header)
     figures = {}
     for label, make in (("train step", train_step), ("prompt pass", prompt_pass), ("decode step", decode_step)):
         runs = {name: make(model, name) for name, model in models.items()}
+        if label == "train step" and "delo" in runs:   # the same DeLo model, on a query cache hit
+            runs["delo_cached"] = train_step(models["delo"], "delo", query_cache=True)
         for run in runs.values():
             for _ in range(args.warmup):
                 run()
@@ -237,8 +259,17 @@ def main() -> None:
         line = f"{label:<14}{ms['lora']:>11.2f}{ms['moka']:>10.2f}{paired_ratio(samples, 'lora'):>13.3f}"
         if not args.no_wide_lora:
             line += f"{ms['lora_wide']:>13.2f}{paired_ratio(samples, 'lora_wide'):>15.3f}"
+        figure = {"lora_ms": ms["lora"], "moka_ms": ms["moka"], "moka_over_lora": paired_ratio(samples, "lora")}
+        if not args.no_delo:
+            line += f"{ms['delo']:>10.2f}{paired_ratio(samples, 'lora', 'delo'):>13.3f}"
+            figure.update(delo_ms=ms["delo"], delo_over_lora=paired_ratio(samples, "lora", "delo"))
         print(line, flush=True)
-        figures[label] = {"lora_ms": ms["lora"], "moka_ms": ms["moka"], "moka_over_lora": paired_ratio(samples, "lora")}
+        if "delo_cached" in samples:
+            cached = paired_ratio(samples, "lora", "delo_cached")
+            print(f"{'  query cache hit':<14}{'':>11}{'':>10}{'':>13}" + ("" if args.no_wide_lora else " " * 28)
+                  + f"{ms['delo_cached']:>10.2f}{cached:>13.3f}", flush=True)
+            figure.update(delo_cached_ms=ms["delo_cached"], delo_cached_over_lora=cached)
+        figures[label] = figure
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "dtype": args.dtype, "hidden": args.hidden, "layers": args.layers,

@@ -20,7 +20,10 @@ def test_small_suite_runs_every_step_and_prints_one_table(tmp_path):
     assert set(results) == {"tuners", "stage2", "audio", "generation"}
     assert all(r["status"] == "ok" for r in results.values())
     table = done.stdout.split("measure", 1)[1]
-    for row in ("MokA / LoRA train step", "stage 2 bf16", "BEATs 10 s clips", "Whisper 30 s clips",
+    for row in ("MokA / LoRA train step", "DeLo / LoRA train step", "DeLo / LoRA train step, query cache hit",
+                "DeLo / LoRA prompt pass", "stage 2 bf16", "BEATs 10 s clips", "Whisper 30 s clips",
                 "batched generation"):
         assert row in table
-    assert results["tuners"]["figures"]["measures"]["train step"]["moka_over_lora"] > 0
+    train_step = results["tuners"]["figures"]["measures"]["train step"]
+    assert train_step["moka_over_lora"] > 0 and train_step["delo_over_lora"] > 0 and \
+        train_step["delo_cached_over_lora"] > 0

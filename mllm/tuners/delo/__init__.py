@@ -24,7 +24,8 @@ def delo_config(cfg) -> DeloConfig:
 
     ``tuner.r`` is the number of rank-one factors selected per sample and modality. Inside an LLM
     the caller (or a ``MultimodalLM``'s modality context) supplies per-token modality ids; see
-    ``DeloModel``."""
+    ``DeloModel``. ``query_cache`` (default true) reuses each training sample's frozen query
+    features from its second epoch (``mllm.tuners.delo.query_cache``)."""
     fields = {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, **cfg.options}
     if cfg.target_modules is not None:
         fields["target_modules"] = cfg.target_modules

@@ -42,6 +42,10 @@ class DeloConfig(PeftConfig):
     num_tasks: int = field(default=1, metadata={"help": "Tasks of the continual sequence (one pool set each)."})
     task: int = field(default=0, metadata={"help": "The task this run trains (0-based, below num_tasks); task k > 0 "
                                                    "continues from task k-1's adapter."})
+    query_cache: bool = field(
+        default=True, metadata={"help": "Keep each training sample's frozen query features and skip the query pass "
+                                        "when the sample comes again (mllm.tuners.delo.query_cache; off by itself "
+                                        "where it cannot apply, e.g. while the projectors train)."})
     query_dim: Optional[int] = field(
         default=None, metadata={"help": "Width of the query signals; default the backbone's hidden_size."})
     target_modules: Optional[Union[list[str], str]] = field(
@@ -80,7 +84,7 @@ class DeloConfig(PeftConfig):
 
     #: Fields that belong to one training run, not to the adapter: a run that continues a saved
     #: adapter takes them from its own config (mllm.train.continuation).
-    RUN_FIELDS = ("task",)
+    RUN_FIELDS = ("task", "query_cache")
     #: Fields the continuing run's adapter must share with the saved one.
     _CONTINUATION_FIELDS = ("num_tasks", "num_experts", "r", "alpha", "query_dim")
 

@@ -22,6 +22,14 @@ from mllm.modality_context import (
 )
 from mllm.tuners.delo.config import TARGET_MODULES_BY_MODEL_TYPE, DeloConfig
 from mllm.tuners.delo.layer import MERGE_ERROR, DeloLayer, Linear
+from mllm.tuners.delo.query_cache import (
+    BackboneState,
+    QueryCache,
+    backbone_dropout,
+    backbone_state,
+    depends_on_trainable_parameter,
+    sample_keys,
+)
 from mllm.tuners.delo.state import IMAGE_MISSING, TEXT_MISSING, DeloState, TaskRoute
 
 logger = logging.getLogger(__name__)
@@ -270,17 +278,11 @@ class DeloModel(BaseTuner):
         if "use_cache" in query_kwargs or cache is not None:
             query_kwargs["use_cache"] = False
         context = get_modality_context(self.model)
-        step = context.step if context is not None else 0
-        with torch.no_grad(), state.bypassing():
-            out = self.model(*args, **{**query_kwargs, "output_hidden_states": True})
-        hidden = out.hidden_states[-1].detach()
-        batch, length = hidden.shape[:2]
-        ids = self._modality_ids(context, step, length, batch, hidden.device)
-        masks = torch.stack([ids == int(Modality.VISUAL), ids == int(Modality.TEXT)], dim=1).to(hidden.dtype)
-        pooled = masks @ hidden / masks.sum(-1, keepdim=True).clamp(min=1)          # (B, 2, d)
-        available = masks.sum(-1) > 0                                                 # (B, 2)
+        backbone = backbone_state(self.model)
+        pooled, available = self._query_features(module, args, query_kwargs, context, backbone)
+        batch, device = pooled.shape[0], pooled.device
         if state.missing is not None:
-            codes = state.missing.to(hidden.device)
+            codes = state.missing.to(device)
             available = available & torch.stack([codes != IMAGE_MISSING, codes != TEXT_MISSING], dim=1)
         pooled = pooled * available[..., None]     # a missing modality's filler carries no signal
         complete = available.all(-1)
@@ -292,24 +294,87 @@ class DeloModel(BaseTuner):
         queries: TaskQueries = self.delo_query[name]
         training = module.training
         if state.forced_task is not None:
-            task_ids = state.forced_task.to(hidden.device).expand(batch)
+            task_ids = state.forced_task.to(device).expand(batch)
         elif training:
-            task_ids = torch.full((batch,), self.current_task, dtype=torch.long, device=hidden.device)
+            task_ids = torch.full((batch,), self.current_task, dtype=torch.long, device=device)
         else:
             predicted = queries.predict(pooled, available)
             task_ids = predicted if predicted is not None else \
-                torch.full((batch,), self.current_task, dtype=torch.long, device=hidden.device)
+                torch.full((batch,), self.current_task, dtype=torch.long, device=device)
         if training:
             queries.accumulate(self.current_task, pooled, available)
 
         routes, pairs = [], []
+        # Without activation checkpointing no layer is recomputed, so all of them share one
+        # computation of the queries (TaskRoute).
+        shared = not backbone.checkpointing
         for task in task_ids.unique().tolist():
             proj_visual = queries.proj_visual[task]
             route = TaskRoute(task, pooled, available, proj_visual, queries.proj_text[task],
-                              (task_ids == task).to(proj_visual.dtype))
+                              (task_ids == task).to(proj_visual.dtype), shared)
             routes.append(route)
             pairs.append((*route.raw_queries(), complete & (task_ids == task)))
         state.routes, state.align_pairs, state.task_ids = routes, pairs, task_ids
+
+    def _query_features(self, module: nn.Module, args: tuple, query_kwargs: dict, context, backbone: BackboneState):
+        """Each sample's last hidden states of the frozen backbone mean-pooled over its visual and
+        its text tokens (B, 2, d), and whether it has tokens of each (B, 2): from the query cache,
+        else from the query pass (whose result then fills the cache)."""
+        keys, device = self._query_cache_keys(module, args, query_kwargs, context, backbone)
+        if keys is not None:
+            cached = self.query_cache.lookup(keys, device)
+            if cached is not None:
+                return cached
+        step = context.step if context is not None else 0
+        with torch.no_grad(), self.state.bypassing():
+            out = self.model(*args, **{**query_kwargs, "output_hidden_states": True})
+        hidden = out.hidden_states[-1].detach()
+        batch, length = hidden.shape[:2]
+        ids = self._modality_ids(context, step, length, batch, hidden.device)
+        masks = torch.stack([ids == int(Modality.VISUAL), ids == int(Modality.TEXT)], dim=1).to(hidden.dtype)
+        pooled = masks @ hidden / masks.sum(-1, keepdim=True).clamp(min=1)          # (B, 2, d)
+        present = masks.sum(-1) > 0                                                   # (B, 2)
+        if keys is not None:
+            self.query_cache.store(keys, pooled, present)
+        return pooled, present
+
+    @property
+    def query_cache(self) -> QueryCache:
+        cache = self.__dict__.get("_delo_query_cache")
+        if cache is None:
+            cache = self.__dict__["_delo_query_cache"] = QueryCache()
+        return cache
+
+    def _query_cache_keys(self, module: nn.Module, args: tuple, query_kwargs: dict, context,
+                          backbone: BackboneState):
+        """(per-sample keys, device) when the query cache may serve this forward, else (None, None):
+        training forwards of an adapter with ``query_cache`` on, whose query pass is a fixed
+        function of the keyed inputs (``mllm.tuners.delo.query_cache``)."""
+        name = self.active_adapters[0]
+        if not module.training or not getattr(self.peft_config[name], "query_cache", False):
+            return None, None
+        cache = self.query_cache
+        tensors = [v for v in (*args, *query_kwargs.values()) if torch.is_tensor(v)]
+        if any(depends_on_trainable_parameter(t) for t in tensors):
+            cache.off("the query pass's inputs depend on trainable parameters (e.g. stage 2's projectors "
+                      "train in the first task)")
+            return None, None
+        if backbone.trainable is not None:
+            cache.off(f"backbone parameter {backbone.trainable} trains")
+            return None, None
+        if "_delo_backbone_dropout" not in self.__dict__:
+            self.__dict__["_delo_backbone_dropout"] = backbone_dropout(self.model)
+        dropout = self.__dict__["_delo_backbone_dropout"]
+        if dropout is not None:
+            cache.off(f"the backbone has dropout ({dropout}), so its training forwards are random")
+            return None, None
+        cache.check_backbone(backbone.fingerprint)
+        ids = context.modality_ids if context is not None else None
+        keys = sample_keys(args, query_kwargs, ids)
+        if keys is None:
+            cache.off("a forward input is neither a tensor nor a plain value")
+            return None, None
+        return keys, tensors[0].device
 
     # -- task partitioning follows every peft operation that sets requires_grad -------------------------
     def _apply_task_partition(self) -> None:

@@ -25,10 +25,11 @@ class TaskRoute:
     """Routing inputs of one task for the whole batch; ``weight`` (B,) is 1 for the samples routed
     to this task, 0 elsewhere (dense masking, no boolean indexing).
 
-    The query signals are computed from the frozen pooled features and the task's query maps on
-    every call (a (B, d) x (d, d) product per layer): a layer that reentrant gradient checkpointing
-    recomputes must build its own graph to the query maps, since one graph shared by every layer
-    would be freed by the first recomputed layer's backward."""
+    The query signals come from the frozen pooled features and the task's query maps (a (B, d) x
+    (d, d) product). With ``shared`` (no activation checkpointing: nothing is recomputed) they are
+    computed once per forward and every layer uses them; otherwise on every call, since a layer that
+    reentrant gradient checkpointing recomputes must build its own graph to the query maps (one
+    graph shared by every layer would be freed by the first recomputed layer's backward)."""
 
     task: int
     pooled: torch.Tensor         # (B, 2, query_dim) frozen pooled features (visual, text), detached
@@ -36,19 +37,30 @@ class TaskRoute:
     proj_visual: torch.Tensor    # the task's query maps (the parameters themselves)
     proj_text: torch.Tensor
     weight: torch.Tensor         # (B,)
+    shared: bool = False         # compute the queries once for every layer (see above)
+    _computed: dict = field(default_factory=dict, repr=False)
 
     def raw_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """q_v, q_t before guided routing (the alignment loss compares these)."""
+        if self.shared and "raw" in self._computed:
+            return self._computed["raw"]
         q_visual = self.pooled[:, 0].to(self.proj_visual.dtype) @ self.proj_visual.T
         q_text = self.pooled[:, 1].to(self.proj_text.dtype) @ self.proj_text.T
+        if self.shared:
+            self._computed["raw"] = (q_visual, q_text)
         return q_visual, q_text
 
     def queries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-modal guided routing: the available modality's query stands in for the missing one
         (q_v for image-missing samples is q_t, and the other way round)."""
+        if self.shared and "guided" in self._computed:
+            return self._computed["guided"]
         q_visual, q_text = self.raw_queries()
-        return (torch.where(self.available[:, :1], q_visual, q_text),
-                torch.where(self.available[:, 1:], q_text, q_visual))
+        guided = (torch.where(self.available[:, :1], q_visual, q_text),
+                  torch.where(self.available[:, 1:], q_text, q_visual))
+        if self.shared:
+            self._computed["guided"] = guided
+        return guided
 
     @property
     def query_visual(self) -> torch.Tensor:
