@@ -304,12 +304,19 @@ class MultimodalLM(nn.Module):
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     # ------------------------------------------------------------------ training glue
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        if gradient_checkpointing_kwargs is None:
-            gradient_checkpointing_kwargs = {"use_reentrant": False}
-        self.base_llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers' signature: the Trainer calls this when ``training.gradient_checkpointing``."""
+        if activation_checkpointing_kwargs is None:
+            activation_checkpointing_kwargs = {"use_reentrant": False}
+        self.base_llm.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                      every_n_layers=every_n_layers, offload=offload)
         # Reentrant checkpointing needs inputs that require grad; a text-only batch has none.
         self.base_llm.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """The older name (transformers keeps it as an alias until v6)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def projector_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.projectors.parameters() if p.requires_grad]

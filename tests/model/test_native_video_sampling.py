@@ -50,8 +50,9 @@ def _released(model, path, **settings):
     prompt = model.tokenizer.apply_chat_template(
         [{"role": "user", "content": f"<|vision_start|><|video_pad|><|vision_end|>\n{QUESTION}"}],
         tokenize=False, add_generation_prompt=True)
-    return model.processor.hf_processor(text=[prompt], videos=[frames], video_metadata=[metadata], do_sample_frames=True,
-                           add_special_tokens=False, return_tensors="pt", **settings)
+    return model.processor.hf_processor(text=[prompt], videos=[frames], video_metadata=[metadata],
+                                        do_sample_frames=True, add_special_tokens=False, return_tensors="pt",
+                                        **settings)
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])

@@ -239,3 +239,17 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_same_weights(tiny_assets, 
         resumed = run(interrupted)
     assert steps_taken == [3, 4]   # it went on from checkpoint-2 rather than starting again
     assert_same_trained_weights(resumed, straight)
+
+
+def test_stage2_with_gradient_checkpointing_trains_as_without(tiny_assets, demo_data, stage1_dir, tmp_path):
+    """``training.gradient_checkpointing`` goes through the Trainer's call (transformers' signature,
+    with ``every_n_layers``) and recomputes activations without changing what is learned."""
+    models = []
+    for checkpointing in (False, True):
+        cfg = _config(tiny_assets, demo_data, tmp_path / str(checkpointing), "instruct",
+                      pretrained_projectors=stage1_dir, gradient_checkpointing=checkpointing)
+        model = MultimodalLM.from_config(cfg.model)
+        run_instruct(cfg, model)
+        assert model.base_llm.is_gradient_checkpointing == checkpointing
+        models.append(model)
+    assert_same_trained_weights(models[1], models[0])
