@@ -4,11 +4,10 @@ missing-modality learning)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
-
-from peft.config import PeftConfig
+from typing import Optional
 
 from mllm.tuners.registration import extend_peft_type
+from mllm.tuners.targeting import TargetedPeftConfig
 
 #: Default targets per model family. ViLT: every layer's attention query/key/value, as the DeLo
 #: reference does; decoder LLMs: the same three projections under their names.
@@ -21,7 +20,7 @@ TARGET_MODULES_BY_MODEL_TYPE = {
 
 
 @dataclass
-class DeloConfig(PeftConfig):
+class DeloConfig(TargetedPeftConfig):
     """Configuration of a DeLo adapter.
 
     Tasks are *pools inside one adapter* (``num_tasks`` of them), not separate named adapters: the
@@ -48,13 +47,6 @@ class DeloConfig(PeftConfig):
                                         "where it cannot apply, e.g. while the projectors train)."})
     query_dim: Optional[int] = field(
         default=None, metadata={"help": "Width of the query signals; default the backbone's hidden_size."})
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or regex; default per model family, else 'all-linear'."})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
-    modules_to_save: Optional[list[str]] = field(default=None)
-    target_parameters: Optional[list[str]] = field(default=None)  # read by peft's target matching
     bias: str = field(default="none", metadata={"help": "'none' only: DeLo adds no bias."})
     init_weights: bool = field(
         default=True, metadata={"help": "True: b_e zero (identity at start). False: b_e random too (tests)."})
@@ -68,10 +60,6 @@ class DeloConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = extend_peft_type("delo")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
         if not 0 < self.r <= self.num_experts:
             raise ValueError(f"need 0 < r <= num_experts, got r={self.r}, num_experts={self.num_experts}")
         if self.num_tasks <= 0:

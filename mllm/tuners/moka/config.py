@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Union
-
-from peft.config import PeftConfig
+from typing import Optional
 
 from mllm.tuners.registration import extend_peft_type
+from mllm.tuners.targeting import TargetedPeftConfig
 
 #: The modality names a MokA adapter can route (``mllm.modality.Modality`` without PAD).
 MODALITY_NAMES = ("text", "visual", "audio", "speech")
@@ -38,7 +37,7 @@ TARGET_MODULES_BY_MODEL_TYPE = {
 
 
 @dataclass
-class MokaConfig(PeftConfig):
+class MokaConfig(TargetedPeftConfig):
     """Configuration of a MokA adapter.
 
     The rank space has dimension ``r``; B is (out, r) and the scaling is ``alpha / r``. A modality
@@ -63,13 +62,6 @@ class MokaConfig(PeftConfig):
                           "by cross_attention='text_queries'."})
     num_loras: Optional[int] = field(
         default=None, metadata={"help": "variant='multiple_lora': number of LoRAs (default: len(modalities))."})
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Module names or regex; default per model family, else 'all-linear'."})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
-    modules_to_save: Optional[list[str]] = field(default=None)
-    target_parameters: Optional[list[str]] = field(default=None)  # read by peft's target matching
     bias: str = field(default="none", metadata={"help": "'none' only: MokA adds no bias."})
     init_weights: bool = field(
         default=True, metadata={"help": "True: A Kaiming-uniform, B zero (identity at start). False: B random "
@@ -83,10 +75,6 @@ class MokaConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = extend_peft_type("moka")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
         self.modalities = [str(m).lower() for m in self.modalities]
         unknown = set(self.modalities) - set(MODALITY_NAMES)
         if unknown or len(set(self.modalities)) != len(self.modalities):

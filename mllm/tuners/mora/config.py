@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from peft.config import PeftConfig
-
 from mllm.tuners.registration import extend_peft_type
+from mllm.tuners.targeting import TargetedPeftConfig
 
 #: The paper's two branches. A layer belongs to a branch when its module path contains
 #: ``<branch layers path>.<index>.`` (see ``pairing.py``).
@@ -15,7 +14,7 @@ BRANCHES = ("vision", "text")
 
 
 @dataclass
-class MoraConfig(PeftConfig):
+class MoraConfig(TargetedPeftConfig):
     """Configuration of a MoRA adapter (paper eqs 2-4).
 
     Every targeted projection of a paired (vision layer, text layer) gets
@@ -54,11 +53,6 @@ class MoraConfig(PeftConfig):
         "help": "Initial a^s; a^v and a^t start at 1 - a^s so that a^{v/t} W0 + a^s W0 = W0 at initialisation."})
     target_modules: Optional[Union[list[str], str]] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
         "help": "Square projections to adapt inside each paired layer (CLIP: q_proj, k_proj, v_proj, out_proj)."})
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)  # pairing chooses the layers
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
-    modules_to_save: Optional[list[str]] = field(default=None)
-    target_parameters: Optional[list[str]] = field(default=None)  # read by peft's target matching
     bias: str = field(default="none", metadata={"help": "'none' only: MoRA adds no bias."})
     init_weights: bool = field(default=True, metadata={
         "help": "True: the adapted model equals the base model at initialisation (see layer.py). False: random "
@@ -71,10 +65,6 @@ class MoraConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = extend_peft_type("mora")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
         if self.r <= 0 or self.shared_r <= 0:
             raise ValueError(f"r and shared_r must be positive, got r={self.r}, shared_r={self.shared_r}")
         if self.init_weights and self.r < self.shared_r:
