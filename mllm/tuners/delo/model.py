@@ -22,6 +22,7 @@ from mllm.modality_context import (
 )
 from mllm.tuners.delo.config import TARGET_MODULES_BY_MODEL_TYPE, DeloConfig
 from mllm.tuners.delo.layer import MERGE_ERROR, DeloLayer, Linear
+from mllm.tuners.delo.packing import packed_samples, pool_per_sample
 from mllm.tuners.delo.state import IMAGE_MISSING, TEXT_MISSING, DeloState, TaskRoute
 
 logger = logging.getLogger(__name__)
@@ -277,8 +278,14 @@ class DeloModel(BaseTuner):
         batch, length = hidden.shape[:2]
         ids = self._modality_ids(context, step, length, batch, hidden.device)
         masks = torch.stack([ids == int(Modality.VISUAL), ids == int(Modality.TEXT)], dim=1).to(hidden.dtype)
-        pooled = masks @ hidden / masks.sum(-1, keepdim=True).clamp(min=1)          # (B, 2, d)
-        available = masks.sum(-1) > 0                                                 # (B, 2)
+        segments = context.segment_ids if context is not None else None
+        state.samples = None if segments is None else packed_samples(segments.to(hidden.device))
+        if state.samples is None:
+            pooled = masks @ hidden / masks.sum(-1, keepdim=True).clamp(min=1)      # (B, 2, d)
+            available = masks.sum(-1) > 0                                             # (B, 2)
+        else:   # packed rows: one entry per sample from here on (mllm.tuners.delo.packing)
+            pooled, available = pool_per_sample(hidden, masks, state.samples)
+            batch = state.samples.num_samples
         if state.missing is not None:
             codes = state.missing.to(hidden.device)
             available = available & torch.stack([codes != IMAGE_MISSING, codes != TEXT_MISSING], dim=1)
