@@ -178,6 +178,8 @@ def test_moka_query_tokens_attend_only_to_their_own_samples_question(tiny_assets
     segments = packed["segment_ids"]
     keys = interaction.key_index[..., 0]                               # (1, Nk) key positions
     open_keys = interaction.key_bias[0] == 0                           # (T, Nk)
+    queries = interaction.strength[0, :, 0] != 0
+    assert {int(s) for s in segments[0, queries]} == {0, 1}            # both samples' image tokens query
     for t in range(segments.shape[1]):
         if interaction.strength[0, t, 0] != 0:
             assert bool((segments[0, keys[0][open_keys[t]]] == segments[0, t]).all())
