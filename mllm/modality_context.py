@@ -22,6 +22,9 @@ cache object, but an empty one, and a forward without a cache is never a decode 
 ``input_ids``-only calls would misread a text-only prompt pass.) It is sticky like the ids, so
 gradient-checkpointing recomputation sees the value of its forward.
 
+Packed rows (``data.packing``) also publish ``segment_ids``: each token's sample within its row,
+so that tuners keep their per-sample work (MokA's question keys, DeLo's routing) inside a sample.
+
 A plain model (no ``MultimodalLM``) gets a tracking context from the tuner (MokA, DeLo) that reads
 the ids. With no ``MultimodalLM`` publishing pending ids, what a forward publishes is, in order:
 

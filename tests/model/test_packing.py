@@ -13,8 +13,8 @@ from mllm.config import TunerConfig, config_from_dict
 from mllm.data.dataset import MultimodalCollator, MultimodalDataset
 from mllm.data.packing import PackedCollator
 from mllm.data.templates import IGNORE_INDEX
-from mllm.model import MultimodalLM
 from mllm.modality import Modality
+from mllm.model import MultimodalLM
 from mllm.model.packing import packed_lm_kwargs, positions_from_segments
 from tests.conftest import model_section
 
