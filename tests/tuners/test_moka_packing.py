@@ -9,7 +9,7 @@ from peft import get_peft_model
 
 from mllm.modality_context import set_modality_ids
 from mllm.tuners.moka import MokaConfig
-from tests.tuners.moka_helpers import A, P, T, V, OneLinear
+from tests.tuners.moka_helpers import A, OneLinear, P, T, V
 
 #: Two samples of a packed row: (ids, question mask). The second has no audio and a longer question.
 FIRST = ([T, V, V, A, T, T, T], [0, 0, 0, 0, 1, 1, 0])
