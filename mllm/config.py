@@ -108,10 +108,16 @@ class DataConfig:
     system_prompt: str | None = None
     max_length: int | None = None       # default: the LLM's max_position_embeddings
     on_bad_sample: str = "error"        # error | skip (skip and count malformed records / media)
+    # Several samples per row, none attending to another (mllm.data.packing); the batch size then
+    # counts rows of up to packed_length tokens (default: max_length).
+    packing: bool = False
+    packed_length: int | None = None
 
     def __post_init__(self):
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
+        if self.packed_length is not None and self.packed_length < 1:
+            raise ValueError(f"data.packed_length must be at least 1, got {self.packed_length}")
         from mllm.data.mixture import is_source_value, parse_sources
 
         for name in ("train", "eval"):

@@ -22,6 +22,9 @@ cache object, but an empty one, and a forward without a cache is never a decode 
 ``input_ids``-only calls would misread a text-only prompt pass.) It is sticky like the ids, so
 gradient-checkpointing recomputation sees the value of its forward.
 
+Packed rows (``data.packing``) also publish ``segment_ids``: each token's sample within its row,
+so that tuners keep their per-sample work (MokA's question keys, DeLo's routing) inside a sample.
+
 A plain model (no ``MultimodalLM``) gets a tracking context from the tuner (MokA, DeLo) that reads
 the ids. With no ``MultimodalLM`` publishing pending ids, what a forward publishes is, in order:
 
@@ -51,10 +54,13 @@ class ModalityContext:
     def __init__(self):
         self.modality_ids: torch.Tensor | None = None    # (B, T) long, Modality values
         self.question_mask: torch.Tensor | None = None   # (B, T) bool
+        #: Packed rows (``data.packing``): (B, T) long, each token's sample within its row (0, 1, ...),
+        #: -1 on padding; None when every row is one sample. Tuners keep per-sample work inside it.
+        self.segment_ids: torch.Tensor | None = None
         #: The current LM forward extends a KV cache that already holds tokens (module docstring).
         self.decode_step: bool = False
         # What the next forward that receives `inputs_embeds` should publish.
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         #: The ids were supplied by the caller (set_modality_ids): they stay until set again.
         self.caller_supplied: bool = False
         self._hook = None   # the forward pre-hook's handle on a tracking context
@@ -64,34 +70,38 @@ class ModalityContext:
         self.step = 0
 
     def set(self, modality_ids: torch.Tensor, question_mask: torch.Tensor | None = None,
-            decode_step: bool = False) -> None:
+            decode_step: bool = False, segment_ids: torch.Tensor | None = None) -> None:
         if question_mask is None:
             question_mask = torch.zeros_like(modality_ids, dtype=torch.bool)
-        if question_mask.shape != modality_ids.shape:
-            raise ValueError(f"question_mask {tuple(question_mask.shape)} and modality_ids "
-                             f"{tuple(modality_ids.shape)} differ in shape")
+        for name, value in (("question_mask", question_mask), ("segment_ids", segment_ids)):
+            if value is not None and value.shape != modality_ids.shape:
+                raise ValueError(f"{name} {tuple(value.shape)} and modality_ids "
+                                 f"{tuple(modality_ids.shape)} differ in shape")
         self.modality_ids = modality_ids.long()
         self.question_mask = question_mask.bool()
+        self.segment_ids = None if segment_ids is None else segment_ids.long()
         self.decode_step = decode_step
         self.step += 1
 
-    def set_pending(self, modality_ids: torch.Tensor, question_mask: torch.Tensor | None = None) -> None:
+    def set_pending(self, modality_ids: torch.Tensor, question_mask: torch.Tensor | None = None,
+                    segment_ids: torch.Tensor | None = None) -> None:
         """Ids for the next forward that takes ``inputs_embeds`` (a training step or the
         prompt pass of ``generate``)."""
         if question_mask is None:
             question_mask = torch.zeros_like(modality_ids, dtype=torch.bool)
-        self._pending = (modality_ids.long(), question_mask.bool())
+        self._pending = (modality_ids.long(), question_mask.bool(),
+                         None if segment_ids is None else segment_ids.long())
 
     def supply(self, modality_ids: torch.Tensor | None, question_mask: torch.Tensor | None = None,
-               decode_step: bool = False) -> None:
+               decode_step: bool = False, segment_ids: torch.Tensor | None = None) -> None:
         """Caller-supplied ids (``set_modality_ids``), sticky until supplied again; None goes back
         to what each forward's inputs give (module docstring)."""
         if modality_ids is None:
-            self.modality_ids = self.question_mask = None
+            self.modality_ids = self.question_mask = self.segment_ids = None
             self.caller_supplied, self.decode_step = False, decode_step
             self.step += 1
             return
-        self.set(modality_ids, question_mask, decode_step)
+        self.set(modality_ids, question_mask, decode_step, segment_ids)
         self.caller_supplied = True
 
     def published_since(self, step: int) -> bool:
@@ -100,7 +110,7 @@ class ModalityContext:
         return self.modality_ids is not None and (self.step > step or self.caller_supplied)
 
     def clear(self) -> None:
-        self.modality_ids = self.question_mask = self._pending = None
+        self.modality_ids = self.question_mask = self.segment_ids = self._pending = None
         self.decode_step = False
         self.caller_supplied = False
 
@@ -109,7 +119,7 @@ class ModalityContext:
         decode_step = cached_length(kv_cache(kwargs)) > 0
         inputs_embeds = kwargs.get("inputs_embeds")
         if inputs_embeds is not None and self._pending is not None:
-            ids, question = self._pending
+            ids, question, segments = self._pending
             batch, length = inputs_embeds.shape[:2]
             if ids.shape[1] != length or batch % ids.shape[0]:
                 raise ValueError(f"modality ids {tuple(ids.shape)} do not fit inputs_embeds "
@@ -117,7 +127,10 @@ class ModalityContext:
             repeat = batch // ids.shape[0]
             if repeat > 1:  # beam search / num_return_sequences
                 ids, question = ids.repeat_interleave(repeat, 0), question.repeat_interleave(repeat, 0)
-            self.set(ids.to(inputs_embeds.device), question.to(inputs_embeds.device), decode_step)
+                segments = None if segments is None else segments.repeat_interleave(repeat, 0)
+            device = inputs_embeds.device
+            self.set(ids.to(device), question.to(device), decode_step,
+                     None if segments is None else segments.to(device))
             return
         if self.caller_supplied:
             return  # set_modality_ids: the caller's ids (and decode flag) stay until set again
@@ -138,7 +151,7 @@ class ModalityContext:
         else:
             # Nothing to read the ids from (e.g. only inputs_embeds): publish none, so that a tuner
             # raises its clear error instead of reusing an earlier forward's ids.
-            self.modality_ids = self.question_mask = None
+            self.modality_ids = self.question_mask = self.segment_ids = None
             self.decode_step = decode_step
             self.step += 1
 
@@ -236,10 +249,12 @@ def release_tracking_context(model: nn.Module) -> None:
 
 
 def set_modality_ids(model: nn.Module, modality_ids: torch.Tensor | None,
-                     question_mask: torch.Tensor | None = None, decode_step: bool = False) -> None:
+                     question_mask: torch.Tensor | None = None, decode_step: bool = False,
+                     segment_ids: torch.Tensor | None = None) -> None:
     """For plain models (a CLIP dual encoder, a ViLT-style stream): the caller supplies the
     ids for the following forwards; they stay until set again (None: back to what each forward's
     inputs give, see the module docstring). ``decode_step``: the forwards extend a KV cache that
-    already holds tokens (e.g. partial-modality inference then leaves them alone)."""
+    already holds tokens (e.g. partial-modality inference then leaves them alone).
+    ``segment_ids``: packed rows' sample of each token (``ModalityContext.segment_ids``)."""
     context = get_modality_context(model) or attach_modality_context(model, track_inputs=False)
-    context.supply(modality_ids, question_mask, decode_step)
+    context.supply(modality_ids, question_mask, decode_step, segment_ids)

@@ -41,6 +41,7 @@ from mllm.encoders.cache import FeatureCache
 from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS
 from mllm.modality_context import attach_modality_context
 from mllm.model import paired_encoder
+from mllm.model.packing import packed_lm_kwargs
 from mllm.model.splice import MediaCountError, compute_modality_ids, position_ids_from_attention_mask, splice_features
 from mllm.projectors import build_projectors, load_projector_weights, save_projectors
 from mllm.tuners import apply_tuner, merge_refusal, tuner_capability
@@ -262,23 +263,29 @@ class MultimodalLM(nn.Module):
         return embeds
 
     def _prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        question_mask: torch.Tensor | None, media: dict[str, torch.Tensor | None]):
-        """Embed text and media, and queue the modality ids for the LM's next forward."""
+                        question_mask: torch.Tensor | None, media: dict[str, torch.Tensor | None],
+                        segment_ids: torch.Tensor | None = None):
+        """Embed text and media, and queue the modality ids (and packed rows' segments) for the
+        LM's next forward."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = self.embed_inputs(input_ids, {k: v for k, v in media.items() if v is not None})
-        self.modality_context.set_pending(self.modality_ids(input_ids, attention_mask), question_mask)
+        self.modality_context.set_pending(self.modality_ids(input_ids, attention_mask), question_mask, segment_ids)
         return embeds, attention_mask
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, question_mask: torch.Tensor | None = None,
                 image_inputs: torch.Tensor | None = None, video_inputs: torch.Tensor | None = None,
                 audio_inputs: torch.Tensor | None = None, speech_inputs: torch.Tensor | None = None,
-                **lm_kwargs):
+                segment_ids: torch.Tensor | None = None, **lm_kwargs):
+        """``segment_ids``: packed rows (``mllm.data.packing``), each token's sample in its row."""
         embeds, attention_mask = self._prepare_inputs(
             input_ids, attention_mask, question_mask,
             {"image_inputs": image_inputs, "video_inputs": video_inputs,
-             "audio_inputs": audio_inputs, "speech_inputs": speech_inputs})
+             "audio_inputs": audio_inputs, "speech_inputs": speech_inputs}, segment_ids)
+        if segment_ids is not None:   # samples kept apart by position ids (mllm.model.packing)
+            return self.llm(inputs_embeds=embeds, labels=labels,
+                            **{**lm_kwargs, **packed_lm_kwargs(self.base_llm.config, segment_ids)})
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
                         position_ids=position_ids_from_attention_mask(attention_mask), **lm_kwargs)
 

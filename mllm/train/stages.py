@@ -130,10 +130,11 @@ def _train(cfg: ExperimentConfig, args: MllmTrainingArguments, model: Multimodal
     model.prompt_record = training_prompt_record(model.tokenizer, template, cfg.data.system_prompt)
     eval_dataset = (build_dataset(cfg, model, checked.paths["eval"], template, report=checked.data["eval"])
                     if "eval" in checked.paths else None)
-    trainer = MultimodalTrainer(
-        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=MultimodalCollator(model.tokenizer.pad_token_id, padding_side="right"),
-    )
+    collator = MultimodalCollator(model.tokenizer.pad_token_id, padding_side="right")
+    if cfg.data.packing:
+        train_dataset, collator = packed_training_data(cfg, args, model, train_dataset)
+    trainer = MultimodalTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                                data_collator=collator)
     trainer.add_callback(RecordFingerprintInCheckpoints(checked.output.fingerprint))
     trainer.accelerator.wait_for_everyone()  # every rank has checked the folder before it changes
     if trainer.is_world_process_zero():
@@ -156,6 +157,25 @@ def _train(cfg: ExperimentConfig, args: MllmTrainingArguments, model: Multimodal
     if trainer.is_world_process_zero():
         logger.info("saved to %s: %s", args.output_dir, describe_saved(model))
     return model
+
+
+def packed_training_data(cfg: ExperimentConfig, args: MllmTrainingArguments, model: MultimodalLM,
+                         dataset: MultimodalDataset):
+    """``data.packing``: the training samples packed into rows (``mllm.data.packing``), packed
+    within each modality mix when batches are grouped by it, and the collator that lays them out."""
+    from mllm.data.packing import PackedCollator, PackedDataset
+    from mllm.model.native import NativeVisionLM
+
+    if isinstance(model, NativeVisionLM):
+        raise ConfigError("data.packing: a native vision-language backbone (its own position ids and vision "
+                          "tokens) does not take packed rows; turn data.packing off")
+    capacity = cfg.data.packed_length or cfg.data.max_length or getattr(
+        model.base_llm.config.get_text_config(), "max_position_embeddings", None)
+    if not capacity:
+        raise ConfigError("data.packing needs data.packed_length (tokens per packed row)")
+    packed = PackedDataset(dataset, capacity, seed=args.seed, by_mix=args.group_by_modality_length)
+    logger.info("data.packing: %d samples in %d rows of up to %d tokens", len(dataset), len(packed), capacity)
+    return packed, PackedCollator(model.tokenizer.pad_token_id)
 
 
 def describe_saved(model: MultimodalLM) -> str:

@@ -25,6 +25,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from peft.utils import resolve_quantization_backend
 from torch import nn
 
+from mllm.tuners.delo.packing import per_row, slot_columns
 from mllm.tuners.delo.state import DeloState
 
 MODALITIES = ("visual", "text")
@@ -136,9 +137,11 @@ class Linear(nn.Module, DeloLayer):
         active = [name for name in self.active_adapters if name in self.delo_pools]
         if not active:
             return result
-        if x.dim() != 3 or x.shape[0] != self.state.routes[0].weight.shape[0]:
+        samples = self.state.samples   # packed rows: routes hold one entry per sample, not per row
+        rows = self.state.routes[0].weight.shape[0] if samples is None else samples.token_slot.shape[0]
+        if x.dim() != 3 or x.shape[0] != rows:
             raise RuntimeError(f"DeLo expects (batch, tokens, features) inputs of the routed batch "
-                               f"({self.state.routes[0].weight.shape[0]} samples), got {tuple(x.shape)}")
+                               f"({rows} rows), got {tuple(x.shape)}")
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
         for name in active:
@@ -157,7 +160,14 @@ class Linear(nn.Module, DeloLayer):
             # and pools cast apart) must not promote the codes.
             a, b = torch.cat(a_rows, 1), torch.cat(b_rows, 1)
             gate = torch.cat(gates, 1).to(a.dtype)
-            codes = torch.bmm(h, a.transpose(1, 2)) * gate[:, None, :]              # (B, T, R)
+            if samples is None:
+                codes = torch.bmm(h, a.transpose(1, 2)) * gate[:, None, :]          # (B, T, R)
+            else:
+                # Each row's samples side by side (B, slots * R); a token keeps its own sample's
+                # columns only (mllm.tuners.delo.packing).
+                width = a.shape[1]
+                a, b, gate = per_row(samples, a), per_row(samples, b), per_row(samples, gate)
+                codes = torch.bmm(h, a.transpose(1, 2)) * (gate[:, None, :] * slot_columns(samples, width, a.dtype))
             result = result + (torch.bmm(codes, b) * self.scaling[name]).to(result.dtype)
         return result
 

@@ -22,6 +22,7 @@ from mllm.modality_context import (
 )
 from mllm.tuners.delo.config import TARGET_MODULES_BY_MODEL_TYPE, DeloConfig
 from mllm.tuners.delo.layer import MERGE_ERROR, DeloLayer, Linear
+from mllm.tuners.delo.packing import packed_samples, pool_per_sample
 from mllm.tuners.delo.query_cache import (
     BackboneState,
     QueryCache,
@@ -280,7 +281,7 @@ class DeloModel(BaseTuner):
         context = get_modality_context(self.model)
         backbone = backbone_state(self.model)
         pooled, available = self._query_features(module, args, query_kwargs, context, backbone)
-        batch, device = pooled.shape[0], pooled.device
+        batch, device = pooled.shape[0], pooled.device   # packed rows: one entry per sample from here on
         if state.missing is not None:
             codes = state.missing.to(device)
             available = available & torch.stack([codes != IMAGE_MISSING, codes != TEXT_MISSING], dim=1)
@@ -320,7 +321,15 @@ class DeloModel(BaseTuner):
         """Each sample's last hidden states of the frozen backbone mean-pooled over its visual and
         its text tokens (B, 2, d), and whether it has tokens of each (B, 2): from the query cache,
         else from the query pass (whose result then fills the cache)."""
-        keys, device = self._query_cache_keys(module, args, query_kwargs, context, backbone)
+        segments = context.segment_ids if context is not None else None
+        self.state.samples = None
+        if segments is None:
+            keys, device = self._query_cache_keys(module, args, query_kwargs, context, backbone)
+        else:
+            # The cache keys whole rows; a packed row's features are per sample (and rows are rare repeats).
+            keys, device = None, None
+            if module.training and getattr(self.peft_config[self.active_adapters[0]], "query_cache", False):
+                self.query_cache.off("packed rows (data.packing) are pooled per sample")
         if keys is not None:
             cached = self.query_cache.lookup(keys, device)
             if cached is not None:
@@ -332,8 +341,12 @@ class DeloModel(BaseTuner):
         batch, length = hidden.shape[:2]
         ids = self._modality_ids(context, step, length, batch, hidden.device)
         masks = torch.stack([ids == int(Modality.VISUAL), ids == int(Modality.TEXT)], dim=1).to(hidden.dtype)
-        pooled = masks @ hidden / masks.sum(-1, keepdim=True).clamp(min=1)          # (B, 2, d)
-        present = masks.sum(-1) > 0                                                   # (B, 2)
+        if segments is None:
+            pooled = masks @ hidden / masks.sum(-1, keepdim=True).clamp(min=1)      # (B, 2, d)
+            present = masks.sum(-1) > 0                                               # (B, 2)
+        else:   # packed rows: one entry per sample (mllm.tuners.delo.packing)
+            self.state.samples = packed_samples(segments.to(hidden.device))
+            pooled, present = pool_per_sample(hidden, masks, self.state.samples)
         if keys is not None:
             self.query_cache.store(keys, pooled, present)
         return pooled, present

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from mllm.tuners.delo.packing import PackedSamples
 
 #: Missing-modality codes, MMP's convention (as in ``mllm.classify.missing``).
 COMPLETE, TEXT_MISSING, IMAGE_MISSING = 0, 1, 2
@@ -78,6 +81,8 @@ class DeloState:
     task_ids: Optional[torch.Tensor] = None       # (B,) task chosen for each sample
     # For the alignment loss: the current forward's un-substituted queries of the routed task.
     align_pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    # Packed rows (data.packing): where each routed sample sits; None when every row is one sample.
+    samples: Optional["PackedSamples"] = None
     # Caller-supplied, sticky until changed (DeloModel.set_missing / force_task).
     missing: Optional[torch.Tensor] = None        # (B,) codes COMPLETE / TEXT_MISSING / IMAGE_MISSING
     forced_task: Optional[torch.Tensor] = None    # (B,) or None: use the Task-Key Memory at eval

@@ -242,7 +242,7 @@ def _scores(query: torch.Tensor, key: torch.Tensor, bias: Optional[torch.Tensor]
 def _attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                bias: Optional[torch.Tensor]) -> torch.Tensor:
     """softmax(q k^T / sqrt(r) + bias) v for (B, T, r) queries and (B, Nk, r) keys and values;
-    ``bias`` (B, 1, Nk) masks padding key slots (None: there are none).
+    ``bias`` (B, 1, Nk), or (B, T, Nk) in packed rows, masks key slots a query may not see (None: none).
 
     Written out rather than scaled_dot_product_attention: at rank-sized heads (r ~ 4..16) the
     three batched matmul/softmax kernels are cheaper than the fused kernel's set-up, in both

@@ -109,9 +109,11 @@ class Interaction:
     key_index: torch.Tensor                # (B, Nk, r) position of each key slot, repeated over the rank
                                            # coordinates (a torch.gather index along the tokens)
     key_bias: Optional[torch.Tensor]       # (B, 1, Nk) 0 on keys, -inf on padding slots (additive mask);
+                                           # (B, T, Nk) in packed rows (keys of the query's own sample);
                                            # None when every slot is a key
     query_modality: Optional[torch.Tensor]  # (B, T, non-text modalities) one-hot (cross_attention=projected)
-    key_mean: Optional[torch.Tensor]       # (B, 1, Nk) uniform weights over the keys (naive interaction)
+    key_mean: Optional[torch.Tensor]       # (B, 1, Nk) uniform weights over the keys (naive interaction);
+                                           # (B, T, Nk) in packed rows
 
 
 @dataclass
@@ -141,7 +143,7 @@ class ModalityRouter:
         #: output on the prompt pass (None: all tokens). KV-cache decode steps are unaffected.
         #: Set through ``MokaModel.partial_modality``.
         self.partial_modality: Optional[str] = None
-        self._source: tuple = (_UNSET, _UNSET)   # (ids, question mask) the caches below belong to
+        self._source: tuple = (_UNSET, _UNSET, _UNSET)   # (ids, question mask, segments) of the caches below
         # Routes of the current ids, two ways: by the layer's own layout object (the hot path:
         # one dict lookup per layer call, no hashing of the dataclass), and by the layout's value
         # (so equal layouts of different layers share one computation).
@@ -150,16 +152,16 @@ class ModalityRouter:
 
     def routes(self, layout: AdapterLayout, dtype: torch.dtype, device: torch.device) -> Routes:
         context = self.context
-        ids, question = context.modality_ids, context.question_mask
+        ids, question, segments = context.modality_ids, context.question_mask, context.segment_ids
         source = self._source
-        if source[0] is not ids or source[1] is not question:
+        if source[0] is not ids or source[1] is not question or source[2] is not segments:
             if ids is None:
                 raise RuntimeError("MokA needs per-token modality ids, but none were published for this forward "
                                    "(only input_ids with no media input are taken as text; inputs_embeds may "
                                    "hide media). A MultimodalLM publishes them itself; for a plain model call "
                                    "mllm.modality_context.set_modality_ids(model, ids, question_mask) "
                                    "before the forward.")
-            self._source, self._by_object, self._cache = (ids, question), {}, {}
+            self._source, self._by_object, self._cache = (ids, question, segments), {}, {}
         # Section 4.3 restricts the adapter on "the first generation", i.e. the prompt pass; decode
         # steps extend the cache with generated text tokens, which take the text A as usual.
         partial = None if context.decode_step else self.partial_modality
@@ -171,8 +173,9 @@ class ModalityRouter:
         routes = self._cache.get(key)
         if routes is None:
             with torch.no_grad():
-                routes = self._cache[key] = _compute_routes(layout, ids.to(device), question.to(device),
-                                                            partial, dtype)
+                routes = self._cache[key] = _compute_routes(
+                    layout, ids.to(device), question.to(device), partial, dtype,
+                    None if segments is None else segments.to(device))
         self._by_object[fast_key] = (layout, routes)
         return routes
 
@@ -220,7 +223,8 @@ def _tables(layout: AdapterLayout, device: torch.device, dtype: torch.dtype) -> 
 
 
 def _compute_routes(layout: AdapterLayout, ids: torch.Tensor, question: torch.Tensor,
-                    partial: Optional[str], dtype: torch.dtype) -> Routes:
+                    partial: Optional[str], dtype: torch.dtype, segments: Optional[torch.Tensor] = None) -> Routes:
+    """``segments``: packed rows' sample of each token (``ModalityContext.segment_ids``), or None."""
     device = ids.device
     if layout.variant in ("moka", "unimodal_lora") and partial in (None, "text") \
             and bool((ids == int(Modality.TEXT)).all()):
@@ -262,14 +266,17 @@ def _compute_routes(layout: AdapterLayout, ids: torch.Tensor, question: torch.Te
             column_weights = torch.cat([weights.repeat_interleave(ranks, dim=-1), shared], dim=-1)
 
     mode = layout.cross_attention if partial is None else "none"  # section 4.3 evaluates w/o CA
-    interaction = None if mode == "none" else _interaction(layout, tables, mode, slot, valid, question, dtype)
+    interaction = None if mode == "none" else _interaction(layout, tables, mode, slot, valid, question, dtype,
+                                                           segments)
     return Routes(shape=tuple(ids.shape), text_only=False, column_weights=column_weights,
                   rank_columns=rank_columns, rank_mask=rank_mask, interaction=interaction)
 
 
 def _interaction(layout: AdapterLayout, tables: _Tables, mode: str, slot: torch.Tensor, valid: torch.Tensor,
-                 question: torch.Tensor, dtype: torch.dtype) -> Optional[Interaction]:
-    """Strengths and compact key set of the cross-modal term; None when no token has one."""
+                 question: torch.Tensor, dtype: torch.dtype,
+                 segments: Optional[torch.Tensor] = None) -> Optional[Interaction]:
+    """Strengths and compact key set of the cross-modal term; None when no token has one. In packed
+    rows (``segments``) a query sees only the keys of its own sample."""
     is_text = slot == layout.text_slot
     if mode == "text_queries":
         # Cross-attention*: the question tokens query the sample's non-text tokens.
@@ -279,20 +286,39 @@ def _interaction(layout: AdapterLayout, tables: _Tables, mode: str, slot: torch.
         # Eqs 5-8: non-text tokens query the question-text tokens of the same sample.
         keys = question & is_text
         strength = tables.strength[slot]                           # (B, T)
-    counts = keys.sum(-1)                                          # (B,) keys per sample
-    has_keys = (counts > 0).unsqueeze(-1)                          # (B, 1): samples without keys get none
+    counts = keys.sum(-1)                                          # (B,) keys per row
+    if segments is None:
+        has_keys = (counts > 0).unsqueeze(-1)                      # (B, 1): samples without keys get none
+    else:
+        # Per token: does its own sample (segment) have keys?
+        segment_keys = torch.zeros(segments.shape[0], int(segments.max()) + 2, dtype=counts.dtype,
+                                   device=slot.device)
+        segment_keys.scatter_add_(1, segments + 1, keys.to(counts.dtype))   # column 0: padding (-1)
+        has_keys = (segment_keys.gather(1, segments + 1) > 0) & (segments >= 0)   # (B, T)
     strength = strength * has_keys.to(dtype)
     if not bool((strength != 0).any()):
         return None
-    # A stable sort of "not a key" puts each sample's key positions first, in order; the padding
-    # slots after them point at other positions of the same sample and are masked.
+    # A stable sort of "not a key" puts each row's key positions first, in order; the padding
+    # slots after them point at other positions of the same row and are masked.
     num_keys = int(counts.max())
     key_position = torch.sort((~keys).to(torch.uint8), dim=-1, stable=True).indices[:, :num_keys]
     key_bias = query_modality = key_mean = None
+    if segments is not None:
+        # Packed rows: key slot k is open to query t when it is a key of t's sample. A token whose
+        # sample has no keys has strength 0; its slots stay open so that its softmax row is finite.
+        is_key = keys.gather(1, key_position)                      # (B, Nk)
+        same_sample = segments.unsqueeze(-1) == segments.gather(1, key_position).unsqueeze(1)   # (B, T, Nk)
+        visible = same_sample & is_key.unsqueeze(1)
+        if mode == "naive":
+            key_mean = visible.to(dtype) / visible.sum(-1, keepdim=True).clamp(min=1).to(dtype)
+        else:
+            open_slots = visible | ~has_keys.unsqueeze(-1)
+            key_bias = torch.zeros(open_slots.shape, dtype=dtype, device=slot.device)
+            key_bias = key_bias.masked_fill(~open_slots, float("-inf"))   # (B, T, Nk)
     # A sample without keys has only zero-strength queries; its slots stay open so that its
     # softmax rows are finite (an all -inf row gives NaN, and 0 * NaN is NaN). When every sample
     # has num_keys keys or none, no slot is padding and no mask is needed.
-    if mode == "naive" or not bool(((counts == num_keys) | (counts == 0)).all()):
+    elif mode == "naive" or not bool(((counts == num_keys) | (counts == 0)).all()):
         is_key = keys.gather(1, key_position)                      # (B, Nk)
         if mode == "naive":
             key_mean = (is_key.to(dtype) / counts.clamp(min=1).unsqueeze(-1).to(dtype)).unsqueeze(1)
