@@ -152,7 +152,7 @@ def stage1_losses(run_dir: str) -> dict[int, float]:
 
 def norm_ratios(run_dir: str, seed: int, num_samples: int = 32) -> dict[str, float]:
     """Mean L2 norm of the projected media tokens over the LM's mean token-embedding norm, for
-    images and sounds together, with the projectors at initialisation and after each stage."""
+    images and sounds together (whichever the demo has), with the projectors at initialisation and after each stage."""
     import torch
 
     from mllm.model.multimodal_lm import MultimodalLM, mean_token_embedding_norm
@@ -178,6 +178,8 @@ def norm_ratios(run_dir: str, seed: int, num_samples: int = 32) -> dict[str, flo
         norms = []
         with torch.no_grad():
             for placeholder, field in (("<image>", "image"), ("<audio>", "audio")):
+                if placeholder not in specs or field not in records[0]:
+                    continue
                 items = torch.stack([specs[placeholder].load_item(os.path.join(media_root, r[field]), r["id"])
                                      for r in records])
                 norms.append(model.encode_media(placeholder, items).norm(dim=-1).flatten())
@@ -203,7 +205,7 @@ def format_table(rows: dict[tuple[float, str], dict]) -> str:
     loss_head = "stage-1 loss @ " + "/".join(str(s) for s in steps) if steps else "stage-1 loss"
     head = (f"| scale | output norm | {'norm ratio init/s1/s2':<22} | {loss_head:<28} | baseline | "
             + " | ".join(f"{s:>20}" for s in SETTINGS) + " | wall |")
-    lines = [head, "|" + "|".join("-" * (len(c) + 2) for c in head.strip("|").split(" | ")) + "|"]
+    lines = [head, "".join(c if c == "|" else "-" for c in head)]
     for (scale, norm), row in sorted(rows.items()):
         ratios = "/".join(f"{row['ratios'][k]:.2f}" for k in ("init", "pretrain", "instruct") if k in row["ratios"])
         losses = "/".join(f"{row['losses'][s]:.3f}" for s in steps)
