@@ -51,6 +51,7 @@ def parse_args(argv=None):
                         choices=["none", "rmsnorm", "layernorm"], help="projector output norm of each run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="the demo's smoke-test size (for the tests)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: the table of the runs there")
     return parser.parse_args(argv)
 
@@ -127,12 +128,12 @@ def run_name(scale: float, norm: str) -> str:
     return f"scale-{scale:g}-{norm}"
 
 
-def run_one(llm: str, run_dir: str, scale: float, norm: str, seed: int) -> None:
+def run_one(llm: str, run_dir: str, scale: float, norm: str, seed: int, quick: bool = False) -> None:
     from mllm.demo.run import demo_parser, run_demo
 
     overrides = [] if norm == "none" else [f"model.projectors.{m}.output_norm={norm}" for m in MODALITIES]
     args = demo_parser().parse_args(["--llm", llm, "--scale", str(scale), "--seed", str(seed),
-                                     "--output-dir", run_dir, *overrides])
+                                     "--output-dir", run_dir, *(["--quick"] if quick else []), *overrides])
     t0 = time.time()
     run_demo(args)
     with open(os.path.join(run_dir, "wall.json"), "w") as f:
@@ -234,7 +235,7 @@ def main(argv=None) -> int:
             run_dir = os.path.join(args.cache, "runs", run_name(scale, norm))
             if not args.report_only and not os.path.isfile(os.path.join(run_dir, "results.json")):
                 print(f"[real-llm] {run_name(scale, norm)} ...", flush=True)
-                run_one(llm, run_dir, scale, norm, args.seed)
+                run_one(llm, run_dir, scale, norm, args.seed, args.quick)
             if os.path.isdir(run_dir):
                 rows[(scale, norm)] = collect(run_dir, args.seed)
     print("\nnorm ratio: projected media tokens' mean L2 norm / the LM's mean token-embedding norm, at "
