@@ -188,8 +188,44 @@ def norm_ratios(run_dir: str, seed: int, num_samples: int = 32) -> dict[str, flo
     return ratios
 
 
+def caption_losses(run_dir: str, seed: int, num_samples: int = 32) -> dict[str, float]:
+    """Does stage 1 read the media? Caption loss on the first ``num_samples`` stage-1 records:
+    with the projectors at initialisation, then the stage-1 model with each record's own media
+    and with each medium rolled by one sample (every caption gets another sample's image or
+    sound): that gap is what the media tell the LM."""
+    import torch
+
+    from mllm.data.dataset import MultimodalCollator, MultimodalDataset
+    from mllm.model.multimodal_lm import MultimodalLM
+    from mllm.projectors import build_projectors
+
+    stage1 = os.path.join(run_dir, "runs", "pretrain")
+    if not os.path.isfile(os.path.join(stage1, "projectors.safetensors")):
+        return {}
+    model = MultimodalLM.from_pretrained(stage1)
+    subset = os.path.join(run_dir, "caption-probe.jsonl")
+    with open(os.path.join(run_dir, "data", "pretrain.jsonl")) as f, open(subset, "w") as out:
+        out.writelines(line for _, line in zip(range(num_samples), f))
+    data = MultimodalDataset(subset, model.tokenizer, model.media_specs(), template="plain",
+                             media_root=os.path.join(run_dir, "data"), progress=False)
+    batch = MultimodalCollator(model.tokenizer.pad_token_id)([data[i] for i in range(len(data))])
+    media_keys = [k for k in ("image_inputs", "audio_inputs") if k in batch]
+    losses = {}
+    with torch.no_grad():
+        trained = model.projectors
+        torch.manual_seed(seed)
+        model.projectors = build_projectors({k: p.config for k, p in trained.items()}).eval()
+        losses["init"] = float(model(**batch).loss)
+        model.projectors = trained
+        losses["own media"] = float(model(**batch).loss)
+        rolled = {k: batch[k].roll(1, dims=0) for k in media_keys}
+        losses["media of another sample"] = float(model(**{**batch, **rolled}).loss)
+    return losses
+
+
 def collect(run_dir: str, seed: int) -> dict:
-    row = {"losses": stage1_losses(run_dir), "ratios": norm_ratios(run_dir, seed)}
+    row = {"losses": stage1_losses(run_dir), "ratios": norm_ratios(run_dir, seed),
+           "captions": caption_losses(run_dir, seed)}
     results = os.path.join(run_dir, "results.json")
     if os.path.isfile(results):
         with open(results) as f:
@@ -204,7 +240,8 @@ def collect(run_dir: str, seed: int) -> dict:
 def format_table(rows: dict[tuple[float, str], dict]) -> str:
     steps = sorted(set.intersection(*[set(r["losses"]) for r in rows.values() if r["losses"]] or [set()]))
     loss_head = "stage-1 loss @ " + "/".join(str(s) for s in steps) if steps else "stage-1 loss"
-    head = (f"| scale | output norm | {'norm ratio init/s1/s2':<22} | {loss_head:<28} | baseline | "
+    head = (f"| scale | output norm | {'norm ratio init/s1/s2':<22} | {loss_head:<28} | "
+            f"{'caption loss init/own/other':<28} | baseline | "
             + " | ".join(f"{s:>20}" for s in SETTINGS) + " | wall |")
     lines = [head, "".join(c if c == "|" else "-" for c in head)]
     for (scale, norm), row in sorted(rows.items()):
@@ -214,7 +251,9 @@ def format_table(rows: dict[tuple[float, str], dict]) -> str:
         accs = [f"{res['results'][s]['accuracy']:.3f}" if res else "-" for s in SETTINGS]
         baseline = f"{res['baseline']:.3f}" if res else "-"
         wall = f"{row['wall'] / 60:.0f} min" if "wall" in row else "-"
-        lines.append(f"| {scale:>5g} | {norm:<11} | {ratios or '-':<22} | {losses or '-':<28} | {baseline:>8} | "
+        captions = "/".join(f"{v:.3f}" for v in row["captions"].values())
+        lines.append(f"| {scale:>5g} | {norm:<11} | {ratios or '-':<22} | {losses or '-':<28} | "
+                     f"{captions or '-':<28} | {baseline:>8} | "
                      + " | ".join(f"{a:>20}" for a in accs) + f" | {wall} |")
     return "\n".join(lines)
 
@@ -239,7 +278,8 @@ def main(argv=None) -> int:
             if os.path.isdir(run_dir):
                 rows[(scale, norm)] = collect(run_dir, args.seed)
     print("\nnorm ratio: projected media tokens' mean L2 norm / the LM's mean token-embedding norm, at "
-          "initialisation / after stage 1 / after stage 2")
+          "initialisation / after stage 1 / after stage 2; caption loss: on 32 stage-1 records, with the "
+          "projectors at initialisation / the stage-1 model with their own media / with another sample's")
     print(format_table(rows))
     return 0
 
