@@ -26,6 +26,8 @@ def test_runs_with_and_without_the_output_norm_and_prints_one_table(tmp_path, ca
     # rmsnorm starts the media tokens at the LM's mean token-embedding norm; the plain MLP does not.
     assert ratios["rmsnorm"][0] == 1.0 and abs(ratios["none"][0] - 1.0) > 0.1
     assert all(len(r) == 3 for r in ratios.values())        # init, after stage 1, after stage 2
+    captions = [[float(x) for x in row.split("|")[5].split("/")] for row in rows.values()]
+    assert all(len(c) == 3 and all(x > 0 for x in c) for c in captions)   # init / own media / another's
     assert all(row.split("|")[-2].strip().endswith("min") for row in rows.values())   # wall time
     runs = tmp_path / "cache" / "runs"
     for stage in ("pretrain", "instruct"):       # the norm's gain is trained and saved in both stages
