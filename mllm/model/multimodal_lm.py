@@ -35,7 +35,7 @@ from mllm.checkpoint import (
 )
 from mllm.config import ConfigError, ModelConfig, TunerConfig
 from mllm.data.processor import MediaProcessor, add_placeholder_tokens, read_model_config
-from mllm.distributed import local_device, several_ranks
+from mllm.distributed import gathered_parameters, local_device, several_ranks
 from mllm.encoders import MediaEncoder, build_encoder
 from mllm.encoders.cache import FeatureCache
 from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS
@@ -124,6 +124,8 @@ class MultimodalLM(nn.Module):
         for name, proj in config.projectors.items():
             proj.encoder_hidden_size = encoders[name].hidden_size
             proj.llm_hidden_size = llm_hidden
+            if proj.output_norm is not None and proj.output_target_norm is None:
+                proj.output_target_norm = mean_token_embedding_norm(llm)
         projectors = build_projectors(config.projectors)
         if config.pretrained_projectors:
             load_projector_weights(projectors, config.pretrained_projectors)
@@ -379,4 +381,12 @@ class MultimodalLM(nn.Module):
         return model
 
 
-__all__ = ["MultimodalLM", "add_placeholder_tokens"]
+def mean_token_embedding_norm(llm: nn.Module) -> float:
+    """The mean L2 norm of the LLM's input token embeddings (the scale projector outputs with
+    ``output_norm`` start at)."""
+    weight = llm.get_input_embeddings().weight
+    with gathered_parameters([weight]), torch.no_grad():
+        return float(f"{float(weight.float().norm(dim=-1).mean()):.6g}")   # 6 digits: readable in the saved config
+
+
+__all__ = ["MultimodalLM", "add_placeholder_tokens", "mean_token_embedding_norm"]

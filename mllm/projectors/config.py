@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+OUTPUT_NORMS = (None, "rmsnorm", "layernorm")
+
 
 @dataclass
 class ProjectorConfig:
@@ -25,8 +27,22 @@ class ProjectorConfig:
     # window over all positions.
     window_size: int | None = None
     window_stride: int | None = None
+    # A norm on each output token ("rmsnorm" or "layernorm"; None: the MLP's output as it is),
+    # its gain initialised so that tokens start at `output_target_norm` (L2). Unset, the target
+    # is filled when the model is assembled with the LLM's mean token-embedding norm, so media
+    # tokens start at the scale of the text around them (an untrained projector's outputs can be
+    # many times larger). None stays None without an LLM: gain 1, a norm of sqrt(llm_hidden_size).
+    output_norm: str | None = None
+    output_target_norm: float | None = None
     encoder_hidden_size: int | None = None
     llm_hidden_size: int | None = None
+
+    def __post_init__(self):
+        if self.output_norm not in OUTPUT_NORMS:
+            raise ValueError(f"output_norm must be one of {[n for n in OUTPUT_NORMS if n]} or null, "
+                             f"got {self.output_norm!r}")
+        if self.output_target_norm is not None and self.output_target_norm <= 0:
+            raise ValueError(f"output_target_norm must be positive, got {self.output_target_norm}")
 
     def num_windows(self, length: int) -> int:
         """Q-Former windows over ``length`` encoder positions (1 without ``window_size``)."""

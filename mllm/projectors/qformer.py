@@ -43,6 +43,8 @@ class QFormerProjector(nn.Module):
             encoder_hidden_size=config.encoder_hidden_size,
         ))
         self.mlp = MLPProjector(config.hidden_size, config.llm_hidden_size)
+        # Off by default: no module, so the state dict (and every saved projector) is as before.
+        self.output_norm = build_output_norm(config)
 
     @property
     def num_queries(self) -> int:
@@ -76,4 +78,19 @@ class QFormerProjector(nn.Module):
             encoder_hidden_states=features,
             encoder_attention_mask=feature_mask,
         ).last_hidden_state
-        return self.mlp(hidden.reshape(num_items, num_windows * self.num_queries, -1))
+        projected = self.mlp(hidden.reshape(num_items, num_windows * self.num_queries, -1))
+        return projected if self.output_norm is None else self.output_norm(projected)
+
+
+def build_output_norm(config: ProjectorConfig) -> nn.Module | None:
+    """The optional norm on the projector's output tokens (``ProjectorConfig.output_norm``), with
+    its gain set so that a normalised token's L2 norm is ``output_target_norm``: a normalised
+    token has RMS 1, so norm sqrt(width), and the gain is target / sqrt(width)."""
+    if config.output_norm is None:
+        return None
+    width = config.llm_hidden_size
+    norm = nn.RMSNorm(width) if config.output_norm == "rmsnorm" else nn.LayerNorm(width)
+    if config.output_target_norm is not None:
+        with torch.no_grad():
+            norm.weight.fill_(config.output_target_norm / width ** 0.5)
+    return norm
