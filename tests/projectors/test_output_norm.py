@@ -89,7 +89,7 @@ def test_the_model_fills_the_target_from_the_llms_token_embeddings(tiny_assets):
     model = MultimodalLM.from_config(config_from_dict({"model": section}).model)
     assert model.projectors["visual"].config.output_target_norm == pytest.approx(target, rel=1e-5)
     with torch.no_grad():
-        features = model.eval().encode_media("<image>", model.dummy_media("<image>"))
+        features = model.eval().encode_media("<image>", model.processor.dummy_media("<image>"))
     assert torch.allclose(features.norm(dim=-1), torch.full(features.shape[:2], target), rtol=1e-3)
 
 
