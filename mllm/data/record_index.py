@@ -123,11 +123,11 @@ def _json_list_spans(path: str, f) -> Iterator[RecordSpan]:
             try:
                 raw, end = decoder.raw_decode(text, pos)
             except json.JSONDecodeError as e:
+                into_element = e.pos - pos    # fill() moves the buffer: keep the place relative
                 if fill(wanted):   # the element may run past the buffer: read more and retry
                     wanted *= 2
                     continue
-                pos_byte += len(text[pos:e.pos].encode("utf-8"))
-                pos = e.pos
+                pos_byte += len(text[pos:pos + into_element].encode("utf-8"))
                 raise fail(e.msg) from None
             if end == len(text) and fill(wanted):  # a number cut at the buffer's end: read on
                 wanted *= 2
