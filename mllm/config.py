@@ -108,6 +108,9 @@ class DataConfig:
     system_prompt: str | None = None
     max_length: int | None = None       # default: the LLM's max_position_embeddings
     on_bad_sample: str = "error"        # error | skip (skip and count malformed records / media)
+    # Read and tokenise each record when its sample is drawn (mllm.data.lazy); false: tokenise the
+    # whole file up front, finding every too-long record before step one.
+    lazy: bool = True
 
     def __post_init__(self):
         if self.on_bad_sample not in ("error", "skip"):

@@ -93,17 +93,67 @@ def check_main(argv: list[str]) -> int:
         prog="mllm data check",
         description="Check a LLaVA-format JSON / JSONL file as a training run's pre-flight does, without training: "
                     "JSON, turns, placeholder counts against the media, unknown media fields (images, depth, ...), "
-                    "media files that exist (and, with --decode, open). Prints the records per modality and the "
-                    "bad records counted per problem with the first example of each; exit status 1 if any.")
+                    "media files that exist (and, with --decode, open), and with --config or --max-length the "
+                    "tokenised length (text + media tokens) against the context. Prints the records per modality "
+                    "and the bad records counted per problem with the first example of each; exit status 1 if any.")
     parser.add_argument("file", help="the data file")
     parser.add_argument("--media-root", help="folder relative media paths start from (as data.media_root)")
     parser.add_argument("--decode", action="store_true", help="also open every media file (slower)")
+    length = parser.add_argument_group(
+        "length against the context",
+        "--config counts exactly as its training run would (it builds that model: tokenizer, template, media "
+        "tokens per item; the limit is data.max_length, else the LLM's max_position_embeddings). Without it give "
+        "--max-length, --tokenizer and --media-tokens for each media field the file uses.")
+    length.add_argument("--config", help="an experiment YAML (as mllm train takes)")
+    length.add_argument("--max-length", type=int, help="the context limit in tokens (overrides the config's)")
+    length.add_argument("--tokenizer", help="tokenizer folder or hub name (default: the config's model.llm)")
+    length.add_argument("--media-tokens", action="append", default=[], metavar="FIELD=N",
+                        help="sequence positions one item of FIELD (image, video, audio, speech) becomes; repeatable")
+    length.add_argument("--template", help="prompt template (default: the config's data.template, else auto; a "
+                                           "stage-1 run renders auto as plain)")
     args = parser.parse_args(argv)
-    report = check_data(args.file, media_root=args.media_root, on_bad_sample="skip", decode=args.decode)
+    limit = _length_limit(args, parser) if args.config or args.max_length or args.tokenizer or args.media_tokens \
+        else None
+    report = check_data(args.file, media_root=args.media_root, on_bad_sample="skip", decode=args.decode,
+                        length_limit=limit)
     print(report.summary())
     for reason, count in report.skipped.most_common():
         print(f"  {count:>6}  {reason}: e.g. {report.examples[reason]}")
     return 1 if report.skipped else 0
+
+
+def _length_limit(args, parser: argparse.ArgumentParser):
+    """The LengthLimit ``mllm data check`` measures against, from --config and / or the explicit options."""
+    from mllm.data.check import LengthLimit
+
+    tokenizer = media_tokens = max_length = None
+    template, system_prompt = args.template, None
+    if args.config:
+        from mllm.config import load_config
+        from mllm.model import MultimodalLM
+
+        cfg = load_config(args.config)
+        model = MultimodalLM.from_config(cfg.model)
+        tokenizer = model.tokenizer
+        media_tokens = {spec.field: spec.num_tokens for spec in model.media_specs().values()}
+        max_length = cfg.data.max_length or getattr(model.base_llm.config.get_text_config(),
+                                                    "max_position_embeddings", None)
+        template = template or cfg.data.template   # stage 1 renders 'auto' as plain: pass --template plain
+        system_prompt = cfg.data.system_prompt
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    for item in args.media_tokens:
+        name, sep, count = item.partition("=")
+        if not sep or not count.isdigit():
+            parser.error(f"--media-tokens {item!r} must look like FIELD=N (e.g. image=32)")
+        media_tokens = {**(media_tokens or {}), name: int(count)}
+    max_length = args.max_length or max_length
+    if tokenizer is None or max_length is None:
+        parser.error("the length check needs --config, or --max-length with --tokenizer")
+    return LengthLimit(max_length=max_length, tokenizer=tokenizer, media_tokens=media_tokens or {},
+                       template=template or "auto", system_prompt=system_prompt)
 
 
 COMMANDS = {
