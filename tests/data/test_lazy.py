@@ -201,3 +201,28 @@ def test_invalid_json_list_names_line_and_column(tmp_path, text, line, column):
         list(iter_record_spans(str(path)))
     with pytest.raises(RecordError, match=rf"d\.json: invalid JSON at line {line} column {column}"):
         list(iter_raw_records(str(path)))
+
+
+def test_a_source_mixture_is_read_lazily_with_the_eager_tensors(tiny_model, tmp_path, media_root):
+    """Mixtures are written once as LLaVA JSONL (media paths made absolute per source); the lazy
+    dataset reads that file like any other, records drawn with replacement included."""
+    from mllm.data.mixture import data_file
+
+    a = _write_jsonl(tmp_path / "a.jsonl", _records()[:2])
+    b = _write_jsonl(tmp_path / "b.jsonl", _records()[2:])
+    value = [{"type": "llava", "path": a, "media_root": media_root, "count": 5, "replace": True, "seed": 3},
+             {"type": "llava", "path": b, "media_root": media_root}]
+    path = data_file(value, str(tmp_path / "run"), "train")
+    report = check_data(path, index=True)
+    eager = MultimodalDataset(path, tiny_model.tokenizer, tiny_model.media_specs(), progress=False)
+    lazy = LazyMultimodalDataset(path, tiny_model.tokenizer, tiny_model.media_specs(), report=report)
+    assert len(lazy) == len(eager) == 7 and report.per_modality == eager_modalities(eager)
+    for i in range(len(eager)):
+        _assert_same_sample(eager[i], lazy[i])
+        assert lazy.record(i)["extra"]["source"] == eager.record(i)["extra"]["source"]
+
+
+def eager_modalities(eager):
+    from collections import Counter
+
+    return Counter(m for mix in eager.lengths_and_mixes()[1] for m in (mix or ("text-only",)))
