@@ -110,8 +110,9 @@ def salmonn_mismatch(state: dict[str, torch.Tensor]) -> str:
                        f"{speech + audio} wide), each through its own LayerNorm (ln_speech, ln_audio), where a "
                        f"projector here reads one encoder through one LayerNorm")
     if "speech_llama_proj.weight" in state:
-        reasons.append(f"it projects with one Linear (speech_llama_proj {tuple(state['speech_llama_proj.weight'].shape)})"
-                       f" where a projector here has Linear-GELU-Linear")
+        shape = tuple(state["speech_llama_proj.weight"].shape)
+        reasons.append(f"it projects with one Linear (speech_llama_proj {shape}) where a projector here has "
+                       f"Linear-GELU-Linear")
     return "; ".join(reasons) or "its keys around the Q-Former are not MokA / Crab's"
 
 
