@@ -172,9 +172,10 @@ class RecordIndex:
     def add(self, span: RecordSpan, record: Record) -> None:
         self.jsonl = not span.where.endswith("]")
         self._offsets.append(span.offset), self._sizes.append(span.size), self._locations.append(span.location)
-        self._chars.append(sum(len(m["content"]) for m in record.messages))
+        self._chars.append(sum([len(m["content"]) for m in record.messages]))
         self._turns.append(len(record.messages))
-        self._media.extend(len(record.media.get(name, ())) for name in self.FIELDS)
+        media = record.media
+        self._media.extend([len(media[name]) if name in media else 0 for name in self.FIELDS])
 
     def __len__(self) -> int:
         return len(self._offsets)
