@@ -7,6 +7,11 @@ text-only), media of a modality the model has no encoder for, and media files th
 Media files are not decoded here (that happens when a sample is drawn); a corrupt file is caught
 then, and under ``on_bad_sample: skip`` counted once.
 
+With a :class:`LengthLimit` each record is also tokenised (template, text, each media item as the
+tokens it becomes) and one longer than the context is a problem ('longer than context'), as
+training would find it. With ``index=True`` only where each usable record lies is kept
+(:mod:`mllm.data.record_index`), for the lazy dataset.
+
 With ``on_bad_sample='error'`` the first problem raises (a RecordError naming file, line, record
 and field); with ``'skip'`` each bad record is dropped and counted once, under one reason.
 """

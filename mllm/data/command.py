@@ -159,7 +159,8 @@ def _length_limit(args, parser: argparse.ArgumentParser):
 COMMANDS = {
     "convert": ("Write a native dataset (MokA's MUSIC-AVQA / AVE, LLaVA-Pretrain, mix665k, AudioCaps, Clotho, "
                 "WavCaps, LibriSpeech) as LLaVA-format JSONL.", convert_main),
-    "check": ("Check a LLaVA-format file (fields, placeholders, media present and readable) and count problems.",
+    "check": ("Check a LLaVA-format file (fields, placeholders, media present and readable, lengths against the "
+              "context) and count problems.",
               check_main),
     "import-projectors": ("Convert MokA / Crab released stage-1 projectors into a projector folder.",
                           import_projectors_main),

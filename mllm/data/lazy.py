@@ -24,6 +24,7 @@ and the tokenizer alone, so the order stays deterministic and resumable.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from typing import Any
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 #: Records tokenised to fit the length estimate.
 CALIBRATION_RECORDS = 256
 
-# Per-record state in the shared array: 0 not known to be bad; otherwise 1 + the reason's position.
 _MEDIA_REASON = "unreadable media file"
 
 
@@ -72,6 +72,7 @@ class LazyMultimodalDataset(MultimodalDataset):
         if not len(self.index):
             raise ValueError(f"{path}: no usable records")
         # Shared with DataLoader workers (fork and spawn alike): bad records found in any process.
+        # Per record: 0 not known to be bad, else 1 + the position of its reason in _reasons.
         self._bad = torch.zeros(len(self.index), dtype=torch.uint8).share_memory_()
         # Reasons as the eager dataset names them (a RecordError's reason, else the error's type).
         self._reasons = (_MEDIA_REASON, "longer than context", "unsupported modality", "LabelAlignmentError",
@@ -93,8 +94,6 @@ class LazyMultimodalDataset(MultimodalDataset):
         return self._tokenise(self.index.read(position), *self._tokenise_args)
 
     def record(self, index: int) -> dict[str, Any]:
-        import json
-
         row = self._row(index)
         row["extra"] = json.loads(row["extra"])
         return row
