@@ -246,8 +246,8 @@ def first_batch_worker(mode: str, inputs: dict) -> dict:
     batch = next(iter(loader))
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
-    return {"mode": mode, "records": len(dataset), "seconds": seconds, "cpu_seconds": cpu_seconds, "data_mib": (peak - before) / 1024,
-            "peak_mib": peak / 1024, "batch": list(batch["input_ids"].shape)}
+    return {"mode": mode, "records": len(dataset), "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "data_mib": (peak - before) / 1024, "peak_mib": peak / 1024, "batch": list(batch["input_ids"].shape)}
 
 
 def first_batch(work: str, args) -> list[dict]:
