@@ -13,9 +13,17 @@
    workers, using a tiny CLIP at 224 px (the real processor's resize and normalisation) and a tiny
    BEATs (its fbank; ten 1 s windows per 10 s clip). One full pass per setting, worker start-up
    included.
+3. First training batch: seconds from the data pre-flight (every record validated, media files
+   looked up) to the first collated batch out of the DataLoader, and peak host memory, for a
+   generated 200K-record LLaVA JSONL file (image and text-only, single- and multi-turn), with the
+   eager dataset (every record tokenised up front) and the lazy one (``data.lazy``, the default),
+   the latter also with ``group_by_modality_length`` (estimated lengths). Each in a fresh process;
+   memory is the peak resident size above what the process held before the data step (the tiny
+   model, imports), and the whole peak beside it.
 
-    python benchmarks/data.py            # about two minutes on a 2-core CPU
+    python benchmarks/data.py            # about two minutes on a 2-core CPU (plus the first-batch table)
     python benchmarks/data.py --quick    # shorter clips and fewer samples, a smoke run
+    python benchmarks/data.py --first-batch-only --records 200000
 """
 
 from __future__ import annotations
@@ -164,6 +172,109 @@ def loader_throughput(inputs: dict, args) -> list[dict]:
     return rows
 
 
+WORDS = ("what is shown in the picture describe the colour shape size of each object and where it sits "
+         "relative to the others answer in one short sentence a red circle blue square green triangle left right "
+         "top bottom middle large small two three none").split()
+
+
+def first_batch_inputs(work: str, args) -> dict:
+    """A generated LLaVA JSONL file of ``args.records`` records and a tiny model's assets."""
+    from PIL import Image
+
+    from mllm.demo.assets import TinySizes, build_tiny_assets
+
+    media = os.path.join(work, "fb-media")
+    os.makedirs(media, exist_ok=True)
+    for k in range(8):
+        Image.new("RGB", (32, 32), (30 * k, 100, 200 - 20 * k)).save(os.path.join(media, f"{k}.png"))
+    rng = random.Random(0)
+    text = lambda n: " ".join(rng.choice(WORDS) for _ in range(n))  # noqa: E731
+    path = os.path.join(work, "records.jsonl")
+    with open(path, "w") as f:
+        for i in range(args.records):
+            kind = i % 20
+            turns = 1 if kind < 15 else rng.randint(2, 4)
+            conversations = []
+            for t in range(turns):
+                conversations += [{"from": "human", "value": text(rng.randint(4, 30))},
+                                  {"from": "gpt", "value": text(rng.randint(2, 60))}]
+            record = {"id": str(i), "conversations": conversations}
+            if kind < 12 or kind >= 18:   # 70 % with an image
+                record["image"] = f"{rng.randrange(8)}.png"
+                conversations[0]["value"] = "<image>\n" + conversations[0]["value"]
+            f.write(json.dumps(record) + "\n")
+    assets = build_tiny_assets(os.path.join(work, "fb-assets"), [" ".join(WORDS)] * 4,
+                               sizes=TinySizes(max_positions=4096))
+    return {"path": path, "media_root": media, "assets": assets}
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def first_batch_worker(mode: str, inputs: dict) -> dict:
+    """In a fresh process: build the model, then time the data step up to the first batch."""
+    import resource
+
+    import torch
+
+    from mllm.config import config_from_dict
+    from mllm.data.check import check_data
+    from mllm.data.dataset import MultimodalCollator, MultimodalDataset
+    from mllm.data.lazy import LazyMultimodalDataset
+    from mllm.data.sampler import ModalityLengthGroupedSampler
+    from mllm.model import MultimodalLM
+
+    projector = {"num_queries": 4, "hidden_size": 32, "num_layers": 1, "num_heads": 4, "intermediate_size": 64}
+    cfg = config_from_dict({"model": {"llm": inputs["assets"]["llm"], "encoders": {
+        "visual": {"type": "clip", "path": inputs["assets"]["clip"]}}, "projectors": {"visual": projector}}})
+    model = MultimodalLM.from_config(cfg.model)
+    lazy = mode != "eager"
+    before = _rss_kib()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    report = check_data(inputs["path"], media_root=inputs["media_root"], media_fields={"image", "video"}, index=lazy)
+    dataset = (LazyMultimodalDataset if lazy else MultimodalDataset)(
+        inputs["path"], model.tokenizer, model.media_specs(), template="plain", max_length=4096,
+        media_root=inputs["media_root"], progress=False, report=report)
+    if mode == "lazy, grouped":
+        sampler = ModalityLengthGroupedSampler(*dataset.lengths_and_mixes(), batch_size=8)
+    else:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=sampler,
+                                         collate_fn=MultimodalCollator(model.tokenizer.pad_token_id))
+    batch = next(iter(loader))
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux
+    return {"mode": mode, "records": len(dataset), "seconds": seconds, "cpu_seconds": cpu_seconds,
+            "data_mib": (peak - before) / 1024, "peak_mib": peak / 1024, "batch": list(batch["input_ids"].shape)}
+
+
+def first_batch(work: str, args) -> list[dict]:
+    import subprocess
+
+    inputs = first_batch_inputs(work, args)
+    rows = []
+    for mode in ("eager", "lazy", "lazy, grouped"):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--first-batch-worker", mode,
+                              json.dumps(inputs)], check=True, capture_output=True, text=True).stdout
+        rows.append(dict(json.loads(out.strip().splitlines()[-1]), file_mib=os.path.getsize(inputs["path"]) / 2**20))
+    return rows
+
+
+def print_first_batch(rows: list[dict], args) -> None:
+    print(f"\nfirst training batch: {args.records} generated records (JSONL "
+          f"{rows[0]['file_mib']:.0f} MiB; 70 % with an image), batch 8, tiny BPE tokenizer")
+    print(f"{'dataset':<14} {'s to first batch':>17} {'(CPU s)':>8} {'data MiB':>9} {'peak MiB':>9}")
+    for row in rows:
+        print(f"{row['mode']:<14} {row['seconds']:>17.1f} {row['cpu_seconds']:>8.1f} {row['data_mib']:>9.0f} "
+              f"{row['peak_mib']:>9.0f}")
+    eager, lazy = rows[0], rows[1]
+    print(f"lazy vs eager: {eager['seconds'] / lazy['seconds']:.0f}x sooner "
+          f"({eager['cpu_seconds'] / lazy['cpu_seconds']:.0f}x less CPU time), "
+          f"{eager['data_mib'] / max(lazy['data_mib'], 1):.0f}x less data memory")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=60.0, help="clip length for the decoding benchmark")
@@ -179,14 +290,25 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--skip-loader", action="store_true", help="only the video decoding table")
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads in the main process (workers use 1)")
+    parser.add_argument("--records", type=int, default=200_000, help="records in the first-batch file")
+    parser.add_argument("--first-batch-only", action="store_true", help="only the first-batch table")
+    parser.add_argument("--first-batch-worker", nargs=2, metavar=("MODE", "INPUTS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.first_batch_worker:
+        mode, inputs = args.first_batch_worker
+        print(json.dumps(first_batch_worker(mode, json.loads(inputs))))
+        return 0
     if args.quick:
         args.seconds, args.clips, args.repeats, args.loader_samples, args.loader_videos = 12.0, 1, 2, 16, 2
+        args.records = min(args.records, 5000)
     if args.torch_threads:
         import torch
 
         torch.set_num_threads(args.torch_threads)
     with tempfile.TemporaryDirectory() as work:
+        if args.first_batch_only:
+            print_first_batch(first_batch(work, args), args)
+            return 0
         print(f"video decoding: {args.clips} generated {args.seconds:.0f} s clips, {args.width}x{args.height} at "
               f"{args.fps} fps, {args.frames} frames sampled per clip")
         print(f"{'codec':<9} {'GOP':>4} {'seek frames/s':>14} {'full frames/s':>14} {'speed-up':>9} "
@@ -202,6 +324,7 @@ def main(argv=None) -> int:
         print(f"{'records':<8} {'workers':>8} {'samples/s':>10}")
         for row in loader_throughput(loader_inputs(work, args), args):
             print(f"{row['kind']:<8} {row['workers']:>8} {row['samples_per_s']:>10.1f}")
+        print_first_batch(first_batch(work, args), args)
     return 0
 
 

@@ -112,6 +112,9 @@ class DataConfig:
     # counts rows of up to packed_length tokens (default: max_length).
     packing: bool = False
     packed_length: int | None = None
+    # Read and tokenise each record when its sample is drawn (mllm.data.lazy); false: tokenise the
+    # whole file up front, finding every too-long record before step one.
+    lazy: bool = True
 
     def __post_init__(self):
         if self.on_bad_sample not in ("error", "skip"):

@@ -93,8 +93,9 @@ def check_main(argv: list[str]) -> int:
         prog="mllm data check",
         description="Check a LLaVA-format JSON / JSONL file as a training run's pre-flight does, without training: "
                     "JSON, turns, placeholder counts against the media, unknown media fields (images, depth, ...), "
-                    "media files that exist (and, with --decode, open). Prints the records per modality and the "
-                    "bad records counted per problem with the first example of each; exit status 1 if any.")
+                    "media files that exist (and, with --decode, open), and with --config or --max-length the "
+                    "tokenised length (text + media tokens) against the context. Prints the records per modality "
+                    "and the bad records counted per problem with the first example of each; exit status 1 if any.")
     parser.add_argument("file", help="the data file")
     parser.add_argument("--media-root", help="folder relative media paths start from (as data.media_root)")
     parser.add_argument("--decode", action="store_true", help="also open every media file (slower)")
@@ -102,16 +103,38 @@ def check_main(argv: list[str]) -> int:
                                              "from the folder's configs; no model is loaded): media it has no "
                                              "encoder for are bad records, --decode also preprocesses each file as "
                                              "training does, and the tokens per media item are printed")
+    length = parser.add_argument_group(
+        "length against the context",
+        "--config (or --checkpoint) counts as its training run would, through its media processor (no model is "
+        "loaded: tokenizer, template, media tokens per item; the limit is data.max_length, else the LLM's "
+        "max_position_embeddings; a native backbone's images and videos, whose token counts vary per item, count as "
+        "one token). Without either give --max-length, --tokenizer and --media-tokens for each media field used.")
+    length.add_argument("--config", help="an experiment YAML (as mllm pretrain / instruct take)")
+    length.add_argument("--max-length", type=int, help="the context limit in tokens (overrides the config's)")
+    length.add_argument("--tokenizer", help="tokenizer folder or hub name (default: the config's model.llm)")
+    length.add_argument("--media-tokens", action="append", default=[], metavar="FIELD=N",
+                        help="sequence positions one item of FIELD (image, video, audio, speech) becomes; repeatable")
+    length.add_argument("--template", help="prompt template (default: the config's data.template, else auto; a "
+                                           "stage-1 run renders auto as plain)")
     args = parser.parse_args(argv)
-    media_fields = loaders = None
+    media_fields = loaders = processor = None
     if args.checkpoint:
         from mllm.data.processor import MediaProcessor
 
-        specs = MediaProcessor.from_pretrained(args.checkpoint).media_specs()
+        processor = MediaProcessor.from_pretrained(args.checkpoint)
+    elif args.config:
+        from mllm.config import load_config
+        from mllm.data.processor import MediaProcessor
+
+        processor = MediaProcessor.from_config(load_config(args.config).model)
+    if processor is not None:
+        specs = processor.media_specs()
         media_fields = {spec.field for spec in specs.values()}
         loaders = {spec.field: spec.load_item for spec in specs.values()}
+    wants_length = args.config or args.max_length or args.tokenizer or args.media_tokens
+    limit = _length_limit(args, parser, processor) if wants_length else None
     report = check_data(args.file, media_root=args.media_root, on_bad_sample="skip", decode=args.decode,
-                        media_fields=media_fields, loaders=loaders)
+                        media_fields=media_fields, loaders=loaders, length_limit=limit)
     print(report.summary())
     if args.checkpoint:
         counts = ", ".join(f"{ph} {spec.num_tokens if spec.item_tokens is None else 'per item'}"
@@ -122,10 +145,53 @@ def check_main(argv: list[str]) -> int:
     return 1 if report.skipped else 0
 
 
+def _length_limit(args, parser: argparse.ArgumentParser, processor=None):
+    """The LengthLimit ``mllm data check`` measures against, from the config's or checkpoint's media
+    processor and / or the explicit options."""
+    from mllm.data.check import LengthLimit
+
+    tokenizer = media_tokens = max_length = None
+    template, system_prompt = args.template, None
+    if processor is not None:
+        from transformers import AutoConfig
+
+        tokenizer = processor.tokenizer
+        media_tokens = {spec.field: spec.num_tokens if spec.item_tokens is None else 1
+                        for spec in processor.media_specs().values()}
+        model_cfg = processor.config
+        try:
+            llm_config = AutoConfig.from_pretrained(model_cfg.llm, trust_remote_code=model_cfg.trust_remote_code)
+            max_length = getattr(llm_config.get_text_config(), "max_position_embeddings", None)
+        except (OSError, ValueError):
+            max_length = None   # the LLM's config is not at hand: --max-length is then needed
+    if args.config:
+        from mllm.config import load_config
+
+        cfg = load_config(args.config)
+        max_length = cfg.data.max_length or max_length
+        template = template or cfg.data.template   # stage 1 renders 'auto' as plain: pass --template plain
+        system_prompt = cfg.data.system_prompt
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    for item in args.media_tokens:
+        name, sep, count = item.partition("=")
+        if not sep or not count.isdigit():
+            parser.error(f"--media-tokens {item!r} must look like FIELD=N (e.g. image=32)")
+        media_tokens = {**(media_tokens or {}), name: int(count)}
+    max_length = args.max_length or max_length
+    if tokenizer is None or max_length is None:
+        parser.error("the length check needs --config, or --max-length with --tokenizer (or --checkpoint)")
+    return LengthLimit(max_length=max_length, tokenizer=tokenizer, media_tokens=media_tokens or {},
+                       template=template or "auto", system_prompt=system_prompt)
+
+
 COMMANDS = {
     "convert": ("Write a native dataset (MokA's MUSIC-AVQA / AVE, LLaVA-Pretrain, mix665k, AudioCaps, Clotho, "
                 "WavCaps, LibriSpeech) as LLaVA-format JSONL.", convert_main),
-    "check": ("Check a LLaVA-format file (fields, placeholders, media present and readable) and count problems.",
+    "check": ("Check a LLaVA-format file (fields, placeholders, media present and readable, lengths against the "
+              "context) and count problems.",
               check_main),
     "import-projectors": ("Convert MokA / Crab released stage-1 projectors into a projector folder.",
                           import_projectors_main),

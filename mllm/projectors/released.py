@@ -9,8 +9,16 @@ skipped because its name is on the list of parts the projector never uses (BERT 
 embeddings, the text FFN, the MLM head, the embedding table); any other key, and any projector
 parameter that no key fills, stops the import with an error naming them.
 
-SALMONN's speech Q-Former does not map: it normalises Whisper and BEATs features with two
-LayerNorms (``ln_speech``, ``ln_audio``) before concatenating them, where this projector has one.
+SALMONN's speech Q-Former (``salmonn_v1.pth``, ``salmonn_7b_v0.pth``) does not map, and such a file
+is refused with a line saying why (:func:`salmonn_mismatch`). Its Q-Former layers carry the same
+LAVIS names (the renames below would fit them), but around them: (1) its input is Whisper and
+BEATs features concatenated per frame (1280 + 768 = 2048 wide), each normalised by its own
+LayerNorm (``ln_speech``, ``ln_audio``) first, where a projector here reads one encoder's
+features through one LayerNorm (a LayerNorm over the 2048 concatenated channels is another
+function, and this project has no fused Whisper + BEATs input); (2) it projects with one Linear
+(``speech_llama_proj``, 768 -> LLM width), where a projector here has Linear-GELU-Linear. Its
+window scheme (17 Whisper frames, stride 17, one query per window) would map (``window_size``,
+``window_stride``, ``num_queries``).
 """
 
 from __future__ import annotations
@@ -90,9 +98,30 @@ def read_released_file(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
+SALMONN_PREFIX = "speech_Qformer."
+
+
+def salmonn_mismatch(state: dict[str, torch.Tensor]) -> str:
+    """Why a SALMONN state dict cannot become a ``QFormerProjector``, from the tensors it holds."""
+    reasons = []
+    if "ln_speech.weight" in state and "ln_audio.weight" in state:
+        speech, audio = state["ln_speech.weight"].shape[0], state["ln_audio.weight"].shape[0]
+        reasons.append(f"its Q-Former reads Whisper and BEATs features concatenated per frame ({speech} + {audio} = "
+                       f"{speech + audio} wide), each through its own LayerNorm (ln_speech, ln_audio), where a "
+                       f"projector here reads one encoder through one LayerNorm")
+    if "speech_llama_proj.weight" in state:
+        shape = tuple(state["speech_llama_proj.weight"].shape)
+        reasons.append(f"it projects with one Linear (speech_llama_proj {shape}) where a projector here has "
+                       f"Linear-GELU-Linear")
+    return "; ".join(reasons) or "its keys around the Q-Former are not MokA / Crab's"
+
+
 def map_released_state(state: dict[str, torch.Tensor], where: str) -> dict[str, dict[str, torch.Tensor]]:
     """{modality: {QFormerProjector key: tensor}}: every key of ``state`` mapped or skipped by name,
     every mapped key present; otherwise an error naming the keys left over or missing."""
+    if any(key.startswith(SALMONN_PREFIX) for key in state):
+        raise _user_error(f"{where}: a SALMONN checkpoint (speech_Qformer.*) does not map onto this project's "
+                          f"projector: {salmonn_mismatch(state)}")
     mapped: dict[str, dict[str, torch.Tensor]] = {}
     used = {EMBED_TOKENS}  # the LLM's input table (another vocabulary): never a projector's
     missing = []

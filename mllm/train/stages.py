@@ -20,6 +20,7 @@ from mllm.checkpoint import EXPERIMENT_FILE, training_prompt_record
 from mllm.config import ConfigError, ExperimentConfig, check_local_paths, check_value, config_to_dict
 from mllm.data.check import DataReport, check_data, media_fields_for
 from mllm.data.dataset import MultimodalCollator, MultimodalDataset
+from mllm.data.lazy import LazyMultimodalDataset
 from mllm.data.mixture import data_file
 from mllm.model.multimodal_lm import MultimodalLM
 from mllm.train.continuation import begin_training, load_previous, previous_output
@@ -81,7 +82,8 @@ def build_dataset(cfg: ExperimentConfig, model: MultimodalLM, path: str, templat
                   for_generation: bool = False, report: DataReport | None = None) -> MultimodalDataset:
     max_length = cfg.data.max_length or getattr(model.base_llm.config.get_text_config(),
                                                 "max_position_embeddings", None)
-    return MultimodalDataset(
+    dataset_class = LazyMultimodalDataset if cfg.data.lazy else MultimodalDataset
+    return dataset_class(
         path, model.tokenizer, model.media_specs(), template=template, system_prompt=cfg.data.system_prompt,
         max_length=max_length, media_root=cfg.data.media_root, on_bad_sample=cfg.data.on_bad_sample,
         for_generation=for_generation, report=report)
@@ -109,7 +111,7 @@ def preflight(cfg: ExperimentConfig, args: MllmTrainingArguments, media_fields: 
             # Native sources and mixtures are written once as LLaVA JSONL under output_dir/data/.
             paths[name] = data_file(value, args.output_dir, name, cfg.data.on_bad_sample)
             reports[name] = check_data(paths[name], media_root=cfg.data.media_root, media_fields=media_fields,
-                                       on_bad_sample=cfg.data.on_bad_sample)
+                                       on_bad_sample=cfg.data.on_bad_sample, index=cfg.data.lazy)
             logger.info("data.%s %s", name, reports[name].summary())
     if output.resume_from:
         logger.info("resuming from %s", output.resume_from)

@@ -108,3 +108,49 @@ def test_mllm_data_check_counts_one_problem_of_each_kind(tmp_path, capsys):
     clean = tmp_path / "clean.jsonl"
     clean.write_text(json.dumps(records[0]) + "\n")
     assert main(["data", "check", str(clean), "--media-root", str(tmp_path)]) == 0
+
+
+# ----------------------------------------------------------------------------- length against the context
+def test_length_check_counts_as_training_does(tiny_model, tmp_path, media_root):
+    from mllm.data.check import LengthLimit
+    from mllm.data.dataset import MultimodalDataset
+
+    records = [_qa("short", image="a.png"), _qa("text", question="Name a shape."),
+               _qa("multi", question="<image> <image> twice?", image=["a.png", "a.png"])]
+    path = _write(tmp_path, records)
+    dataset = MultimodalDataset(path, tiny_model.tokenizer, tiny_model.media_specs(), media_root=media_root,
+                                progress=False)
+    limit = LengthLimit(10_000, tiny_model.tokenizer,
+                        {spec.field: spec.num_tokens for spec in tiny_model.media_specs().values()})
+    report = check_data(path, media_root=media_root, length_limit=limit)
+    assert [limit.length(r) for r in report.records] == [len(dataset[i]["input_ids"]) for i in range(3)]
+
+
+def test_mllm_data_check_flags_records_longer_than_the_context(tiny_assets, tmp_path, media_root, capsys):
+    import yaml
+
+    from mllm.cli import main
+    from tests.conftest import model_section
+
+    records = [_qa("short", image="a.png"), _qa("long", question="<image>\n" + "what color is it " * 40,
+                                                 image="a.png"), _qa("text", question="Name a shape.")]
+    path = _write(tmp_path, records)
+    # Exactly as the config's training run counts: its model, data.max_length.
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": model_section(tiny_assets), "data": {"max_length": 64}}))
+    assert main(["data", "check", path, "--media-root", media_root, "--config", str(config)]) == 1
+    out = capsys.readouterr().out
+    assert "2 records loaded (image 1, text-only 1); skipped 1 bad record(s): 1 longer than context" in out
+    assert f"     1  longer than context: e.g. {path}:2: record 'long': is " in out
+    assert "tokens long (media expanded) but the context is 64" in out
+    # Without a model: a tokenizer, the limit and the tokens per media item; --max-length overrides.
+    args = ["data", "check", path, "--media-root", media_root, "--tokenizer", tiny_assets["llm"],
+            "--media-tokens", "image=4"]
+    assert main([*args, "--max-length", "64"]) == 1
+    assert "1 longer than context" in capsys.readouterr().out
+    assert main([*args, "--max-length", "1000"]) == 0
+    assert "3 records loaded" in capsys.readouterr().out
+    # A field without a token count is a problem of its own, not a guess.
+    assert main(["data", "check", path, "--media-root", media_root, "--tokenizer", tiny_assets["llm"],
+                 "--max-length", "1000"]) == 1
+    assert "2  unsupported modality: e.g." in capsys.readouterr().out

@@ -137,3 +137,58 @@ def test_cli_import_then_stage2_config_loads_it(tiny_assets, tmp_path, capsys):
     with pytest.raises(ProjectorCheckpointError, match="holds a audio projector but the model has no audio encoder"):
         MultimodalLM.from_config(config_from_dict({"model": section}).model)
     assert TINY_PROJECTOR["hidden_size"] == H
+
+
+def salmonn_checkpoint(whisper=40, beats=24, layers=2, seed=2):
+    """A SALMONN checkpoint as runner.save_checkpoint writes it (datasets.md section 4.4): the trainable
+    weights under 'model' with the official names (speech Q-Former without text parts, its
+    position_ids buffer, one query, ln_speech / ln_audio, speech_llama_proj, LoRA on q/v) beside
+    the run's config and epoch."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    bert, width = "speech_Qformer.bert.", whisper + beats
+    state = {f"{bert}embeddings.LayerNorm.weight": r(H), f"{bert}embeddings.LayerNorm.bias": r(H),
+             f"{bert}embeddings.position_ids": torch.arange(16).unsqueeze(0),
+             "speech_query_tokens": r(1, 1, H), "ln_speech.weight": r(whisper), "ln_speech.bias": r(whisper),
+             "ln_audio.weight": r(beats), "ln_audio.bias": r(beats),
+             "speech_llama_proj.weight": r(LLM, H), "speech_llama_proj.bias": r(LLM)}
+    for i in range(layers):
+        L = f"{bert}encoder.layer.{i}."
+        for name in ("query", "key", "value"):
+            state[f"{L}attention.self.{name}.weight"], state[f"{L}attention.self.{name}.bias"] = r(H, H), r(H)
+            state[f"{L}crossattention.self.{name}.weight"] = r(H, H if name == "query" else width)
+            state[f"{L}crossattention.self.{name}.bias"] = r(H)
+        for block in ("attention", "crossattention"):
+            state[f"{L}{block}.output.dense.weight"], state[f"{L}{block}.output.dense.bias"] = r(H, H), r(H)
+            state[f"{L}{block}.output.LayerNorm.weight"], state[f"{L}{block}.output.LayerNorm.bias"] = r(H), r(H)
+        state[f"{L}intermediate_query.dense.weight"], state[f"{L}intermediate_query.dense.bias"] = r(I, H), r(I)
+        state[f"{L}output_query.dense.weight"], state[f"{L}output_query.dense.bias"] = r(H, I), r(H)
+        state[f"{L}output_query.LayerNorm.weight"], state[f"{L}output_query.LayerNorm.bias"] = r(H), r(H)
+        lora = f"llama_model.base_model.model.model.layers.{i}.self_attn."
+        for proj in ("q_proj", "v_proj"):
+            state[f"{lora}{proj}.lora_A.default.weight"] = r(8, LLM)
+            state[f"{lora}{proj}.lora_B.default.weight"] = r(LLM, 8)
+    return {"model": state, "config": {"model": {"num_speech_query_token": 1, "second_per_window": 0.333333}},
+            "epoch": 3}
+
+
+def test_a_salmonn_checkpoint_is_refused_saying_what_differs(tiny_assets, tmp_path, capsys):
+    """SALMONN's speech Q-Former does not map (README, released projectors): the file is refused in
+    one line naming the two differences, by the import command and by model.pretrained_projectors."""
+    path = save(salmonn_checkpoint(), tmp_path / "salmonn_7b_v0.pth")
+    expected = (f"{path}: a SALMONN checkpoint (speech_Qformer.*) does not map onto this project's projector: "
+                f"its Q-Former reads Whisper and BEATs features concatenated per frame (40 + 24 = 64 wide), each "
+                f"through its own LayerNorm (ln_speech, ln_audio), where a projector here reads one encoder "
+                f"through one LayerNorm; it projects with one Linear (speech_llama_proj (32, 32)) where a "
+                f"projector here has Linear-GELU-Linear")
+    with pytest.raises(ProjectorCheckpointError) as err:
+        import_released_projectors([path], num_heads=4)
+    assert str(err.value) == expected
+    assert main(["data", "import-projectors", path, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"mllm data: error: {expected}"]
+    assert not (tmp_path / "out").exists()
+    from mllm.model import MultimodalLM
+
+    section = model_section(tiny_assets, pretrained_projectors=path)
+    with pytest.raises(ProjectorCheckpointError, match="SALMONN checkpoint .* does not map"):
+        MultimodalLM.from_config(config_from_dict({"model": section}).model)
