@@ -78,11 +78,18 @@ def _uses_deepspeed(training: dict) -> bool:
     return bool(training.get("deepspeed")) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
 
 
+def reads_lazily(cfg: ExperimentConfig, split: str) -> bool:
+    """Whether ``data.<split>`` is read lazily: ``data.lazy``, except a packed training file, whose
+    rows are fitted to each sample's exact length (so it is tokenised up front)."""
+    return cfg.data.lazy and not (cfg.data.packing and split == "train")
+
+
 def build_dataset(cfg: ExperimentConfig, model: MultimodalLM, path: str, template: str,
                   for_generation: bool = False, report: DataReport | None = None) -> MultimodalDataset:
     max_length = cfg.data.max_length or getattr(model.base_llm.config.get_text_config(),
                                                 "max_position_embeddings", None)
-    dataset_class = LazyMultimodalDataset if cfg.data.lazy else MultimodalDataset
+    lazy = report.index is not None if report is not None else cfg.data.lazy   # as the pre-flight read it
+    dataset_class = LazyMultimodalDataset if lazy else MultimodalDataset
     return dataset_class(
         path, model.tokenizer, model.media_specs(), template=template, system_prompt=cfg.data.system_prompt,
         max_length=max_length, media_root=cfg.data.media_root, on_bad_sample=cfg.data.on_bad_sample,
@@ -111,7 +118,7 @@ def preflight(cfg: ExperimentConfig, args: MllmTrainingArguments, media_fields: 
             # Native sources and mixtures are written once as LLaVA JSONL under output_dir/data/.
             paths[name] = data_file(value, args.output_dir, name, cfg.data.on_bad_sample)
             reports[name] = check_data(paths[name], media_root=cfg.data.media_root, media_fields=media_fields,
-                                       on_bad_sample=cfg.data.on_bad_sample, index=cfg.data.lazy)
+                                       on_bad_sample=cfg.data.on_bad_sample, index=reads_lazily(cfg, name))
             logger.info("data.%s %s", name, reports[name].summary())
     if output.resume_from:
         logger.info("resuming from %s", output.resume_from)
