@@ -97,6 +97,9 @@ def stage_main(stage: str, argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     STAGES[stage](cfg)
+    from mllm.distributed import end_process_group
+
+    end_process_group()
     return 0
 
 

@@ -41,3 +41,12 @@ def gathered_parameters(params: Iterable[torch.Tensor], modifier_rank: Optional[
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+
+
+def end_process_group() -> None:
+    """Ranks leave together and the process group is torn down before the interpreter exits: left
+    to interpreter shutdown, gloo's threads can abort a rank ('terminate called without an active
+    exception') after its work is saved, failing the launch."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

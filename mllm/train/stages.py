@@ -22,6 +22,7 @@ from mllm.data.check import DataReport, check_data, media_fields_for
 from mllm.data.dataset import MultimodalCollator, MultimodalDataset
 from mllm.data.lazy import LazyMultimodalDataset
 from mllm.data.mixture import data_file
+from mllm.distributed import full_numel
 from mllm.model.multimodal_lm import MultimodalLM
 from mllm.train.continuation import begin_training, load_previous, previous_output
 from mllm.train.run_folder import OutputPlan, RecordFingerprintInCheckpoints, check_output_dir, claim_output_dir
@@ -194,7 +195,7 @@ def describe_saved(model: MultimodalLM) -> str:
         config = model.llm.peft_config[model.llm.active_adapter]
         rank = f", r={config.r}" if getattr(config, "r", None) else ""
         peft_type = str(getattr(config.peft_type, "value", config.peft_type)).lower()
-        trained = sum(p.numel() for p in model.llm.parameters() if p.requires_grad)
+        trained = sum(full_numel(p) for p in model.llm.parameters() if p.requires_grad)   # ZeRO-3: partitioned
         parts.append(f"a {peft_type} adapter in adapter/ ({trained:,} trained parameters{rank})")
     parts.append(f"the config and tokenizer; the LLM ({model.base_llm.config.name_or_path}) and the encoders "
                  f"are referenced, not copied")
