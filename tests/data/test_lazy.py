@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import glob
 import json
-import shutil
 
 import pytest
 import torch
@@ -16,20 +14,6 @@ from mllm.data.lazy import LazyMultimodalDataset
 from mllm.data.record_index import iter_record_spans
 from mllm.data.schema import RecordError, iter_raw_records
 from mllm.data.templates import LabelAlignmentError
-
-
-@pytest.fixture
-def media_root(tmp_path, demo_data):
-    root = tmp_path / "media"
-    (root / "images").mkdir(parents=True)
-    (root / "videos").mkdir()
-    with open(demo_data["instruct"]) as f:
-        first = json.loads(f.readline())
-    shutil.copy(f"{demo_data['media_root']}/{first['image']}", root / "images" / "a.png")
-    data = (root / "images" / "a.png").read_bytes()
-    (root / "images" / "broken.png").write_bytes(data[: len(data) // 2])
-    shutil.copy(sorted(glob.glob(f"{demo_data['media_root']}/videos/*.mp4"))[0], root / "videos" / "v.mp4")
-    return str(root)
 
 
 def _turns(*texts):

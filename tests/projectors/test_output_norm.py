@@ -10,7 +10,6 @@ import torch
 from mllm.config import ConfigError, config_from_dict
 from mllm.projectors import (
     ProjectorCheckpointError,
-    ProjectorConfig,
     QFormerProjector,
     build_projectors,
     load_projector_weights,
@@ -18,12 +17,7 @@ from mllm.projectors import (
     save_projectors,
 )
 from tests.conftest import model_section
-
-
-def _config(**kw):
-    base = dict(num_queries=6, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64, dropout=0.0,
-                encoder_hidden_size=24, llm_hidden_size=40)
-    return ProjectorConfig(**{**base, **kw})
+from tests.projectors.test_projectors import _config
 
 
 def _token_norms(projector, seed=0):
