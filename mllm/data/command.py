@@ -117,22 +117,22 @@ def check_main(argv: list[str]) -> int:
     length.add_argument("--template", help="prompt template (default: the config's data.template, else auto; a "
                                            "stage-1 run renders auto as plain)")
     args = parser.parse_args(argv)
-    media_fields = loaders = processor = None
-    if args.checkpoint:
-        from mllm.data.processor import MediaProcessor
-
-        processor = MediaProcessor.from_pretrained(args.checkpoint)
-    elif args.config:
+    media_fields = loaders = processor = cfg = None
+    if args.config:
         from mllm.config import load_config
+
+        cfg = load_config(args.config)
+    if args.checkpoint or cfg is not None:
         from mllm.data.processor import MediaProcessor
 
-        processor = MediaProcessor.from_config(load_config(args.config).model)
+        processor = (MediaProcessor.from_pretrained(args.checkpoint) if args.checkpoint
+                     else MediaProcessor.from_config(cfg.model))
     if processor is not None:
         specs = processor.media_specs()
         media_fields = {spec.field for spec in specs.values()}
         loaders = {spec.field: spec.load_item for spec in specs.values()}
     wants_length = args.config or args.max_length or args.tokenizer or args.media_tokens
-    limit = _length_limit(args, parser, processor) if wants_length else None
+    limit = _length_limit(args, parser, processor, cfg) if wants_length else None
     report = check_data(args.file, media_root=args.media_root, on_bad_sample="skip", decode=args.decode,
                         media_fields=media_fields, loaders=loaders, length_limit=limit)
     print(report.summary())
@@ -145,7 +145,7 @@ def check_main(argv: list[str]) -> int:
     return 1 if report.skipped else 0
 
 
-def _length_limit(args, parser: argparse.ArgumentParser, processor=None):
+def _length_limit(args, parser: argparse.ArgumentParser, processor=None, cfg=None):
     """The LengthLimit ``mllm data check`` measures against, from the config's or checkpoint's media
     processor and / or the explicit options."""
     from mllm.data.check import LengthLimit
@@ -164,10 +164,7 @@ def _length_limit(args, parser: argparse.ArgumentParser, processor=None):
             max_length = getattr(llm_config.get_text_config(), "max_position_embeddings", None)
         except (OSError, ValueError):
             max_length = None   # the LLM's config is not at hand: --max-length is then needed
-    if args.config:
-        from mllm.config import load_config
-
-        cfg = load_config(args.config)
+    if cfg is not None:
         max_length = cfg.data.max_length or max_length
         template = template or cfg.data.template   # stage 1 renders 'auto' as plain: pass --template plain
         system_prompt = cfg.data.system_prompt
