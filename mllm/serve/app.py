@@ -147,7 +147,7 @@ def create_app(model, settings: ServerSettings | None = None):
             prompt = await asyncio.to_thread(_prepare, model, parsed, settings.limits)
         except (UserError, ValueError) as e:
             raise _from_input_error(e) from None
-        job = GenerationRequest(prompt, parsed.params, asyncio.get_running_loop())
+        job = GenerationRequest(prompt, parsed.params, asyncio.get_running_loop(), stream=parsed.stream)
         engine.submit(job)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
