@@ -146,12 +146,14 @@ async def run_load(url: str, requests: list[tuple[str, bytes]], concurrency: int
         after = (await client.get(f"{url}/health")).json()
     batches = after["batches"] - before["batches"]
     mean_batch = (after["batched_requests"] - before["batched_requests"]) / max(batches, 1)
+    prefills = after.get("prefills", 0) - before.get("prefills", 0)
+    mean_prefill = (after.get("prefilled_requests", 0) - before.get("prefilled_requests", 0)) / max(prefills, 1)
     answered = len(latencies)
     return {"concurrency": concurrency, "seconds": elapsed, "rps": answered / elapsed, "answered": answered,
             "failed": len(failures), "lost": len(requests) - answered - len(failures),
             "p50": statistics.median(latencies) if latencies else float("nan"),
             "p95": sorted(latencies)[max(0, int(round(0.95 * answered)) - 1)] if latencies else float("nan"),
-            "mean_batch": mean_batch, "first_failures": failures[:3]}
+            "mean_batch": mean_batch, "mean_prefill": mean_prefill, "first_failures": failures[:3]}
 
 
 def main() -> int:

@@ -126,15 +126,16 @@ def create_app(model, settings: ServerSettings | None = None):
     def health():
         sizes = engine.batch_sizes
         return {"status": "ok", "model": settings.model_name, "running": engine.running, "queued": engine.queued,
-                "media": list(fields), "batches": len(sizes), "batched_requests": sum(sizes)}
+                "media": list(fields), "batches": len(sizes), "batched_requests": sum(sizes),
+                "prefills": len(engine.prefill_sizes), "prefilled_requests": sum(engine.prefill_sizes)}
 
     @app.get("/v1/models")
     def models():
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
                                             "owned_by": "mllm"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def accept(request: Request) -> tuple[ParsedRequest, GenerationRequest]:
+        """Read, check and prepare one request (4xx ``APIError`` for bad input)."""
         body = await _read_json(request, settings.max_request_bytes)
         try:
             parsed = parse_chat_request(body, policy, model.prompt_record.max_new_tokens)
@@ -147,8 +148,17 @@ def create_app(model, settings: ServerSettings | None = None):
             prompt = await asyncio.to_thread(_prepare, model, parsed, settings.limits)
         except (UserError, ValueError) as e:
             raise _from_input_error(e) from None
-        job = GenerationRequest(prompt, parsed.params, asyncio.get_running_loop(), stream=parsed.stream)
-        engine.submit(job)
+        return parsed, GenerationRequest(prompt, parsed.params, asyncio.get_running_loop(), stream=parsed.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        engine.announce()   # from its first byte on, the engine's next prefill may wait for this request
+        try:
+            parsed, job = await accept(request)
+        except BaseException:
+            engine.withdraw()
+            raise
+        engine.submit(job, announced=True)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         if parsed.stream:

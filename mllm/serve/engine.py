@@ -159,16 +159,32 @@ class GenerationEngine:
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
         self._waiting: list[GenerationRequest] = []
+        self._last_arrival = 0.0
+        self._lock = threading.Lock()
+        self.announced = 0                     # requests accepted and being prepared (not queued yet)
         self._batch: _RunningBatch | None = None
         self.running = 0                       # rows in the running batch now
         self.batch_sizes: list[int] = []       # rows of every model forward (for logs and benchmarks)
+        self.prefill_sizes: list[int] = []     # prompts of every prefill
         self.finished: collections.deque = collections.deque(maxlen=256)   # (finish_reason, new tokens)
         self._thread = threading.Thread(target=self._work, name="mllm-generation", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------ public
-    def submit(self, request: GenerationRequest) -> None:
+    def announce(self) -> None:
+        """A request was accepted and is being prepared (media decoded): prefill may wait for it."""
+        with self._lock:
+            self.announced += 1
+
+    def withdraw(self) -> None:
+        """An announced request will not come (bad input, client gone)."""
+        with self._lock:
+            self.announced -= 1
+
+    def submit(self, request: GenerationRequest, announced: bool = False) -> None:
         self._queue.put(request)
+        if announced:
+            self.withdraw()
 
     @property
     def queued(self) -> int:
@@ -191,35 +207,60 @@ class GenerationEngine:
                     self._step()
 
     def _collect(self) -> list[GenerationRequest] | None:
-        """Requests to join the running batch now (None: shut down).
+        """Requests to prefill and join the running batch now ([]: none yet; None: shut down).
 
-        With rows running, whatever has arrived joins at once (no waiting: the rows must go on).
-        On an idle server, block for the next request; under load, give others the window to
-        come along so they share one prefill."""
-        idle = self._batch is None
-        if idle and not self._waiting:
-            first = self._queue.get()
-            if first is None:
-                return None
-            self._waiting.append(first)
-        busy = not self._queue.empty() or (self.batch_sizes and self.batch_sizes[-1] > 1)
-        deadline = time.monotonic() + (self.batch_window_s if idle and busy else 0.0)
-        room = self.max_batch_size - (len(self._batch) if self._batch is not None else 0)
-        while len(self._waiting) < room:
-            remaining = deadline - time.monotonic()
-            try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                if self._batch is None and not self._waiting:
+        Prefill is the costly part of a short answer, and its cost hardly grows with the number
+        of prompts, so arrivals are gathered into one prefill: while requests the server has
+        accepted are still being prepared (``announce``), and the batch has room, the waiting
+        ones wait for them, at most ``batch_window_s`` after the last arrival. Running rows go on
+        decoding meanwhile. A lone request on an idle server starts at once."""
+        while True:
+            if self._batch is None and not self._waiting:
+                first = self._queue.get()
+                if first is None:
                     return None
-                self._queue.put(None)   # shut down once the work in hand is done
-                break
-            self._waiting.append(item)
-        live = [r for r in self._waiting if not r.cancelled]
-        arrivals, self._waiting = live[:max(room, 0)], live[max(room, 0):]
-        return arrivals
+                self._arrived(first)
+            shutting_down = self._drain()
+            room = self.max_batch_size - (len(self._batch) if self._batch is not None else 0)
+            self._waiting = [r for r in self._waiting if not r.cancelled]
+            if room <= 0:
+                return []
+            if not self._waiting:
+                if shutting_down and self._batch is None:
+                    return None
+                if self._batch is None:
+                    continue
+                return []
+            remaining = self._last_arrival + self.batch_window_s - time.monotonic()
+            if shutting_down or len(self._waiting) >= room or self.announced <= 0 or remaining <= 0:
+                arrivals, self._waiting = self._waiting[:room], self._waiting[room:]
+                return arrivals
+            if self._batch is not None:
+                return []          # decode a step, look again after it
+            try:
+                item = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if item is None:
+                self._queue.put(None)
+            else:
+                self._arrived(item)
+
+    def _arrived(self, request: GenerationRequest) -> None:
+        self._waiting.append(request)
+        self._last_arrival = time.monotonic()
+
+    def _drain(self) -> bool:
+        """Move every queued request to ``_waiting``; True when a shutdown was asked for."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if item is None:
+                self._queue.put(None)   # seen again on the next look, once the work in hand is done
+                return True
+            self._arrived(item)
 
     def _join(self, requests: list[GenerationRequest]) -> None:
         """Prefill ``requests`` together and add their rows to the running batch."""
@@ -233,6 +274,7 @@ class GenerationEngine:
                                     position_ids=position_ids_from_attention_mask(attention_mask),
                                     use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
             self.batch_sizes.append(len(requests))
+            self.prefill_sizes.append(len(requests))
             rows = _RunningBatch(requests, cache, attention_mask, attention_mask.sum(1),
                                  self._next_tokens(requests, output.logits[:, -1]))
         except Exception as e:  # one bad prefill must not stop the server
