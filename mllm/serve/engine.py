@@ -160,6 +160,7 @@ class GenerationEngine:
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
         self._waiting: list[GenerationRequest] = []
         self._last_arrival = 0.0
+        self._recent_load, self._recent_load_at = 0, 0.0
         self._lock = threading.Lock()
         self.announced = 0                     # requests accepted and being prepared (not queued yet)
         self._batch: _RunningBatch | None = None
@@ -232,7 +233,9 @@ class GenerationEngine:
                     continue
                 return []
             remaining = self._last_arrival + self.batch_window_s - time.monotonic()
-            if shutting_down or len(self._waiting) >= room or self.announced <= 0 or remaining <= 0:
+            running = len(self._batch) if self._batch is not None else 0
+            more_coming = self.announced > 0 or len(self._waiting) + running < self._recent_load
+            if shutting_down or len(self._waiting) >= room or not more_coming or remaining <= 0:
                 arrivals, self._waiting = self._waiting[:room], self._waiting[room:]
                 return arrivals
             if self._batch is not None:
@@ -248,7 +251,13 @@ class GenerationEngine:
 
     def _arrived(self, request: GenerationRequest) -> None:
         self._waiting.append(request)
-        self._last_arrival = time.monotonic()
+        now = time.monotonic()
+        # Requests in the server at once, the most of the last second: under steady load from N
+        # clients, the next prefill waits (within the window) until about N are in.
+        load = len(self._waiting) + self.announced + (len(self._batch) if self._batch is not None else 0)
+        if load >= self._recent_load or now - self._recent_load_at > 1.0:
+            self._recent_load, self._recent_load_at = load, now
+        self._last_arrival = now
 
     def _drain(self) -> bool:
         """Move every queued request to ``_waiting``; True when a shutdown was asked for."""
