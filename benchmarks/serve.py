@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--batch-window-ms", type=float, default=10.0)
+    parser.add_argument("--batch-window-ms", type=float, default=50.0)
     parser.add_argument("--threads", type=int, default=1,
                         help="`mllm serve --threads`: torch CPU threads of the server (default 1: the tiny demo model "
                              "runs fastest on one thread, above all on a shared CPU)")

@@ -48,7 +48,7 @@ class ServerSettings:
     api_key: str | None = None
     max_request_bytes: int = 32 << 20
     max_batch_size: int = 8
-    batch_window_ms: float = 10.0
+    batch_window_ms: float = 50.0
     media_root: str | None = None
     allow_remote_media: bool = False
     limits: Limits = None  # type: ignore[assignment]
@@ -267,8 +267,9 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--media-root", help="allow local media paths (and file:// URLs) under this folder")
     parser.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media URLs (off by default)")
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--batch-window-ms", type=float, default=10.0,
-                        help="how long the first request of a batch waits for others")
+    parser.add_argument("--batch-window-ms", type=float, default=50.0,
+                        help="under load, how long after the last arrival a prefill waits for requests still being "
+                        "read or prepared, or for as many as the recent load (a lone request never waits)")
     parser.add_argument("--max-request-bytes", type=int, default=32 << 20)
     parser.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels)
     parser.add_argument("--max-audio-seconds", type=float, default=Limits.max_audio_seconds)

@@ -9,8 +9,11 @@ One worker thread owns the model and runs its own decode loop over a *running ba
 * finished requests leave: their rows are dropped from the cache at once, so a short answer
   never waits for the batch's longest and its slot goes to the next request.
 
-On an idle server the first request waits ``batch_window_s`` for company only under load (more
-requests queued, or the last step ran several rows); a lone request starts at once. Each row
+Prefill costs about the same for one prompt or sixteen, so under load arrivals are gathered:
+a prefill waits, at most ``batch_window_s`` after the last arrival, while requests the server is
+still reading or preparing are announced (``announce``) or fewer are in than the recent load
+(the most requests in the server at once over the last second); running rows go on decoding
+meanwhile. A lone request on an idle server starts at once. Each row
 keeps its own sampling settings (greedy, or temperature / top-p), ``min_tokens`` and
 ``max_tokens``. After every token the row's text is decoded, checked for stop strings, and its
 new part sent to the request's asyncio queue (streamed requests) or kept for the final answer.
@@ -145,7 +148,7 @@ def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 
 
 class GenerationEngine:
-    def __init__(self, model, max_batch_size: int = 8, batch_window_s: float = 0.01):
+    def __init__(self, model, max_batch_size: int = 8, batch_window_s: float = 0.05):
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_batch_size = max_batch_size
@@ -183,9 +186,10 @@ class GenerationEngine:
             self.announced -= 1
 
     def submit(self, request: GenerationRequest, announced: bool = False) -> None:
-        self._queue.put(request)
-        if announced:
-            self.withdraw()
+        with self._lock:   # queued and no longer announced at once, as the worker sees it
+            self._queue.put(request)
+            if announced:
+                self.announced -= 1
 
     @property
     def queued(self) -> int:
@@ -208,13 +212,8 @@ class GenerationEngine:
                     self._step()
 
     def _collect(self) -> list[GenerationRequest] | None:
-        """Requests to prefill and join the running batch now ([]: none yet; None: shut down).
-
-        Prefill is the costly part of a short answer, and its cost hardly grows with the number
-        of prompts, so arrivals are gathered into one prefill: while requests the server has
-        accepted are still being prepared (``announce``), and the batch has room, the waiting
-        ones wait for them, at most ``batch_window_s`` after the last arrival. Running rows go on
-        decoding meanwhile. A lone request on an idle server starts at once."""
+        """Requests to prefill and join the running batch now ([]: none yet; None: shut down);
+        the gathering rule is in the module docstring."""
         while True:
             if self._batch is None and not self._waiting:
                 first = self._queue.get()
@@ -254,7 +253,9 @@ class GenerationEngine:
         now = time.monotonic()
         # Requests in the server at once, the most of the last second: under steady load from N
         # clients, the next prefill waits (within the window) until about N are in.
-        load = len(self._waiting) + self.announced + (len(self._batch) if self._batch is not None else 0)
+        with self._lock:
+            announced = self.announced
+        load = len(self._waiting) + announced + (len(self._batch) if self._batch is not None else 0)
         if load >= self._recent_load or now - self._recent_load_at > 1.0:
             self._recent_load, self._recent_load_at = load, now
         self._last_arrival = now
