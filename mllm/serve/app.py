@@ -67,6 +67,26 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+class _APIKeyCheck:
+    """``Authorization: Bearer KEY`` on /v1 routes, compared in constant time. Plain ASGI: no task
+    group and streams per request as with ``@app.middleware("http")``."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.api_key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            token = given[7:] if given[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.api_key):
+                response = JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                                 "authentication_error", code="invalid_api_key").body(),
+                                        status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _from_input_error(e: Exception) -> APIError:
     if isinstance(e, InputError):
         return APIError(e.status, str(e), "invalid_request_error", e.param, e.kind)
@@ -108,15 +128,8 @@ def create_app(model, settings: ServerSettings | None = None):
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", "server_error").body(),
                             status_code=500)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1") and request.method != "OPTIONS":
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-                return JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                                             "authentication_error", code="invalid_api_key").body(), status_code=401)
-        return await call_next(request)
+    if settings.api_key:
+        app.add_middleware(_APIKeyCheck, api_key=settings.api_key)
 
     @app.get("/", response_class=HTMLResponse)
     def page():
