@@ -203,13 +203,18 @@ class GenerationEngine:
     def _work(self) -> None:
         with torch.inference_mode():
             while True:
-                arrivals = self._collect()
-                if arrivals is None:
-                    return
-                if arrivals:
-                    self._join(arrivals)
-                if self._batch is not None:
-                    self._step()
+                try:
+                    arrivals = self._collect()
+                    if arrivals is None:
+                        return
+                    if arrivals:
+                        self._join(arrivals)
+                    if self._batch is not None:
+                        self._step()
+                except Exception as e:  # a bug in the bookkeeping: fail the rows in hand, keep serving
+                    lost = self._batch.requests if self._batch is not None else []
+                    self._batch, self.running = None, 0
+                    self._fail(lost, e)
 
     def _collect(self) -> list[GenerationRequest] | None:
         """Requests to prefill and join the running batch now ([]: none yet; None: shut down);
