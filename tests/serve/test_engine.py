@@ -133,3 +133,45 @@ def test_cancelled_row_leaves_and_the_others_go_on(served_model, prompts, engine
     doomed, kept = asyncio.run(scenario())
     assert doomed.finish_reason == "cancelled" and len(doomed.tokens) < 30
     assert kept.tokens == _alone(served_model, prompts[2], 30)
+
+
+def test_moka_rows_equal_each_prompt_alone(tiny_model):
+    """MokA routes every token by its modality: prompt rows (image + text) and decode steps (text)
+    must see the same ids in the engine's own loop as in ``generate``."""
+    import torch
+
+    from mllm.config import TunerConfig
+    from tests.eval_suites.test_runner import MOKA
+
+    tiny_model.apply_tuner(TunerConfig(**MOKA))
+    torch.manual_seed(1)
+    with torch.no_grad():   # B starts at zero; give the adapter an effect worth checking
+        perturbed = [param.normal_(0, 0.5) for name, param in tiny_model.llm.named_parameters() if "moka_B" in name]
+    assert perturbed
+    tiny_model.eval()
+    prompts = [_prompt(tiny_model, "<image>\nWhat color is the shape?", {"image": [png_bytes("blue", shape="square")]}),
+               _prompt(tiny_model, "Say something about shapes and colors, please.", {}),
+               _prompt(tiny_model, "<image>\nWhich shape?", {"image": [png_bytes("green")]})]
+    engine = GenerationEngine(tiny_model, max_batch_size=4, batch_window_s=0.05)
+    params = SamplingParams(max_tokens=12, min_tokens=12)
+
+    async def scenario():   # two prompts prefilled together, the third joins while they decode
+        loop = asyncio.get_running_loop()
+        first = [GenerationRequest(p, params, loop) for p in prompts[:2]]
+        for request in first:
+            engine.submit(request)
+        while len(first[0].tokens) < 3:
+            await asyncio.sleep(0.005)
+        (late,), _ = await _run(engine, [(0, prompts[2], params)])
+        for request in first:
+            while (await request.events.get()).kind != "done":
+                pass
+        return [*first, late]
+
+    try:
+        requests = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert max(engine.batch_sizes) == 3
+    for request, prompt in zip(requests, prompts):
+        assert request.tokens == _alone(tiny_model, prompt, 12)
