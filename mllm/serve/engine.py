@@ -239,6 +239,10 @@ class GenerationEngine:
             remaining = self._last_arrival + self.batch_window_s - time.monotonic()
             running = len(self._batch) if self._batch is not None else 0
             more_coming = self.announced > 0 or len(self._waiting) + running < self._recent_load
+            if remaining <= 0 and more_coming and not self.announced:
+                # The window passed with fewer requests than the recent load: the load dropped;
+                # the next lone request must not wait for it again.
+                self._recent_load, self._recent_load_at = len(self._waiting) + running, time.monotonic()
             if shutting_down or len(self._waiting) >= room or not more_coming or remaining <= 0:
                 arrivals, self._waiting = self._waiting[:room], self._waiting[room:]
                 return arrivals
