@@ -35,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--batch-window-ms", type=float, default=10.0)
+    parser.add_argument("--batch-window-ms", type=float, default=50.0, help="`mllm serve --batch-window-ms`")
     parser.add_argument("--threads", type=int, default=1,
                         help="`mllm serve --threads`: torch CPU threads of the server (default 1: the tiny demo model "
                              "runs fastest on one thread, above all on a shared CPU)")
@@ -146,12 +146,14 @@ async def run_load(url: str, requests: list[tuple[str, bytes]], concurrency: int
         after = (await client.get(f"{url}/health")).json()
     batches = after["batches"] - before["batches"]
     mean_batch = (after["batched_requests"] - before["batched_requests"]) / max(batches, 1)
+    prefills = after.get("prefills", 0) - before.get("prefills", 0)
+    mean_prefill = (after.get("prefilled_requests", 0) - before.get("prefilled_requests", 0)) / max(prefills, 1)
     answered = len(latencies)
     return {"concurrency": concurrency, "seconds": elapsed, "rps": answered / elapsed, "answered": answered,
             "failed": len(failures), "lost": len(requests) - answered - len(failures),
             "p50": statistics.median(latencies) if latencies else float("nan"),
             "p95": sorted(latencies)[max(0, int(round(0.95 * answered)) - 1)] if latencies else float("nan"),
-            "mean_batch": mean_batch, "first_failures": failures[:3]}
+            "mean_batch": mean_batch, "mean_prefill": mean_prefill, "first_failures": failures[:3]}
 
 
 def main() -> int:
@@ -173,11 +175,11 @@ def main() -> int:
     print(f"\nmllm serve on {checkpoint} (CPU, {args.threads} thread(s), max batch {args.max_batch_size}, "
           f"window {args.batch_window_ms:g} ms); "
           f"{args.requests} requests {mix}, max_tokens {args.max_tokens}\n")
-    print(f"{'concurrency':>11} {'req/s':>8} {'p50 s':>8} {'p95 s':>8} {'mean batch':>10} {'answered':>9} "
-          f"{'failed':>7} {'lost':>5}")
+    print(f"{'concurrency':>11} {'req/s':>8} {'p50 s':>8} {'p95 s':>8} {'mean batch':>10} {'mean prefill':>12} "
+          f"{'answered':>9} {'failed':>7} {'lost':>5}")
     for r in results:
         print(f"{r['concurrency']:>11} {r['rps']:>8.2f} {r['p50']:>8.3f} {r['p95']:>8.3f} {r['mean_batch']:>10.1f} "
-              f"{r['answered']:>9} {r['failed']:>7} {r['lost']:>5}")
+              f"{r['mean_prefill']:>12.1f} {r['answered']:>9} {r['failed']:>7} {r['lost']:>5}")
         for failure in r["first_failures"]:
             print(f"            failure: {failure}")
     if len(results) >= 2:

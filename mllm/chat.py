@@ -100,7 +100,7 @@ def chat_parser() -> argparse.ArgumentParser:
 def chat_main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
     import logging
 
-    from mllm.serve.engine import GenerationEngine
+    from mllm.serve.engine import create_engine
     from mllm.serve.inputs import load_model_for_inference
 
     args = chat_parser().parse_args(argv)
@@ -112,7 +112,7 @@ def chat_main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
         torch.set_num_threads(args.threads)
     model = load_model_for_inference(args.checkpoint, args.device, args.template, args.system_prompt,
                                      args.max_new_tokens)
-    engine = GenerationEngine(model, max_batch_size=1, batch_window_s=0.0)
+    engine = create_engine(model, max_batch_size=1, batch_window_s=0.0)
     sampling = {"max_tokens": model.prompt_record.max_new_tokens, "temperature": args.temperature,
                 "top_p": args.top_p, "stop": args.stop}
     session = ChatSession(model, engine, sampling)

@@ -44,7 +44,7 @@ from mllm.model import paired_encoder
 from mllm.model.packing import packed_lm_kwargs
 from mllm.model.splice import MediaCountError, compute_modality_ids, position_ids_from_attention_mask, splice_features
 from mllm.projectors import build_projectors, load_projector_weights, save_projectors
-from mllm.tuners import apply_tuner, merge_refusal, tuner_capability
+from mllm.tuners import apply_tuner, config_capability, merge_refusal, tuner_capability
 
 
 def _torch_dtype(name: str | None) -> torch.dtype:
@@ -189,6 +189,16 @@ class MultimodalLM(nn.Module):
         self.llm = self.llm.merge_and_unload()
         paired_encoder.detach(self.llm)   # its merged layers stay in self.encoders
         self.tuner_config = None
+
+    def supports_continuous_batching(self) -> bool:
+        """Whether ``mllm serve`` may decode with its own loop, rows joining and leaving a running batch
+        between decode steps (``mllm.serve.engine``). That loop feeds the LM 1-D positions that skip
+        left padding and keeps no adapter state but the KV cache, so no adapter may carry per-sample
+        state from the prompt pass to the decode steps (DeLo's routing)."""
+        if not isinstance(self.llm, PeftModel):
+            return True
+        return not any(config_capability(config, "per_sample_decode_state")
+                       for config in self.llm.peft_config.values())
 
     def freeze_llm(self) -> None:
         self.llm.requires_grad_(False)

@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from mllm.data.media import MediaError
 from mllm.errors import UserError
-from mllm.serve.engine import Event, GenerationEngine, GenerationRequest
+from mllm.serve.engine import Event, GenerationRequest, create_engine
 from mllm.serve.inputs import (
     InputError,
     Limits,
@@ -48,7 +48,7 @@ class ServerSettings:
     api_key: str | None = None
     max_request_bytes: int = 32 << 20
     max_batch_size: int = 8
-    batch_window_ms: float = 10.0
+    batch_window_ms: float = 50.0
     media_root: str | None = None
     allow_remote_media: bool = False
     limits: Limits = None  # type: ignore[assignment]
@@ -67,6 +67,26 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+class _APIKeyCheck:
+    """``Authorization: Bearer KEY`` on /v1 routes, compared in constant time. Plain ASGI: no task
+    group and streams per request as with ``@app.middleware("http")``."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.api_key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and scope["method"] != "OPTIONS":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            token = given[7:] if given[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.api_key):
+                response = JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                                                 "authentication_error", code="invalid_api_key").body(),
+                                        status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _from_input_error(e: Exception) -> APIError:
     if isinstance(e, InputError):
         return APIError(e.status, str(e), "invalid_request_error", e.param, e.kind)
@@ -78,7 +98,7 @@ def _from_input_error(e: Exception) -> APIError:
 def create_app(model, settings: ServerSettings | None = None):
     """The FastAPI app serving ``model`` (a loaded ``MultimodalLM``)."""
     settings = settings or ServerSettings()
-    engine = GenerationEngine(model, settings.max_batch_size, settings.batch_window_ms / 1000)
+    engine = create_engine(model, settings.max_batch_size, settings.batch_window_ms / 1000)
     fields = tuple(ph.strip("<>") for ph in model.supported_placeholders)
     policy = MediaPolicy(media_root=settings.media_root, allow_remote=settings.allow_remote_media,
                          audio_field="audio" if "audio" in fields or "speech" not in fields else "speech",
@@ -108,15 +128,8 @@ def create_app(model, settings: ServerSettings | None = None):
         return JSONResponse(APIError(500, f"internal error: {type(e).__name__}", "server_error").body(),
                             status_code=500)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1") and request.method != "OPTIONS":
-            given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), settings.api_key.encode()):
-                return JSONResponse(APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                                             "authentication_error", code="invalid_api_key").body(), status_code=401)
-        return await call_next(request)
+    if settings.api_key:
+        app.add_middleware(_APIKeyCheck, api_key=settings.api_key)
 
     @app.get("/", response_class=HTMLResponse)
     def page():
@@ -125,16 +138,18 @@ def create_app(model, settings: ServerSettings | None = None):
     @app.get("/health")
     def health():
         sizes = engine.batch_sizes
-        return {"status": "ok", "model": settings.model_name, "running": engine.running, "queued": engine.queued,
-                "media": list(fields), "batches": len(sizes), "batched_requests": sum(sizes)}
+        return {"status": "ok", "model": settings.model_name, "batching": engine.strategy,
+                "running": engine.running, "queued": engine.queued,
+                "media": list(fields), "batches": len(sizes), "batched_requests": sum(sizes),
+                "prefills": len(engine.prefill_sizes), "prefilled_requests": sum(engine.prefill_sizes)}
 
     @app.get("/v1/models")
     def models():
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": created,
                                             "owned_by": "mllm"}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def accept(request: Request) -> tuple[ParsedRequest, GenerationRequest]:
+        """Read, check and prepare one request (4xx ``APIError`` for bad input)."""
         body = await _read_json(request, settings.max_request_bytes)
         try:
             parsed = parse_chat_request(body, policy, model.prompt_record.max_new_tokens)
@@ -147,8 +162,17 @@ def create_app(model, settings: ServerSettings | None = None):
             prompt = await asyncio.to_thread(_prepare, model, parsed, settings.limits)
         except (UserError, ValueError) as e:
             raise _from_input_error(e) from None
-        job = GenerationRequest(prompt, parsed.params, asyncio.get_running_loop())
-        engine.submit(job)
+        return parsed, GenerationRequest(prompt, parsed.params, asyncio.get_running_loop(), stream=parsed.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        engine.announce()   # from its first byte on, the engine's next prefill may wait for this request
+        try:
+            parsed, job = await accept(request)
+        except BaseException:
+            engine.withdraw()
+            raise
+        engine.submit(job, announced=True)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         if parsed.stream:
@@ -257,8 +281,9 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--media-root", help="allow local media paths (and file:// URLs) under this folder")
     parser.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) media URLs (off by default)")
     parser.add_argument("--max-batch-size", type=int, default=8)
-    parser.add_argument("--batch-window-ms", type=float, default=10.0,
-                        help="how long the first request of a batch waits for others")
+    parser.add_argument("--batch-window-ms", type=float, default=50.0,
+                        help="under load, how long after the last arrival a prefill waits for requests still being "
+                        "read or prepared, or for as many as the recent load (a lone request never waits)")
     parser.add_argument("--max-request-bytes", type=int, default=32 << 20)
     parser.add_argument("--max-image-pixels", type=int, default=Limits.max_image_pixels)
     parser.add_argument("--max-audio-seconds", type=float, default=Limits.max_audio_seconds)

@@ -14,7 +14,10 @@ The peft config class's attributes say what the rest of the project may do with 
 * ``mergeable``: ``merge_and_unload`` folds the adapter into the weights (False: ``merge_refusal``
   says why, e.g. MokA's routed A matrices);
 * ``merges_into_4bit``: it merges into a 4-bit LLM once that is dequantized;
-* ``partitions_tasks``: one part of the adapter per task of a continual sequence (DeLo).
+* ``partitions_tasks``: one part of the adapter per task of a continual sequence (DeLo);
+* ``per_sample_decode_state``: the prompt pass leaves state per sample that the KV-cache decode steps
+  read (DeLo's routing), so a batch's rows must stay the same until generation ends (``mllm serve``
+  then runs ``generate`` batches instead of continuous batching).
 
 peft's LoRA and DoRA live in ``lora.py``, the baselines that add no adapter (BitFit, full
 fine-tuning, frozen backbone) in ``baselines.py``; every other tuner is a package of its own (config,
@@ -52,7 +55,7 @@ class TunerEntry:
 TUNER_REGISTRY: dict[str, TunerEntry] = {}
 #: Capabilities a config class has unless it says otherwise (LoRA / DoRA have them all but pairing).
 CAPABILITY_DEFAULTS = {"pairs_with_encoder": False, "mergeable": True, "merges_into_4bit": True,
-                       "partitions_tasks": False}
+                       "partitions_tasks": False, "per_sample_decode_state": False}
 
 
 def register_tuner(name: str, config_class: type | None, backbone: str = CAUSAL_LM):
@@ -91,7 +94,13 @@ def tuner_builder(tuner_type: str, backbone: str) -> Callable:
 
 def tuner_capability(tuner_type: str, capability: str) -> bool:
     """``capability`` (a key of ``CAPABILITY_DEFAULTS``) of the tuner registered as ``tuner_type``."""
-    return getattr(_entry(tuner_type).config_class, capability, CAPABILITY_DEFAULTS[capability])
+    return config_capability(_entry(tuner_type).config_class, capability)
+
+
+def config_capability(config: PeftConfig | type | None, capability: str) -> bool:
+    """``capability`` of a peft config (instance or class), e.g. of an adapter loaded from disk."""
+    config_class = config if isinstance(config, type) or config is None else type(config)
+    return getattr(config_class, capability, CAPABILITY_DEFAULTS[capability])
 
 
 def merge_refusal(tuner_type: str) -> str:

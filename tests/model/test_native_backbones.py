@@ -334,3 +334,42 @@ def test_train_native_connector_on_a_causal_lm_is_a_config_error(tiny_assets):
     cfg = config_from_dict({"model": model_section(tiny_assets, train_native_connector=True)})
     with pytest.raises(ConfigError, match="train_native_connector"):
         MultimodalLM.from_config(cfg.model)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_serving_batches_a_native_backbone_through_generate(native_dirs, family):
+    """``mllm serve`` / ``mllm chat`` decode a native backbone with ``generate`` batches (Qwen-VL's
+    3-D positions and rope offset are ``generate``'s), and batched rows equal each prompt alone."""
+    import asyncio
+
+    from mllm.serve.engine import GenerateBatchEngine, GenerationRequest, SamplingParams, create_engine
+    from mllm.serve.inputs import Limits, build_prompt, collate_prompts, decode_media
+    from tests.serve.conftest import wav_bytes
+
+    model = build(native_dirs, family)
+    assert not model.supports_continuous_batching()
+    audio = {freq: decode_media(model.processor, "audio", wav_bytes(1.0, freq), "audio", Limits())
+             for freq in (440, 880)}
+    prompts = [build_prompt(model, [{"role": "user", "content": f"<audio>\n{question}"}], {"audio": [audio[freq]]})
+               for question, freq in (("What do you hear?", 440), ("Which tone is it, high or low?", 880))]
+    engine = create_engine(model, max_batch_size=4, batch_window_s=0.05)
+    params = SamplingParams(max_tokens=6, min_tokens=6)
+
+    async def both():
+        loop = asyncio.get_running_loop()
+        requests = [GenerationRequest(prompt, params, loop) for prompt in prompts]
+        for request in requests:
+            engine.submit(request)
+        for request in requests:
+            while (await request.events.get()).kind not in ("done", "error"):
+                pass
+        return requests
+
+    try:
+        requests = asyncio.run(both())
+    finally:
+        engine.close()
+    assert isinstance(engine, GenerateBatchEngine) and engine.batch_sizes == [2]
+    for request, prompt in zip(requests, prompts):
+        alone = model.generate(**collate_prompts(model, [prompt]), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        assert request.finish_reason == "length" and request.tokens == alone[0].tolist()

@@ -237,19 +237,19 @@ def test_streaming_error_after_start_is_in_band(served_model, monkeypatch):
 
     with start_server(served_model, model_name="tiny") as running:
         engine = running.app.state.engine
-        real = engine.model.generate
+        real = engine.model.llm.forward
         calls = {"n": 0}
 
-        def failing_once(*args, **kwargs):
+        def failing_once(*args, **kwargs):   # the prompt forward works, the first decode step fails
             calls["n"] += 1
-            if calls["n"] == 1:
+            if calls["n"] == 2:
                 raise RuntimeError("device lost")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(engine.model, "generate", failing_once)
+        monkeypatch.setattr(engine.model.llm, "forward", failing_once)
         client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0)
         with pytest.raises(openai.APIError, match="device lost"):
-            list(client.chat.completions.create(model="tiny", max_tokens=4, stream=True,
+            list(client.chat.completions.create(model="tiny", max_tokens=4, stream=True, extra_body={"min_tokens": 4},
                                                 messages=image_message(png_bytes())))
         ok = client.chat.completions.create(model="tiny", max_tokens=4, messages=image_message(png_bytes()))
         assert ok.choices[0].finish_reason in ("stop", "length")

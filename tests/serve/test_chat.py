@@ -52,10 +52,10 @@ def test_two_turns_with_images_and_errors_that_do_not_end_the_session(av_checkpo
 
 def test_a_turn_too_long_for_the_context_is_refused_and_the_session_goes_on(served_model):
     from mllm.chat import ChatSession
-    from mllm.serve.engine import GenerationEngine
+    from mllm.serve.engine import create_engine
     from mllm.serve.inputs import InputError
 
-    engine = GenerationEngine(served_model, max_batch_size=1, batch_window_s=0)
+    engine = create_engine(served_model, max_batch_size=1, batch_window_s=0)
     try:
         session = ChatSession(served_model, engine, {"max_tokens": 4}, Limits(max_prompt_tokens=80))
         session.ask("Hello")

@@ -156,6 +156,12 @@ class NativeVisionLM(MultimodalLM):
                       os.path.join(output_dir, NATIVE_CONNECTOR_FILE))
 
     # ------------------------------------------------------------------ data pipeline
+    def supports_continuous_batching(self) -> bool:
+        """No: the serving loop's 1-D positions would be wrong for Qwen-VL (3-D rotary positions and a
+        rope offset that ``generate`` computes and carries), and LLaVA is served the same way, through
+        ``generate``, to keep one path for native backbones."""
+        return False
+
     def _build_processor(self, tokenizer) -> NativeMediaProcessor:
         """Images and videos through the checkpoint's own processor, audio / speech as the parent's."""
         hf_processor = AutoProcessor.from_pretrained(self.config.llm, trust_remote_code=self.config.trust_remote_code)

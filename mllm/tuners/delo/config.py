@@ -51,9 +51,11 @@ class DeloConfig(TargetedPeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "True: b_e zero (identity at start). False: b_e random too (tests)."})
 
-    # Capabilities (mllm.tuners): per-sample expert selection folds into no weight; one pool set per task.
+    # Capabilities (mllm.tuners): per-sample expert selection folds into no weight; one pool set per task;
+    # the prompt pass's per-sample routing holds for the decode steps (DeloModel._before_forward).
     mergeable = False
     partitions_tasks = True
+    per_sample_decode_state = True
     merge_refusal = ("DeLo's router mixes low-rank experts per sample (and picks the task by its key memory), "
                      "so its update folds into no single weight")
 
