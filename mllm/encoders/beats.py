@@ -160,30 +160,36 @@ def kaldi_mel_banks(num_bins: int = FBANK_NUM_MEL_BINS, fft_size: int = FBANK_FF
 
 
 def kaldi_fbank(waveform: torch.Tensor, mel_banks: torch.Tensor | None = None) -> torch.Tensor:
-    """Log-mel filterbank of one waveform (already scaled to the int16 range), (frames, 128).
+    """Log-mel filterbank of one waveform (already scaled to the int16 range), (frames, 128); or of
+    several of equal length stacked as (N, samples), giving (N, frames, 128) in one pass.
 
     Same result as ``torchaudio.compliance.kaldi.fbank(w, num_mel_bins=128, frame_length=25,
     frame_shift=10, dither=0.0)``: frames with snip_edges, per-frame DC removal, pre-emphasis,
     Povey window, power spectrum of the frame zero-padded to 512, Kaldi mel banks, log with an
     energy floor of float32 eps.
     """
-    if waveform.ndim != 1:
-        raise ValueError(f"kaldi_fbank expects one 1-D waveform, got shape {tuple(waveform.shape)}")
-    if waveform.shape[0] < FBANK_FRAME_LENGTH:
-        raise ValueError(f"waveform has {waveform.shape[0]} samples; the fbank needs at least "
+    if waveform.ndim not in (1, 2):
+        raise ValueError(f"kaldi_fbank expects a 1-D waveform or (N, samples), got shape {tuple(waveform.shape)}")
+    if waveform.shape[-1] < FBANK_FRAME_LENGTH:
+        raise ValueError(f"waveform has {waveform.shape[-1]} samples; the fbank needs at least "
                          f"{FBANK_FRAME_LENGTH} (one 25 ms frame)")
     waveform = waveform.float()
-    frames = waveform.unfold(0, FBANK_FRAME_LENGTH, FBANK_FRAME_SHIFT)      # (T, 400)
+    frames = waveform.unfold(-1, FBANK_FRAME_LENGTH, FBANK_FRAME_SHIFT)    # (..., T, 400)
     frames = frames - frames.mean(dim=-1, keepdim=True)
-    previous = torch.cat([frames[:, :1], frames[:, :-1]], dim=-1)          # x[-1] := x[0]
+    previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)      # x[-1] := x[0]
     frames = frames - FBANK_PREEMPHASIS * previous
     window = torch.hann_window(FBANK_FRAME_LENGTH, periodic=False, device=frames.device) ** FBANK_POVEY_POWER
-    frames = F.pad(frames * window, (0, FBANK_FFT_SIZE - FBANK_FRAME_LENGTH))
-    power = torch.fft.rfft(frames).abs() ** 2                              # (T, 257)
+    spectrum = torch.fft.rfft(frames * window, n=FBANK_FFT_SIZE)           # zero-padded to 512
+    power = spectrum.real.square() + spectrum.imag.square()                # |X|^2, (..., T, 257)
     if mel_banks is None:
         mel_banks = kaldi_mel_banks()
     mel_energy = power @ mel_banks.to(power.device).T
     return torch.clamp(mel_energy, min=torch.finfo(torch.float32).eps).log()
+
+
+def _normalised_fbank(waveforms: torch.Tensor) -> torch.Tensor:
+    """BEATs' input: the fbank of (..., samples) waveforms in [-1, 1], normalised as in the release."""
+    return (kaldi_fbank(waveforms * WAVEFORM_SCALE) - FBANK_MEAN) / (2 * FBANK_STD)
 
 
 def num_fbank_frames(num_samples: int) -> int:
@@ -505,8 +511,7 @@ class BEATsPreprocessor(MediaPreprocessor):
 
     def fbank(self, waveform) -> torch.Tensor:
         """Normalised fbank (frames, 128) of one 16 kHz waveform."""
-        fbank = kaldi_fbank(as_mono_waveform(waveform) * WAVEFORM_SCALE)
-        return (fbank - FBANK_MEAN) / (2 * FBANK_STD)
+        return _normalised_fbank(as_mono_waveform(waveform))
 
     def preprocess_with_padding_mask(self, items: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
         """Waveforms -> (fbank (N, frames, 128), frame_padding_mask (N, frames), True = padding).
@@ -517,13 +522,14 @@ class BEATsPreprocessor(MediaPreprocessor):
         waveforms = [as_mono_waveform(item) for item in items]
         if not waveforms:
             raise ValueError("preprocess needs at least one waveform")
-        fbanks, valid_frames = [], []
-        for waveform in waveforms:
-            if waveform.shape[0] < self.min_samples:
-                # Silence appended as content (not padding), so the clip still gets one patch.
-                waveform = F.pad(waveform, (0, self.min_samples - waveform.shape[0]))
-            fbanks.append(self.fbank(waveform))
-            valid_frames.append(fbanks[-1].shape[0])
+        # Silence appended as content (not padding) to a clip shorter than one patch, so it still gets one.
+        waveforms = [F.pad(w, (0, self.min_samples - w.shape[0])) if w.shape[0] < self.min_samples else w
+                     for w in waveforms]
+        if len({w.shape[0] for w in waveforms}) == 1:   # e.g. a clip's windows: one pass for all
+            fbanks = list(_normalised_fbank(torch.stack(waveforms)))
+        else:
+            fbanks = [self.fbank(w) for w in waveforms]
+        valid_frames = [f.shape[0] for f in fbanks]
         max_frames = max(f.shape[0] for f in fbanks)
         batch = torch.full((len(fbanks), max_frames, FBANK_NUM_MEL_BINS), PADDING_FBANK_VALUE)
         padding_mask = torch.ones(len(fbanks), max_frames, dtype=torch.bool)

@@ -21,7 +21,9 @@ Prefill costs about the same for one prompt or sixteen, so under load arrivals a
 a batch waits, at most ``batch_window_s`` after the last arrival, while requests the server is
 still reading or preparing are announced (``announce``) or fewer are in than the recent load
 (the most requests in the server at once over the last second); running rows go on decoding
-meanwhile. A lone request on an idle server starts at once. After every token the row's text is
+meanwhile; the continuous engine uses that wait to encode the media of the requests already in
+(``_use_idle_time``), so the prefill only splices their features. A lone request on an idle server
+starts at once. After every token the row's text is
 decoded, checked for stop strings, and its new part sent to the request's asyncio queue (streamed
 requests) or kept for the final answer. A client that went away (``cancel``) ends its row at the
 next token. A failing prefill, step or batch reports the error to the requests it held and the
@@ -43,6 +45,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache
 
+from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS
 from mllm.model.splice import position_ids_from_attention_mask
 from mllm.serve.inputs import Prompt, collate_prompts
 
@@ -91,6 +94,7 @@ class GenerationRequest:
         self.tokens: list[int] = []
         self.sent = ""
         self.finish_reason: str | None = None
+        self.projected: dict[str, torch.Tensor] | None = None   # its media encoded ahead (ContinuousBatchingEngine)
 
     def cancel(self) -> None:
         """The client went away: the row ends at its next token and frees its place."""
@@ -219,6 +223,10 @@ class GenerationEngine:
         """Run the requests just gathered ([] : none arrived; decode what is running)."""
         raise NotImplementedError
 
+    def _use_idle_time(self) -> bool:
+        """Work on ``_waiting`` requests while a batch gathers; True when some was done."""
+        return False
+
     # ------------------------------------------------------------ worker
     def _work(self) -> None:
         with torch.inference_mode():
@@ -268,6 +276,8 @@ class GenerationEngine:
                 return arrivals
             if running:
                 return []          # decode a step, look again after it
+            if self._use_idle_time():
+                continue           # time passed: look again before waiting
             try:
                 item = self._queue.get(timeout=remaining)
             except queue.Empty:
@@ -391,13 +401,49 @@ class ContinuousBatchingEngine(GenerationEngine):
         if self._batch is not None:
             self._step()
 
+    def _use_idle_time(self) -> bool:
+        """Encode the media of the requests gathered so far while the rest of the batch is being read
+        and prepared (the worker would idle): the prefill then only splices their features."""
+        pending = [r for r in self._waiting if r.projected is None]
+        if not pending:
+            return False
+        try:
+            self._encode_media(pending)
+        except Exception as e:  # a request whose media cannot be encoded fails alone, before any batch
+            self._fail(pending, e)
+            self._waiting = [r for r in self._waiting if r.finish_reason is None]
+        return True
+
+    def _encode_media(self, requests: list[GenerationRequest]) -> None:
+        """Project the media of ``requests`` (one encoder pass per kind for all of them) and keep
+        each request's share in ``request.projected``."""
+        requests = [r for r in requests if r.projected is None]
+        if not requests:
+            return
+        inputs = collate_prompts(self.model, [r.prompt for r in requests], self.device)
+        shares: list[dict[str, torch.Tensor]] = [{} for _ in requests]
+        for placeholder, (_, field_name) in PLACEHOLDERS.items():
+            key = MEDIA_INPUT_KEYS[field_name]
+            if key not in inputs:
+                continue
+            counts = [r.prompt.features[key].shape[0] if key in r.prompt.features else 0 for r in requests]
+            features = self.model.encode_media(placeholder, inputs[key])
+            for share, part in zip(shares, features.split(counts)):
+                if part.shape[0]:
+                    share[placeholder] = part
+        for request, share in zip(requests, shares):
+            request.projected = share
+
     def _join(self, requests: list[GenerationRequest]) -> None:
         """Prefill ``requests`` together and add their rows to the running batch."""
         try:
+            self._encode_media(requests)   # those not encoded while the batch gathered
+            projected = {placeholder: torch.cat([r.projected[placeholder] for r in requests
+                                                 if placeholder in r.projected])
+                         for placeholder in {p for r in requests for p in r.projected}}
             inputs = collate_prompts(self.model, [r.prompt for r in requests], self.device)
-            media = {k: v for k, v in inputs.items() if k.endswith("_inputs")}
             embeds, attention_mask = self.model._prepare_inputs(
-                inputs["input_ids"], inputs["attention_mask"], inputs.get("question_mask"), media)
+                inputs["input_ids"], inputs["attention_mask"], inputs.get("question_mask"), {}, projected=projected)
             cache = DynamicCache()
             output = self.model.llm(inputs_embeds=embeds, attention_mask=attention_mask,
                                     position_ids=position_ids_from_attention_mask(attention_mask),

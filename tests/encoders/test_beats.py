@@ -346,3 +346,15 @@ def test_select_layer(checkpoint):
     assert torch.equal(first, hidden[1]) and torch.equal(last, hidden[-1])
     with pytest.raises(ValueError, match="select_layer=5 is out of range"):
         build_encoder(EncoderConfig(type="beats", path=path, select_layer=5))
+
+
+def test_fbank_of_stacked_waveforms_equals_each_alone(checkpoint):
+    """Equal-length clips (an audio item's windows) get their fbank in one pass: the same rows as one by one."""
+    waves = [speech_like(16000, seed=seed) for seed in (1, 2, 3)]
+    stacked = kaldi_fbank(torch.from_numpy(np.stack(waves)) * 2 ** 15)
+    for wave, rows in zip(waves, stacked):
+        torch.testing.assert_close(rows, kaldi_fbank(torch.from_numpy(wave) * 2 ** 15), rtol=0, atol=1e-5)
+    encoder = build_encoder(EncoderConfig(type="beats", path=checkpoint[0]))
+    batch, mask = encoder.preprocess_with_padding_mask(waves)
+    torch.testing.assert_close(batch, torch.stack([encoder.fbank(w) for w in waves]), rtol=0, atol=1e-5)
+    assert not mask.any()

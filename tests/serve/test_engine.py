@@ -245,3 +245,71 @@ def test_delo_rows_batched_together_equal_each_prompt_alone(tiny_model):
     alone = [_alone(tiny_model, prompt, 10) for prompt in prompts]
     assert [r.tokens for r in requests] == alone
     assert alone[0] != alone[2] or alone[1] != alone[2]   # the rows are not all the same answer
+
+
+def test_media_of_early_arrivals_is_encoded_while_the_batch_gathers(served_model, prompts):
+    """While a batch waits for announced requests, the worker encodes the media of those already in;
+    the prefill then splices those features, and every answer still equals its prompt alone."""
+    engine = ContinuousBatchingEngine(served_model, max_batch_size=4, batch_window_s=2.0)
+    params = SamplingParams(max_tokens=6, min_tokens=6)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        requests = [GenerationRequest(p, params, loop) for p in prompts]
+        for _ in requests:
+            engine.announce()                       # all four are being read: the batch waits for them
+        for request in requests[:-1]:
+            engine.submit(request, announced=True)
+        while any(r.projected is None for r in requests[:-1]):
+            await asyncio.sleep(0.005)
+        encoded_before_prefill = not engine.prefill_sizes
+        engine.submit(requests[-1], announced=True)
+        for request in requests:
+            while (await request.events.get()).kind not in ("done", "error"):
+                pass
+        return requests, encoded_before_prefill
+
+    try:
+        requests, encoded_before_prefill = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert encoded_before_prefill and engine.prefill_sizes == [4]
+    with_media = [r for r in requests if "image_inputs" in r.prompt.features or "audio_inputs" in r.prompt.features]
+    assert with_media and all(r.projected for r in with_media)
+    for request, prompt in zip(requests, prompts):
+        assert request.tokens == _alone(served_model, prompt, 6)
+
+
+def test_media_that_fails_to_encode_fails_its_request_only(served_model, prompts, monkeypatch):
+    engine = ContinuousBatchingEngine(served_model, max_batch_size=4, batch_window_s=2.0)
+    params = SamplingParams(max_tokens=4, min_tokens=4)
+    real = served_model.encode_media
+
+    def broken_audio(placeholder, inputs):
+        if placeholder == "<audio>":
+            raise RuntimeError("audio encoder failed")
+        return real(placeholder, inputs)
+
+    monkeypatch.setattr(served_model, "encode_media", broken_audio)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        bad, good = GenerationRequest(prompts[3], params, loop), GenerationRequest(prompts[0], params, loop)
+        engine.announce()
+        engine.submit(bad)
+        events = []
+        while not events or events[-1].kind not in ("done", "error"):
+            events.append(await bad.events.get())
+        monkeypatch.setattr(served_model, "encode_media", real)
+        engine.withdraw()
+        engine.submit(good)
+        while (await good.events.get()).kind not in ("done", "error"):
+            pass
+        return events[-1], good
+
+    try:
+        error, good = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert error.kind == "error" and "audio encoder failed" in error.text
+    assert good.finish_reason == "length" and good.tokens == _alone(served_model, prompts[0], 4)
