@@ -125,7 +125,8 @@ def _decode_native(processor, field_name: str, data: bytes, what: str, limits: L
         with _temporary_file(data, what) as path:
             decoded = processor.decode_native(field_name, path, what)
         _check_pixels(decoded[1].width, decoded[1].height, what, limits)
-    return processor.process_native(field_name, decoded)
+    with _TOKENIZER_LOCK:   # the checkpoint's processor writes the item's ids with the model's tokenizer
+        return processor.process_native(field_name, decoded)
 
 
 def _decode_image(data: bytes, what: str, limits: Limits) -> Image.Image:

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import json
+import threading
 
 import httpx
 import numpy as np
@@ -57,7 +58,7 @@ def native_server(native_model):
     """The family's model served with small limits; the prompt limit lies just under the long
     question with its image expanded."""
     limit = _tokens(native_model, f"<image>\n{LONG_QUESTION}", {"image": [png_bytes(1, (30, 45))]}) - 1
-    with start_server(native_model, model_name="native", max_batch_size=4,
+    with start_server(native_model, model_name="native", max_batch_size=4, batch_window_ms=500,
                       limits=Limits(max_image_pixels=MAX_PIXELS, max_prompt_tokens=limit)) as running:
         running.prompt_limit = limit
         yield running
@@ -158,6 +159,35 @@ def test_rows_with_images_of_different_sizes_batched_together_equal_each_alone(n
         assert request.finish_reason == "length" and request.tokens == alone[0].tolist()
 
 
+def test_concurrent_http_requests_with_different_image_sizes_equal_each_alone(client, native_server, native_model):
+    engine = native_server.app.state.engine
+    before = len(engine.batch_sizes)
+    sizes = [(30, 45), (64, 40), (44, 60), (24, 24)]
+    pngs = [png_bytes(10 + k, size) for k, size in enumerate(sizes)]
+    answers, errors = {}, []
+
+    def ask(k):
+        try:
+            response = client.chat.completions.create(
+                model="native", max_tokens=6, extra_body={"min_tokens": 6}, messages=[{"role": "user", "content": [
+                    image_part(pngs[k]), {"type": "text", "text": "Which colour? " * (k + 1)}]}])
+            answers[k] = response.choices[0].message.content
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(sizes))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and max(engine.batch_sizes[before:]) > 1
+    for k, png in enumerate(pngs):
+        item = decode_media(native_model.processor, "image", png, "image", Limits())
+        prompt = build_prompt(native_model, [{"role": "user", "content": "<image>\n" + "Which colour? " * (k + 1)}],
+                              {"image": [item]})
+        assert answers[k] == generate_text(native_model, prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+
+
 def _error(client, messages) -> openai.BadRequestError:
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="native", max_tokens=4, messages=messages)
@@ -186,6 +216,10 @@ def test_bad_image_requests_get_400_and_the_server_goes_on(client, native_server
         # The checkpoint's own image pad typed into the text: an image position without pixels.
         error = _error(client, [{"role": "user", "content": "<|image_pad|> what is this?"}])
         assert error.body["code"] == "placeholder_mismatch" and "<|image_pad|>" in error.body["message"]
+        error = _error(client, [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": data_url(b"not a video at all", "video/mp4")}}]}])
+        assert error.body["code"] == "undecodable_media"
+        assert "cannot read messages[0].content[0]" in error.body["message"]
     assert set(error.body) >= {"message", "type", "param", "code"}   # OpenAI's error shape
     response = client.chat.completions.create(model="native", max_tokens=3, messages=[
         {"role": "user", "content": [image_part(png), {"type": "text", "text": QUESTION}]}])
