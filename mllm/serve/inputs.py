@@ -28,6 +28,7 @@ from PIL import Image
 from mllm.data.dataset import MultimodalCollator, expand_placeholders
 from mllm.data.media import AUDIO_SAMPLE_RATE, MediaError, load_audio, load_video_frames
 from mllm.data.native_processor import NativeItem
+from mllm.data.native_video import read_video_metadata
 from mllm.data.templates import tokenize_conversation
 from mllm.errors import UserError
 from mllm.modality import MEDIA_FIELDS, MEDIA_INPUT_KEYS, PLACEHOLDERS
@@ -123,8 +124,9 @@ def _decode_native(processor, field_name: str, data: bytes, what: str, limits: L
         decoded = _decode_image(data, what, limits)
     else:
         with _temporary_file(data, what) as path:
+            metadata = read_video_metadata(path, what)   # the frame size, before any frame is decoded
+            _check_pixels(metadata.width, metadata.height, what, limits)
             decoded = processor.decode_native(field_name, path, what)
-        _check_pixels(decoded[1].width, decoded[1].height, what, limits)
     with _TOKENIZER_LOCK:   # the checkpoint's processor writes the item's ids with the model's tokenizer
         return processor.process_native(field_name, decoded)
 

@@ -194,7 +194,7 @@ def _error(client, messages) -> openai.BadRequestError:
     return caught.value
 
 
-def test_bad_image_requests_get_400_and_the_server_goes_on(client, native_server, native_model):
+def test_bad_image_requests_get_400_and_the_server_goes_on(client, native_server, native_model, tmp_path):
     png = png_bytes(1, (30, 45))
     # Two placeholders, one image part; and a placeholder in plain-string content with no image.
     error = _error(client, [{"role": "user", "content": [{"type": "text", "text": "<image> and <image>?"},
@@ -220,6 +220,10 @@ def test_bad_image_requests_get_400_and_the_server_goes_on(client, native_server
             {"type": "video_url", "video_url": {"url": data_url(b"not a video at all", "video/mp4")}}]}])
         assert error.body["code"] == "undecodable_media"
         assert "cannot read messages[0].content[0]" in error.body["message"]
+        write_video(tmp_path / "big.mp4", [np.asarray(image(7, (72, 72)))] * 2, fps=2)
+        error = _error(client, [{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": data_url((tmp_path / "big.mp4").read_bytes(), "video/mp4")}}]}])
+        assert error.body["code"] == "image_too_large" and "72x72 = 5184 pixels" in error.body["message"]
     assert set(error.body) >= {"message", "type", "param", "code"}   # OpenAI's error shape
     response = client.chat.completions.create(model="native", max_tokens=3, messages=[
         {"role": "user", "content": [image_part(png), {"type": "text", "text": QUESTION}]}])
