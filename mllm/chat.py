@@ -101,7 +101,7 @@ def chat_main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
     import logging
 
     from mllm.serve.engine import create_engine
-    from mllm.serve.inputs import load_model_for_inference
+    from mllm.serve.inputs import accepted_fields, load_model_for_inference
 
     args = chat_parser().parse_args(argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -116,7 +116,7 @@ def chat_main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
     sampling = {"max_tokens": model.prompt_record.max_new_tokens, "temperature": args.temperature,
                 "top_p": args.top_p, "stop": args.stop}
     session = ChatSession(model, engine, sampling)
-    fields = [ph.strip("<>") for ph in model.supported_placeholders]
+    fields = accepted_fields(model.processor)
     print(f"mllm chat: {args.checkpoint} (takes {', '.join(fields) or 'text only'}). {HELP}", file=stdout, flush=True)
 
     def show(piece: str) -> None:

@@ -6,6 +6,8 @@ no weights are loaded."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image
@@ -47,6 +49,16 @@ def native_media_fields(config: ModelConfig) -> set[str]:
     return {"image"} | ({"video"} if getattr(_llm_config(config), "video_token_id", None) is not None else set())
 
 
+@dataclass
+class NativeItem:
+    """One image / video through the checkpoint's processor: the ids its placeholder becomes
+    (``MediaSpec.item_tokens``) and its tensors (``NATIVE_MEDIA_KEYS``, concatenated over a
+    record's items and over a batch by ``MultimodalCollator``)."""
+
+    token_ids: list[int]
+    tensors: dict[str, torch.Tensor]
+
+
 class NativeMediaProcessor(MediaProcessor):
     """``MediaProcessor`` for the project's branches, plus ``<image>`` (and ``<video>`` for Qwen-VL)
     through ``hf_processor``, the checkpoint's own processor (its tokenizer replaced by the one with
@@ -83,25 +95,36 @@ class NativeMediaProcessor(MediaProcessor):
             placeholder = f"<{field}>"
             specs[placeholder] = MediaSpec(
                 placeholder=placeholder, field=field, token_id=self.placeholder_ids[placeholder], num_tokens=0,
-                load_item=lambda path, rid, field=field: {
-                    k: torch.as_tensor(v) for k, v in self.process_media(field, path, rid).items()
-                    if k in NATIVE_MEDIA_KEYS},
-                item_tokens=lambda path, rid, field=field: (
-                    self.process_media(field, path, rid)["input_ids"][0].tolist()))
+                load_item=lambda path, rid, field=field: self.load_native(field, path, rid).tensors,
+                item_tokens=lambda path, rid, field=field: self.load_native(field, path, rid).token_ids)
         return specs
 
-    def process_media(self, field: str, path: str, record_id: str) -> dict:
-        """One image / video file through the checkpoint's processor, with its placeholder text."""
+    def decode_native(self, field: str, path: str, record_id: str):
+        """One image / video file decoded as the checkpoint's processor takes it: an RGB image, or
+        ``(frames, VideoMetadata)`` sampled as the released model samples (``native_video``)."""
+        if field == "image":
+            return load_image(path, record_id)
+        return sample_native_video(self.hf_processor.video_processor, path, record_id)
+
+    def process_native(self, field: str, decoded) -> NativeItem:
+        """A decoded image / video (``decode_native``) through the checkpoint's processor, with its
+        placeholder text: the ids the placeholder becomes and the item's tensors."""
         if field == "image":
             text, media = ("<|vision_start|><|image_pad|><|vision_end|>" if self.family == "qwen_vl"
-                           else self.hf_processor.image_token), {"images": [load_image(path, record_id)]}
+                           else self.hf_processor.image_token), {"images": [decoded]}
         else:
-            # The released model's sampling: by frames per second, through the checkpoint's own
-            # video processor, with the file's real frame count and rate (its time positions).
-            frames, metadata = sample_native_video(self.hf_processor.video_processor, path, record_id)
+            # The released model's sampling (decode_native): by frames per second, with the file's
+            # real frame count and rate (its time positions); the processor must not sample again.
+            frames, metadata = decoded
             text, media = ("<|vision_start|><|video_pad|><|vision_end|>",
                            {"videos": [frames], "video_metadata": [metadata], "do_sample_frames": False})
-        return self.hf_processor(text=[text], add_special_tokens=False, return_tensors="pt", **media)
+        out = self.hf_processor(text=[text], add_special_tokens=False, return_tensors="pt", **media)
+        return NativeItem(out["input_ids"][0].tolist(),
+                          {k: torch.as_tensor(v) for k, v in out.items() if k in NATIVE_MEDIA_KEYS})
+
+    def load_native(self, field: str, path: str, record_id: str) -> NativeItem:
+        """One image / video file through the checkpoint's processor."""
+        return self.process_native(field, self.decode_native(field, path, record_id))
 
     def dummy_native(self, kind: str) -> dict[str, torch.Tensor]:
         """A blank image (or two-frame video) through the checkpoint's processor."""
@@ -117,4 +140,4 @@ class NativeMediaProcessor(MediaProcessor):
         return self._dummy_media[key]
 
 
-__all__ = ["NATIVE_FAMILIES", "NativeMediaProcessor", "native_family", "native_media_fields"]
+__all__ = ["NATIVE_FAMILIES", "NativeItem", "NativeMediaProcessor", "native_family", "native_media_fields"]

@@ -30,6 +30,7 @@ from mllm.serve.engine import Event, GenerationRequest, create_engine
 from mllm.serve.inputs import (
     InputError,
     Limits,
+    accepted_fields,
     build_prompt,
     decode_media,
     decode_media_file,
@@ -99,7 +100,7 @@ def create_app(model, settings: ServerSettings | None = None):
     """The FastAPI app serving ``model`` (a loaded ``MultimodalLM``)."""
     settings = settings or ServerSettings()
     engine = create_engine(model, settings.max_batch_size, settings.batch_window_ms / 1000)
-    fields = tuple(ph.strip("<>") for ph in model.supported_placeholders)
+    fields = accepted_fields(model.processor)
     policy = MediaPolicy(media_root=settings.media_root, allow_remote=settings.allow_remote_media,
                          audio_field="audio" if "audio" in fields or "speech" not in fields else "speech",
                          fields=fields)

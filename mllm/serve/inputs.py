@@ -4,6 +4,12 @@ Shared by ``mllm serve``, ``mllm chat`` and their tests: messages are ``{"role",
 with media placeholders (``<image>``...) in the text, media are decoded items per field in the
 order their placeholders appear. The prompt is rendered with the checkpoint's own template and
 system prompt (``model.prompt_record``), exactly as the training data pipeline renders it.
+
+On a native vision-language backbone (``mllm.model.native``) images and videos go through the
+checkpoint's own processor (``NativeMediaProcessor``, as training and ``mllm eval`` prepare them):
+an item is a ``NativeItem``, whose placeholder becomes the ids that processor writes (Qwen-VL:
+as many pads as its image grid gives) and whose tensors (``pixel_values``, ``image_grid_thw``...)
+are concatenated over the prompt and over a batch as the data pipeline does.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from PIL import Image
 
 from mllm.data.dataset import MultimodalCollator, expand_placeholders
 from mllm.data.media import AUDIO_SAMPLE_RATE, MediaError, load_audio, load_video_frames
+from mllm.data.native_processor import NativeItem
+from mllm.data.native_video import read_video_metadata
 from mllm.data.templates import tokenize_conversation
 from mllm.errors import UserError
 from mllm.modality import MEDIA_FIELDS, MEDIA_INPUT_KEYS, PLACEHOLDERS
@@ -66,14 +74,24 @@ def placeholder_counts(text: str) -> dict[str, int]:
 # --------------------------------------------------------------------------- media
 
 
-def decode_media(processor, field_name: str, data: bytes, what: str, limits: Limits) -> torch.Tensor:
+def accepted_fields(processor) -> tuple[str, ...]:
+    """Media fields the model takes, in placeholder order: those of its encoders, and a native
+    backbone's own image (and video)."""
+    taken = processor.media_fields
+    return tuple(field_name for field_name in MEDIA_FIELDS if field_name in taken)
+
+
+def decode_media(processor, field_name: str, data: bytes, what: str, limits: Limits) -> torch.Tensor | NativeItem:
     """Encoded bytes of one image / video / audio / speech item -> its preprocessed tensor, by the
-    model's media processor (``model.processor``, ``mllm.data.processor``)."""
-    placeholder = MEDIA_FIELDS[field_name]
-    if placeholder not in processor.supported_placeholders:
-        raise InputError(f"{what}: this model has no encoder for {field_name} input "
-                         f"(it takes: {', '.join(processor.supported_placeholders) or 'text only'})",
+    model's media processor (``model.processor``, ``mllm.data.processor``); a native backbone's
+    image or video -> its ``NativeItem``."""
+    if field_name not in accepted_fields(processor):
+        taken = ", ".join(MEDIA_FIELDS[f] for f in accepted_fields(processor))
+        raise InputError(f"{what}: this model has no encoder for {field_name} input (it takes: {taken or 'text only'})",
                          "unsupported_media")
+    if field_name in getattr(processor, "native_fields", ()):
+        return _decode_native(processor, field_name, data, what, limits)
+    placeholder = MEDIA_FIELDS[field_name]
     if field_name == "image":
         decoded = _decode_image(data, what, limits)
     elif field_name == "video":
@@ -91,12 +109,26 @@ def decode_media(processor, field_name: str, data: bytes, what: str, limits: Lim
     return processor.preprocess(placeholder, decoded)
 
 
-def decode_media_file(processor, field_name: str, path: str, limits: Limits) -> torch.Tensor:
+def decode_media_file(processor, field_name: str, path: str, limits: Limits) -> torch.Tensor | NativeItem:
     """A media file on disk -> its preprocessed tensor (the same checks as for bytes)."""
     if not os.path.isfile(path):
         raise MediaError(path, "file not found" if not os.path.exists(path) else "not a regular file")
     with open(path, "rb") as f:
         return decode_media(processor, field_name, f.read(), path, limits)
+
+
+def _decode_native(processor, field_name: str, data: bytes, what: str, limits: Limits) -> NativeItem:
+    """An image or video through the checkpoint's own processor (``NativeMediaProcessor``), as the
+    data pipeline reads it from a file; the pixel limit applies to the item as sent."""
+    if field_name == "image":
+        decoded = _decode_image(data, what, limits)
+    else:
+        with _temporary_file(data, what) as path:
+            metadata = read_video_metadata(path, what)   # the frame size, before any frame is decoded
+            _check_pixels(metadata.width, metadata.height, what, limits)
+            decoded = processor.decode_native(field_name, path, what)
+    with _TOKENIZER_LOCK:   # the checkpoint's processor writes the item's ids with the model's tokenizer
+        return processor.process_native(field_name, decoded)
 
 
 def _decode_image(data: bytes, what: str, limits: Limits) -> Image.Image:
@@ -159,12 +191,13 @@ def context_length(model) -> int | None:
     return getattr(model.base_llm.config.get_text_config(), "max_position_embeddings", None)
 
 
-def build_prompt(model, messages: list[dict], media: dict[str, list[torch.Tensor]], limits: Limits | None = None,
+def build_prompt(model, messages: list[dict], media: dict[str, list], limits: Limits | None = None,
                  what: str = "request") -> Prompt:
     """Render ``messages`` with the model's prompt record, expand placeholders, attach media.
 
-    ``media`` maps a field (``image``...) to its preprocessed items in placeholder order; the
-    placeholder count of each field must equal its item count."""
+    ``media`` maps a field (``image``...) to its items (``decode_media``) in placeholder order;
+    the placeholder count of each field must equal its item count. Placeholders expand as in the
+    training data (``MultimodalDataset``): a fixed count per encoder item, a native item's own ids."""
     limits = limits or Limits()
     wanted: dict[str, int] = {}
     for message in messages:
@@ -186,14 +219,27 @@ def build_prompt(model, messages: list[dict], media: dict[str, list[torch.Tensor
     except ValueError as e:   # roles out of order, a template that cannot render them ...
         raise InputError(str(e), "invalid_messages") from None
     specs = {spec.token_id: spec for spec in model.processor.media_specs().values()}
-    input_ids, _, question_mask = expand_placeholders(tokens.input_ids, tokens.labels, tokens.question_mask, specs)
+    # A native backbone's own pad tokens come only from its processor: typed into the text they
+    # would be image / video positions without pixels (and fail the whole batch they join).
+    typed = set(getattr(model, "native_token_ids", {}).values()).difference(specs).intersection(tokens.input_ids)
+    if typed:
+        names = ", ".join(sorted(model.tokenizer.convert_ids_to_tokens(sorted(typed))))
+        raise InputError(f"{what}: the text holds {names}, "
+                         f"which only the model's processor writes; put <image> / <video> where media go",
+                         "placeholder_mismatch")
+    item_tokens = {token_id: [item.token_ids for item in media.get(spec.field, [])]
+                   for token_id, spec in specs.items() if spec.item_tokens is not None}
+    input_ids, _, question_mask = expand_placeholders(tokens.input_ids, tokens.labels, tokens.question_mask, specs,
+                                                      item_tokens)
     limit = limits.max_prompt_tokens or context_length(model)
     if limit is not None and len(input_ids) > limit:
         raise InputError(f"{what}: the prompt is {len(input_ids)} tokens (media expanded); this server takes at "
                          f"most {limit}", "prompt_too_long")
     features = {"input_ids": torch.tensor(input_ids), "question_mask": torch.tensor(question_mask, dtype=torch.bool)}
     for field_name, items in media.items():
-        if items:
+        if items and isinstance(items[0], NativeItem):   # concatenated, as MultimodalDataset does
+            features.update({key: torch.cat([item.tensors[key] for item in items]) for key in items[0].tensors})
+        elif items:
             features[MEDIA_INPUT_KEYS[field_name]] = torch.stack(items)
     with _TOKENIZER_LOCK:
         text = model.tokenizer.decode(tokens.input_ids)
@@ -215,5 +261,5 @@ def generate_text(model, prompt: Prompt, **generate_kwargs) -> str:
     return model.tokenizer.decode(new_tokens, skip_special_tokens=True).lstrip()
 
 
-__all__ = ["InputError", "Limits", "Prompt", "build_prompt", "collate_prompts", "decode_media", "decode_media_file",
-           "generate_text", "load_model_for_inference", "placeholder_counts"]
+__all__ = ["InputError", "Limits", "Prompt", "accepted_fields", "build_prompt", "collate_prompts", "decode_media",
+           "decode_media_file", "generate_text", "load_model_for_inference", "placeholder_counts"]
