@@ -233,3 +233,25 @@ def test_stage2_first_task_trains_projectors_so_the_cache_stays_off_and_a_later_
     assert memory
     for key in memory:                                                    # the Task-Key Memory too
         torch.testing.assert_close(state[key], plain_state[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_full_cache_keeps_what_it_holds_and_training_is_unchanged(caplog):
+    """query_cache_max_mib caps the entries: the first samples stay cached (their batches hit), the
+    rest run the query pass, and training gives the same results as with no cache."""
+    batches, epochs = _batches(3), 3
+    entry_bytes = 2 * 16 * 4 + 2                   # pooled (2, 16) float32 + present (2,) bool: the tiny ViLT
+    torch.manual_seed(3)
+    model = DeloClassifier(delo_vilt(num_tasks=2, init_weights=True, query_cache_max_mib=5.5 * entry_bytes / 2 ** 20),
+                           num_tasks=2, labels_per_task=2)
+    cache = model.tuner.query_cache
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger="mllm.tuners.delo.query_cache"):
+        losses = train_task(model, 0, batches, epochs=epochs, lr=1e-2)
+    assert len(cache.entries) == 5 and cache.bytes == 5 * entry_bytes     # 4 of the first batch, 1 of the second
+    assert (cache.hits, cache.misses) == (epochs - 1, 2 * epochs + 1)     # only the first batch hits, from epoch 2
+    assert sum("query cache full" in r.message for r in caplog.records) == 1
+
+    plain = _classifier(False)
+    torch.manual_seed(0)
+    plain_losses = train_task(plain, 0, batches, epochs=epochs, lr=1e-2)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(plain_losses), rtol=1e-5, atol=1e-6)

@@ -45,6 +45,10 @@ class DeloConfig(TargetedPeftConfig):
         default=True, metadata={"help": "Keep each training sample's frozen query features and skip the query pass "
                                         "when the sample comes again (mllm.tuners.delo.query_cache; off by itself "
                                         "where it cannot apply, e.g. while the projectors train)."})
+    query_cache_max_mib: float = field(
+        default=4096.0, metadata={"help": "CPU memory the query cache may fill (MiB; 16 KiB a sample for a 4096-wide "
+                                          "bf16 LLM, so 4 GiB hold about 260K samples). Once full it keeps what it "
+                                          "holds and later samples run the query pass."})
     query_dim: Optional[int] = field(
         default=None, metadata={"help": "Width of the query signals; default the backbone's hidden_size."})
     bias: str = field(default="none", metadata={"help": "'none' only: DeLo adds no bias."})
@@ -69,12 +73,14 @@ class DeloConfig(TargetedPeftConfig):
         if isinstance(self.task, bool) or not isinstance(self.task, int) or not 0 <= self.task < self.num_tasks:
             raise ValueError(f"task={self.task!r} is out of range for num_tasks={self.num_tasks} "
                              f"(tasks 0..{self.num_tasks - 1})")
+        if self.query_cache_max_mib < 0:
+            raise ValueError(f"query_cache_max_mib must be at least 0, got {self.query_cache_max_mib}")
         if self.bias != "none":
             raise ValueError("DeLo adds no bias; bias must be 'none'")
 
     #: Fields that belong to one training run, not to the adapter: a run that continues a saved
     #: adapter takes them from its own config (mllm.train.continuation).
-    RUN_FIELDS = ("task", "query_cache")
+    RUN_FIELDS = ("task", "query_cache", "query_cache_max_mib")
     #: Fields the continuing run's adapter must share with the saved one.
     _CONTINUATION_FIELDS = ("num_tasks", "num_experts", "r", "alpha", "query_dim")
 

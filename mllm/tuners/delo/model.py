@@ -355,7 +355,9 @@ class DeloModel(BaseTuner):
     def query_cache(self) -> QueryCache:
         cache = self.__dict__.get("_delo_query_cache")
         if cache is None:
-            cache = self.__dict__["_delo_query_cache"] = QueryCache()
+            config = self.peft_config[self.active_adapters[0]] if self.active_adapters else None
+            max_mib = getattr(config, "query_cache_max_mib", float("inf"))
+            cache = self.__dict__["_delo_query_cache"] = QueryCache(max_bytes=max_mib * 2 ** 20)
         return cache
 
     def _query_cache_keys(self, module: nn.Module, args: tuple, query_kwargs: dict, context,

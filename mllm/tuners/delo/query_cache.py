@@ -24,7 +24,10 @@ And when the cache cannot help, it stays out of the way (logged once per reason)
 
 The cache serves training forwards only (evaluation runs the query pass as before). Entries live in
 CPU memory, 2 x query_dim values per sample in the backbone's dtype (e.g. 16 KiB for a 4096-wide
-bf16 LLM), and are not saved.
+bf16 LLM), and are not saved. ``DeloConfig.query_cache_max_mib`` caps them: once full the cache
+keeps the samples it holds and stores no more (logged once). It evicts nothing, since every epoch
+visits the samples in a new random order, so any eviction would mostly drop entries about to be
+needed; a batch hits only when all its samples are held.
 
 Sample keys are two 64-bit multilinear hashes of each input's bits, computed with tensor ops on the
 input's device (no copy of the inputs to the host): for inputs that differ, both hashes agree with
@@ -53,8 +56,10 @@ _SEED = 0x5EED_DE10
 class QueryCache:
     """Pooled query features per sample key; hit / miss counters for logs and tests."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, max_bytes: float = float("inf")):
         self.enabled = enabled
+        self.max_bytes = max_bytes
+        self.bytes = 0
         self.entries: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.hits = self.misses = 0
         self._fingerprint: Optional[int] = None
@@ -62,6 +67,7 @@ class QueryCache:
 
     def clear(self) -> None:
         self.entries.clear()
+        self.bytes = 0
 
     def off(self, reason: str) -> None:
         """This forward runs the query pass uncached; ``reason`` is logged once."""
@@ -90,8 +96,18 @@ class QueryCache:
 
     def store(self, keys: list[tuple], pooled: torch.Tensor, present: torch.Tensor) -> None:
         pooled, present = pooled.detach().cpu(), present.detach().cpu()
+        size = pooled[0].nbytes + present[0].nbytes
         for i, key in enumerate(keys):
+            if key in self.entries:
+                continue
+            if self.bytes + size > self.max_bytes:
+                if "full" not in self._logged:
+                    self._logged.add("full")
+                    logger.info("DeLo query cache full (%d samples, %.1f MiB; query_cache_max_mib): later samples "
+                                "run the query pass", len(self.entries), self.bytes / 2 ** 20)
+                return
             self.entries[key] = (pooled[i].clone(), present[i].clone())
+            self.bytes += size
 
 
 # -- when the cache may serve a forward -----------------------------------------------------------------
