@@ -93,8 +93,8 @@ def packed_lm_kwargs(llm_config, segment_ids: torch.Tensor) -> dict:
     position_ids = positions_from_segments(segment_ids)
     # No KV cache: transformers looks for packed rows only in a forward without one.
     kwargs = {"attention_mask": None, "position_ids": position_ids, "use_cache": False}
-    if implementation == SEGMENT_SDPA:
-        kwargs["cu_seq_lens_q"] = cumulative_lengths(position_ids)
+    if implementation == SEGMENT_SDPA:   # on the CPU: every layer reads the lengths, one device sync
+        kwargs["cu_seq_lens_q"] = cumulative_lengths(position_ids).cpu()
     elif "flash" in implementation:
         cu_seq_lens = cumulative_lengths(position_ids)
         max_length = int(cu_seq_lens.diff().max())
