@@ -256,3 +256,19 @@ def test_per_sample_attention_is_sdpa_for_unpacked_batches():
         left = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
         assert torch.equal(llm.generate(input_ids=ids, attention_mask=left, max_new_tokens=4, do_sample=False),
                            reference.generate(input_ids=ids, attention_mask=left, max_new_tokens=4, do_sample=False))
+
+
+def test_per_sample_attention_under_activation_checkpointing():
+    """The recomputed forward (activation checkpointing) runs per sample too: same gradients."""
+    segments = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 2])
+    ids = torch.randint(0, 64, (1, 14))
+    grads = []
+    for checkpointing in (False, True):
+        llm = _llama("sdpa").train()
+        if checkpointing:
+            llm.activation_checkpointing_enable({"use_reentrant": False})
+        llm(input_ids=ids, labels=ids, **packed_lm_kwargs(llm.config, segments)).loss.backward()
+        assert llm.config._attn_implementation == SEGMENT_SDPA
+        grads.append({n: p.grad for n, p in llm.named_parameters()})
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, atol=1e-6), name
