@@ -57,7 +57,7 @@ def segment_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
               for tensor in (query, key, value)]
     outputs = [torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-        dropout_p=dropout, scale=scaling, is_causal=is_causal and len(q) > 1, **sdpa_kwargs)[0].transpose(0, 1)
+        dropout_p=dropout, scale=scaling, is_causal=is_causal and len(q) > 1, **sdpa_kwargs).squeeze(0).transpose(0, 1)
         for q, k, v in zip(*pieces)]
     return torch.cat(outputs).view(batch, length, heads, value.shape[-1]), None
 
