@@ -28,6 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 #: The attention implementation packed rows run on in place of ``sdpa`` (registered with transformers).
 SEGMENT_SDPA = "sdpa_segments"
 
+
 def segment_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                            is_causal: bool | None = None, cu_seq_lens_q: torch.Tensor | None = None,
@@ -41,7 +42,7 @@ def segment_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
                                       is_causal=is_causal, **kwargs)
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{SEGMENT_SDPA} attention does not support softcap")
-    batch, heads, length, dim = query.shape
+    batch, heads, length, _ = query.shape
     sdpa_kwargs = {}
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
