@@ -7,8 +7,10 @@ its own that no sample sees). The samples are then kept apart by the attention p
 * sdpa (transformers' default on CPU and GPU without flash-attention): :func:`packed_lm_kwargs`
   switches the LM to :data:`SEGMENT_SDPA`, which runs SDPA on each sample alone (causal, no mask)
   from the samples' cumulative lengths ``cu_seq_lens_q``, and is transformers' sdpa for every other
-  input (unpacked batches, generation). Attention then costs the sum of the samples' squared
-  lengths, not the row's squared length, and no (B, T, T) block-diagonal mask is applied;
+  input (unpacked batches, generation) and for layers whose attention is more than causal (a
+  sliding window: transformers' mask keeps their samples apart). Attention then costs the sum of
+  the samples' squared lengths, not the row's squared length (the block-diagonal mask transformers
+  still builds goes unused: a few ms per forward at 3 x 1024 tokens);
 * eager, flex: with ``attention_mask=None`` and no KV cache (``use_cache=False``) transformers'
   mask builder detects packed rows from position ids that do not step by one
   (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal causal mask (checked
@@ -36,12 +38,11 @@ def segment_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
     """transformers' attention-function signature: query (B, H, T, D), key and value (B, H_kv, T, D);
     returns (B, T, H, D). With ``cu_seq_lens_q`` (the sequences' start offsets in the flattened
     B * T tokens, then B * T; no sequence crosses a row), SDPA runs on each sequence alone and the
-    mask is not used; without, this is transformers' sdpa."""
-    if cu_seq_lens_q is None:
+    mask is not used; without, or where attention is more than causal (a sliding window, a position
+    bias, softcapping), this is transformers' sdpa, whose mask keeps packed samples apart too."""
+    if cu_seq_lens_q is None or any(kwargs.get(k) is not None for k in ("sliding_window", "position_bias", "softcap")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise ValueError(f"{SEGMENT_SDPA} attention does not support softcap")
     batch, heads, length, _ = query.shape
     sdpa_kwargs = {}
     groups = getattr(module, "num_key_value_groups", 1)

@@ -272,3 +272,21 @@ def test_per_sample_attention_under_activation_checkpointing():
         grads.append({n: p.grad for n, p in llm.named_parameters()})
     for name, grad in grads[0].items():
         assert torch.allclose(grads[1][name], grad, atol=1e-6), name
+
+
+def test_a_sliding_window_keeps_transformers_masked_path():
+    """Per-sample attention is plain causal attention; a layer with a sliding window (here shorter
+    than the samples) runs sdpa on transformers' mask instead, which isolates the samples too."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    llm = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, sliding_window=3,
+                                           attn_implementation="sdpa")).eval()
+    a, b = torch.randint(0, 64, (1, 6)), torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        packed = llm(input_ids=torch.cat([a, b], 1),
+                     **packed_lm_kwargs(llm.config, torch.tensor([[0] * 6 + [1] * 7]))).logits
+        assert llm.config._attn_implementation == SEGMENT_SDPA
+        assert torch.allclose(packed[0, :6], llm(input_ids=a).logits[0], atol=1e-5)
+        assert torch.allclose(packed[0, 6:], llm(input_ids=b).logits[0], atol=1e-5)
