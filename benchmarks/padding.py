@@ -1,16 +1,23 @@
 """Padding and training throughput: random batch order, modality-length grouping and packed rows.
 
     python benchmarks/padding.py [--samples 2000] [--batch-size 8] [--packed-length 1024] [--steps 30]
-                                 [--device cpu]
+                                 [--device cpu] [--threads 1]
 
 Generated records of mixed length and modality mix (text-only ~40-200 tokens, image questions
 +256 media tokens, image+audio +576), as an instruction-tuning mixture has. For each order it
 prints the share of padded tokens over the whole epoch and the real (unpadded) tokens per second
 of a small LLaMA's training step on the first ``--steps`` batches, with the ratio to random order
-measured in the same run. Packed batches (``data.packing``, ``mllm.data.packing``) hold rows of up
-to ``--packed-length`` tokens, as many rows per batch as carry about ``--batch-size`` samples' worth
-of tokens; their samples are kept apart by position ids (``mllm.model.packing``). "packed+grouped"
-packs within each modality mix and groups the rows (both options on).
+measured in the same run (the orders take turns step by step). Packed batches (``data.packing``,
+``mllm.data.packing``) hold rows of up to ``--packed-length`` tokens, as many rows per batch as
+carry about ``--batch-size`` samples' worth of tokens; their samples are kept apart as in training
+(``mllm.model.packing``: on sdpa, attention runs per sample). "packed+grouped" packs within each
+modality mix and groups the rows (both options on).
+
+``--threads``: torch's CPU threads, 1 unless given (0: torch's own choice). On a small machine that
+others share, a parallel op waits for all its threads to be scheduled (a (3, 1024, 128) multiply took
+3 ms with 2 threads on a loaded 2-core machine, 0.1 ms with one), so the step time counts operations
+and the machine's load rather than work (there, with 2 threads, packed rows measured from 0.5x to
+2.9x random order in runs a few minutes apart).
 """
 
 from __future__ import annotations
@@ -40,37 +47,46 @@ def random_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
     return [order[k:k + batch_size] for k in range(0, n, batch_size)]
 
 
-def tokens_per_second(model, batches, steps: int, device: str) -> float:
-    """Real tokens per second of training steps on ``batches``: lists of rows, each row the lengths
-    of the samples laid end to end in it (one sample per row unless packed)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    real = 0
-    start = None
-    for step, rows in enumerate(batches[:steps + 2]):
-        if step == 2:   # two warm-up steps
-            start, real = time.perf_counter(), 0
-        width = max(sum(row) for row in rows)
-        ids = torch.randint(5, model.config.vocab_size, (len(rows), width), device=device)
-        segments = torch.full((len(rows), width), -1, dtype=torch.long, device=device)
-        labels = torch.full_like(ids, -100)
-        for r, row in enumerate(rows):
-            offset = 0
-            for slot, length in enumerate(row):
-                segments[r, offset:offset + length] = slot
-                labels[r, offset + 1:offset + length] = ids[r, offset + 1:offset + length]
-                offset += length
-        if any(len(row) > 1 for row in rows):
-            kwargs = packed_lm_kwargs(model.config, segments)
-        else:
-            kwargs = {"attention_mask": (segments >= 0).long()}
-        loss = model(input_ids=ids, labels=labels, **kwargs).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        real += int((segments >= 0).sum())
+def train_step(model, optimizer, rows, device: str) -> int:
+    """One training step on a batch of rows, each row the lengths of the samples laid end to end
+    in it (one sample per row unless packed); returns its real (unpadded) tokens."""
+    width = max(sum(row) for row in rows)
+    ids = torch.randint(5, model.config.vocab_size, (len(rows), width), device=device)
+    segments = torch.full((len(rows), width), -1, dtype=torch.long, device=device)
+    labels = torch.full_like(ids, -100)
+    for r, row in enumerate(rows):
+        offset = 0
+        for slot, length in enumerate(row):
+            segments[r, offset:offset + length] = slot
+            labels[r, offset + 1:offset + length] = ids[r, offset + 1:offset + length]
+            offset += length
+    if any(len(row) > 1 for row in rows):
+        kwargs = packed_lm_kwargs(model.config, segments)
+    else:
+        kwargs = {"attention_mask": (segments >= 0).long()}
+    loss = model(input_ids=ids, labels=labels, **kwargs).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return real / (time.perf_counter() - start)
+    return int((segments >= 0).sum())
+
+
+def tokens_per_second(model, orders: dict[str, list], steps: int, device: str) -> dict[str, float]:
+    """Real tokens per second of each order's first ``steps`` batches (after two warm-up steps each).
+    The orders take turns step by step, so a change in the machine's load falls on all of them."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    real = dict.fromkeys(orders, 0)
+    seconds = dict.fromkeys(orders, 0.0)
+    for step in range(steps + 2):
+        for name, batches in orders.items():
+            start = time.perf_counter()
+            tokens = train_step(model, optimizer, batches[step], device)
+            if step >= 2:
+                real[name] += tokens
+                seconds[name] += time.perf_counter() - start
+    return {name: real[name] / seconds[name] for name in orders}
 
 
 def packed_batches(lengths, mixes, capacity: int, batch_size: int, seed: int, grouped: bool):
@@ -94,7 +110,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per order")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
@@ -112,10 +131,11 @@ def main() -> None:
                                                      args.seed, grouped)
         orders[name] = ([[[lengths[i] for i in row] for row in rows] for rows in batches],
                         padding_fraction(order, row_lengths))
-    results = {name: (padding, tokens_per_second(model, batches, args.steps, args.device))
-               for name, (batches, padding) in orders.items()}
+    speeds = tokens_per_second(model, {name: batches for name, (batches, _) in orders.items()}, args.steps,
+                               args.device)
+    results = {name: (padding, speeds[name]) for name, (_, padding) in orders.items()}
     print(f"{args.samples} samples, batch {args.batch_size} (packed: rows of up to {args.packed_length} tokens), "
-          f"{args.steps} timed steps on {args.device}")
+          f"{args.steps} timed steps on {args.device} ({torch.get_num_threads()} threads)")
     print(f"{'order':<16}{'padding':>10}{'tokens/s':>12}{'vs random':>11}")
     for name, (padding, speed) in results.items():
         print(f"{name:<16}{padding:>9.1%}{speed:>12.0f}{speed / results['random'][1]:>10.2f}x")

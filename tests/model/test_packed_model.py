@@ -15,7 +15,7 @@ from mllm.data.packing import PackedCollator
 from mllm.data.templates import IGNORE_INDEX
 from mllm.modality import Modality
 from mllm.model import MultimodalLM
-from mllm.model.packing import packed_lm_kwargs, positions_from_segments
+from mllm.model.packing import SEGMENT_SDPA, packed_lm_kwargs, positions_from_segments
 from tests.conftest import model_section
 
 TUNERS = {
@@ -109,6 +109,7 @@ def test_packed_rows_give_each_sample_its_unpacked_logits_loss_and_gradients(tin
     packed_out = model(**packed)
     packed_out.loss.backward()
     got_grads = _grads(model)
+    assert model.base_llm.config._attn_implementation == SEGMENT_SDPA   # attention run per sample
 
     for k, (row, start, end) in enumerate(_spans(packed)):
         length = end - start
@@ -195,23 +196,97 @@ def test_flash_attention_gets_the_samples_lengths():
     assert kwargs["attention_mask"] is None and kwargs["use_cache"] is False
     assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 12] and kwargs["max_length_q"] == 6
     assert kwargs["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+    assert config._attn_implementation == "flash_attention_2"
+
+
+def test_sdpa_is_switched_to_per_sample_attention_and_eager_is_left_alone():
+    segments = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, 0, 0]])
     sdpa = type("Config", (), {"_attn_implementation": "sdpa"})()
-    assert "cu_seq_lens_q" not in packed_lm_kwargs(sdpa, segments)
+    kwargs = packed_lm_kwargs(sdpa, segments)
+    assert sdpa._attn_implementation == SEGMENT_SDPA
+    assert kwargs["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 12] and "max_length_q" not in kwargs
+    eager = type("Config", (), {"_attn_implementation": "eager"})()
+    assert "cu_seq_lens_q" not in packed_lm_kwargs(eager, segments) and eager._attn_implementation == "eager"
 
 
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_llama_attention_paths_keep_packed_samples_apart(implementation):
-    """transformers (5.25) isolates the samples from the position ids alone on the CPU paths."""
+def _llama(implementation: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, attn_implementation=implementation)
-    llm = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_llama_attention_paths_keep_packed_samples_apart(implementation):
+    """Each packed sample's logits and gradients are its own, on sdpa (run per sample,
+    SEGMENT_SDPA; grouped-query heads here) and eager (transformers' block-diagonal mask)."""
+    llm = _llama(implementation)
     a, b = torch.randint(0, 64, (1, 5)), torch.randint(0, 64, (1, 7))
-    segments = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 2])
+    segments = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 2, [0] * 7 + [1] * 5 + [2] * 2])
+    ids = torch.cat([torch.cat([a, b, torch.zeros(1, 2, dtype=torch.long)], 1), torch.cat([b, a, a[:, :2]], 1)])
+    packed = llm(input_ids=ids, **packed_lm_kwargs(llm.config, segments)).logits
+    assert llm.config._attn_implementation == (SEGMENT_SDPA if implementation == "sdpa" else "eager")
+    alone_a, alone_b = llm(input_ids=a).logits[0], llm(input_ids=b).logits[0]
+    for got, want in ((packed[0, :5], alone_a), (packed[0, 5:12], alone_b), (packed[1, :7], alone_b),
+                      (packed[1, 7:12], alone_a), (packed[1, 12:], alone_a[:2])):
+        assert torch.allclose(got, want, atol=1e-5)
+    # Gradients: the packed rows' loss on the samples' tokens equals the samples' own summed.
+    llm.zero_grad()
+    (packed[0, :12].sum() + packed[1].sum()).backward()
+    got = {n: p.grad.clone() for n, p in llm.named_parameters()}
+    llm.zero_grad()
+    (2 * alone_a.sum() + 2 * alone_b.sum() + llm(input_ids=a[:, :2]).logits.sum()).backward()
+    for name, param in llm.named_parameters():
+        assert torch.allclose(got[name], param.grad, atol=1e-4, rtol=1e-4), name
+
+
+def test_per_sample_attention_is_sdpa_for_unpacked_batches():
+    """Once switched, the LM still runs unpacked (padded) batches and generation as sdpa does."""
+    llm, reference = _llama("sdpa").eval(), _llama("sdpa").eval()
+    segments = torch.tensor([[0] * 4 + [1] * 3])
+    ids = torch.randint(0, 64, (2, 6))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     with torch.no_grad():
-        packed = llm(input_ids=torch.cat([a, b, torch.zeros(1, 2, dtype=torch.long)], 1),
-                     **packed_lm_kwargs(llm.config, segments)).logits
-        assert torch.allclose(packed[0, :5], llm(input_ids=a).logits[0], atol=1e-5)
-        assert torch.allclose(packed[0, 5:12], llm(input_ids=b).logits[0], atol=1e-5)
+        llm(input_ids=torch.randint(0, 64, (1, 7)), **packed_lm_kwargs(llm.config, segments))
+        assert llm.config._attn_implementation == SEGMENT_SDPA
+        assert torch.allclose(llm(input_ids=ids, attention_mask=mask).logits,
+                              reference(input_ids=ids, attention_mask=mask).logits, atol=1e-6)
+        left = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+        assert torch.equal(llm.generate(input_ids=ids, attention_mask=left, max_new_tokens=4, do_sample=False),
+                           reference.generate(input_ids=ids, attention_mask=left, max_new_tokens=4, do_sample=False))
+
+
+def test_per_sample_attention_under_activation_checkpointing():
+    """The recomputed forward (activation checkpointing) runs per sample too: same gradients."""
+    segments = torch.tensor([[0] * 5 + [1] * 7 + [-1] * 2])
+    ids = torch.randint(0, 64, (1, 14))
+    grads = []
+    for checkpointing in (False, True):
+        llm = _llama("sdpa").train()
+        if checkpointing:
+            llm.activation_checkpointing_enable({"use_reentrant": False})
+        llm(input_ids=ids, labels=ids, **packed_lm_kwargs(llm.config, segments)).loss.backward()
+        assert llm.config._attn_implementation == SEGMENT_SDPA
+        grads.append({n: p.grad for n, p in llm.named_parameters()})
+    for name, grad in grads[0].items():
+        assert torch.allclose(grads[1][name], grad, atol=1e-6), name
+
+
+def test_a_sliding_window_keeps_transformers_masked_path():
+    """Per-sample attention is plain causal attention; a layer with a sliding window (here shorter
+    than the samples) runs sdpa on transformers' mask instead, which isolates the samples too."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    llm = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, sliding_window=3,
+                                           attn_implementation="sdpa")).eval()
+    a, b = torch.randint(0, 64, (1, 6)), torch.randint(0, 64, (1, 7))
+    with torch.no_grad():
+        packed = llm(input_ids=torch.cat([a, b], 1),
+                     **packed_lm_kwargs(llm.config, torch.tensor([[0] * 6 + [1] * 7]))).logits
+        assert llm.config._attn_implementation == SEGMENT_SDPA
+        assert torch.allclose(packed[0, :6], llm(input_ids=a).logits[0], atol=1e-5)
+        assert torch.allclose(packed[0, 6:], llm(input_ids=b).logits[0], atol=1e-5)
