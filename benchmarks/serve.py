@@ -3,8 +3,9 @@
 Starts the real command (`mllm serve CHECKPOINT`, a separate process on 127.0.0.1) on the demo's
 stage-2 model, then sends N chat-completion requests built from the demo's held-out questions
 (mixed: image + sound, image only, sound only, text only; media as base64 data URLs) from a
-bounded async client, once with 1 request in flight and once with 16. Prints requests/s at each,
-their ratio (the batching gain), p50 / p95 latency, and failed or lost requests.
+bounded async client, with 1 request in flight and with 16, the two taking turns over ``--rounds``
+rounds. Prints requests/s at each, their ratio (the batching gain), p50 / p95 latency, and failed
+or lost requests.
 
     python benchmarks/serve.py                      # builds ./mllm-demo-quick with `mllm demo --quick` if needed
     python benchmarks/serve.py --checkpoint mllm-demo/runs/instruct --requests 128
@@ -33,6 +34,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--demo-dir", default="mllm-demo-quick", help="where `mllm demo --quick` writes, if needed")
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="the requests are split into this many rounds; in each, every concurrency runs its share")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-window-ms", type=float, default=50.0, help="`mllm serve --batch-window-ms`")
@@ -189,16 +192,25 @@ async def run_load(url: str, requests: list[tuple[str, bytes]], concurrency: int
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
     after = httpx.get(f"{url}/health").json()
-    batches = after["batches"] - before["batches"]
-    mean_batch = (after["batched_requests"] - before["batched_requests"]) / max(batches, 1)
-    prefills = after["prefills"] - before["prefills"]
-    mean_prefill = (after["prefilled_requests"] - before["prefilled_requests"]) / max(prefills, 1)
-    answered = len(latencies)
-    return {"concurrency": concurrency, "seconds": elapsed, "rps": answered / elapsed, "answered": answered,
-            "failed": len(failures), "lost": len(requests) - answered - len(failures),
+    counts = {key: after[key] - before[key]
+              for key in ("batches", "batched_requests", "prefills", "prefilled_requests")}
+    return {"concurrency": concurrency, "seconds": elapsed, "sent": len(requests), "latencies": latencies,
+            "failures": failures, **counts}
+
+
+def summarize(parts: list[dict]) -> dict:
+    """One concurrency's rounds together: requests/s over their summed time, latency percentiles, losses."""
+    latencies = sorted(x for part in parts for x in part["latencies"])
+    failures = [f for part in parts for f in part["failures"]]
+    seconds, answered = sum(part["seconds"] for part in parts), len(latencies)
+    total = {key: sum(part[key] for part in parts) for key in ("batches", "batched_requests", "prefills",
+                                                               "prefilled_requests", "sent")}
+    return {"concurrency": parts[0]["concurrency"], "seconds": seconds, "rps": answered / seconds,
+            "answered": answered, "failed": len(failures), "lost": total["sent"] - answered - len(failures),
             "p50": statistics.median(latencies) if latencies else float("nan"),
-            "p95": sorted(latencies)[max(0, int(round(0.95 * answered)) - 1)] if latencies else float("nan"),
-            "mean_batch": mean_batch, "mean_prefill": mean_prefill, "first_failures": failures[:3]}
+            "p95": latencies[max(0, int(round(0.95 * answered)) - 1)] if latencies else float("nan"),
+            "mean_batch": total["batched_requests"] / max(total["batches"], 1),
+            "mean_prefill": total["prefilled_requests"] / max(total["prefills"], 1), "first_failures": failures[:3]}
 
 
 def main() -> int:
@@ -210,7 +222,14 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     try:
         asyncio.run(run_load(url, requests[:8], 4, args.client))   # warm-up: first batches, allocator, caches
-        results = [asyncio.run(run_load(url, requests, c, args.client)) for c in args.concurrency]
+        # The concurrencies take turns, round by round, so that a change in the machine's speed (a
+        # shared or virtual machine's) falls on all of them rather than on whichever ran last.
+        share = -(-len(requests) // args.rounds)
+        parts: dict[int, list[dict]] = {c: [] for c in args.concurrency}
+        for start in range(0, len(requests), share):
+            for c in args.concurrency:
+                parts[c].append(asyncio.run(run_load(url, requests[start:start + share], c, args.client)))
+        results = [summarize(parts[c]) for c in args.concurrency]
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -219,7 +238,7 @@ def main() -> int:
         mix[kind] = mix.get(kind, 0) + 1
     print(f"\nmllm serve on {checkpoint} (CPU, {args.threads} thread(s), max batch {args.max_batch_size}, "
           f"window {args.batch_window_ms:g} ms; {args.client} client); "
-          f"{args.requests} requests {mix}, max_tokens {args.max_tokens}\n")
+          f"{args.requests} requests {mix} in {args.rounds} rounds, max_tokens {args.max_tokens}\n")
     print(f"{'concurrency':>11} {'req/s':>8} {'p50 s':>8} {'p95 s':>8} {'mean batch':>10} {'mean prefill':>12} "
           f"{'answered':>9} {'failed':>7} {'lost':>5}")
     for r in results:
