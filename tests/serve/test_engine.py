@@ -142,27 +142,28 @@ def test_cancelled_row_leaves_and_the_others_go_on(served_model, prompts, engine
     assert kept.tokens == _alone(served_model, prompts[2], 30)
 
 
-def test_moka_rows_equal_each_prompt_alone(tiny_model):
-    """MokA routes every token by its modality: prompt rows (image + text) and decode steps (text)
-    must see the same ids in the engine's own loop as in ``generate``."""
+def _adapted_prompts(model, tuner: dict, adapter_marker: str, seed: int) -> list:
+    """Apply ``tuner`` with its zero-initialised up-projections (names containing ``adapter_marker``)
+    drawn at random, so that the adapter changes the answers; three prompts of different lengths."""
     import torch
 
     from mllm.config import TunerConfig
-    from tests.eval_suites.test_runner import MOKA
 
-    tiny_model.apply_tuner(TunerConfig(**MOKA))
-    torch.manual_seed(1)
-    with torch.no_grad():   # B starts at zero; give the adapter an effect worth checking
-        perturbed = [param.normal_(0, 0.5) for name, param in tiny_model.llm.named_parameters() if "moka_B" in name]
+    model.apply_tuner(TunerConfig(**tuner))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        perturbed = [p.normal_(0, 0.5) for name, p in model.llm.named_parameters() if adapter_marker in name]
     assert perturbed
-    tiny_model.eval()
-    prompts = [_prompt(tiny_model, "<image>\nWhat color is the shape?", {"image": [png_bytes("blue", shape="square")]}),
-               _prompt(tiny_model, "Say something about shapes and colors, please.", {}),
-               _prompt(tiny_model, "<image>\nWhich shape?", {"image": [png_bytes("green")]})]
-    engine = ContinuousBatchingEngine(tiny_model, max_batch_size=4, batch_window_s=0.05)
-    params = SamplingParams(max_tokens=12, min_tokens=12)
+    model.eval()
+    return [_prompt(model, "<image>\nWhat color is the shape?", {"image": [png_bytes("blue", shape="square")]}),
+            _prompt(model, "Say something about shapes and colors, please.", {}),
+            _prompt(model, "<image>\nWhich shape?", {"image": [png_bytes("green")]})]
 
-    async def scenario():   # two prompts prefilled together, the third joins while they decode
+
+def _two_then_one_late(engine, prompts, params) -> list:
+    """The first two prompts together, the third submitted once the first row is decoding."""
+
+    async def scenario():
         loop = asyncio.get_running_loop()
         first = [GenerationRequest(p, params, loop) for p in prompts[:2]]
         for request in first:
@@ -176,10 +177,20 @@ def test_moka_rows_equal_each_prompt_alone(tiny_model):
         return [*first, late]
 
     try:
-        requests = asyncio.run(scenario())
+        return asyncio.run(scenario())
     finally:
         engine.close()
-    assert max(engine.batch_sizes) == 3
+
+
+def test_moka_rows_equal_each_prompt_alone(tiny_model):
+    """MokA routes every token by its modality: prompt rows (image + text) and decode steps (text)
+    must see the same ids in the engine's own loop as in ``generate``."""
+    from tests.eval_suites.test_runner import MOKA
+
+    prompts = _adapted_prompts(tiny_model, MOKA, "moka_B", seed=1)
+    engine = ContinuousBatchingEngine(tiny_model, max_batch_size=4, batch_window_s=0.05)
+    requests = _two_then_one_late(engine, prompts, SamplingParams(max_tokens=12, min_tokens=12))
+    assert max(engine.batch_sizes) == 3         # the late one joined the running rows
     for request, prompt in zip(requests, prompts):
         assert request.tokens == _alone(tiny_model, prompt, 12)
 
@@ -206,40 +217,11 @@ def test_engine_choice_follows_the_model(tiny_model, served_model):
 def test_delo_rows_batched_together_equal_each_prompt_alone(tiny_model):
     """DeLo routes each sample by the prompt pass's pooled features: batched through ``generate``
     (several rows, a second batch while the first decodes), every row equals its prompt alone."""
-    import torch
-
-    from mllm.config import TunerConfig
     from tests.train.test_qlora import DELO
 
-    tiny_model.apply_tuner(TunerConfig(**DELO))
-    torch.manual_seed(2)
-    with torch.no_grad():   # the experts' B start at zero; give the adapter an effect worth checking
-        perturbed = [p.normal_(0, 0.5) for name, p in tiny_model.llm.named_parameters() if "delo_pools" in name]
-    assert perturbed
-    tiny_model.eval()
-    prompts = [_prompt(tiny_model, "<image>\nWhat color is the shape?", {"image": [png_bytes("blue", shape="square")]}),
-               _prompt(tiny_model, "Say something about shapes and colors, please.", {}),
-               _prompt(tiny_model, "<image>\nWhich shape?", {"image": [png_bytes("green")]})]
+    prompts = _adapted_prompts(tiny_model, DELO, "delo_pools", seed=2)
     engine = create_engine(tiny_model, max_batch_size=4, batch_window_s=0.05)
-    params = SamplingParams(max_tokens=10, min_tokens=10)
-
-    async def scenario():   # two prompts together, the third arrives while they decode
-        loop = asyncio.get_running_loop()
-        first = [GenerationRequest(p, params, loop) for p in prompts[:2]]
-        for request in first:
-            engine.submit(request)
-        while len(first[0].tokens) < 3:
-            await asyncio.sleep(0.005)
-        (late,), _ = await _run(engine, [(0, prompts[2], params)])
-        for request in first:
-            while (await request.events.get()).kind not in ("done", "error"):
-                pass
-        return [*first, late]
-
-    try:
-        requests = asyncio.run(scenario())
-    finally:
-        engine.close()
+    requests = _two_then_one_late(engine, prompts, SamplingParams(max_tokens=10, min_tokens=10))
     assert isinstance(engine, GenerateBatchEngine)
     assert engine.batch_sizes == [2, 1]        # the late one did not join the running rows
     alone = [_alone(tiny_model, prompt, 10) for prompt in prompts]
