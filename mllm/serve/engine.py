@@ -409,8 +409,12 @@ class ContinuousBatchingEngine(GenerationEngine):
             return False
         try:
             self._encode_media(pending)
-        except Exception as e:  # a request whose media cannot be encoded fails alone, before any batch
-            self._fail(pending, e)
+        except Exception:  # find the request at fault: it fails alone, before any batch; the others wait on
+            for request in pending:
+                try:
+                    self._encode_media([request])
+                except Exception as e:
+                    self._fail([request], e)
             self._waiting = [r for r in self._waiting if r.finish_reason is None]
         return True
 

@@ -263,6 +263,8 @@ def test_media_of_early_arrivals_is_encoded_while_the_batch_gathers(served_model
 
 
 def test_media_that_fails_to_encode_fails_its_request_only(served_model, prompts, monkeypatch):
+    """Encoded together while the batch gathers, a request whose media the encoder cannot take fails
+    alone; the one beside it keeps its features and is answered."""
     engine = ContinuousBatchingEngine(served_model, max_batch_size=4, batch_window_s=2.0)
     params = SamplingParams(max_tokens=4, min_tokens=4)
     real = served_model.encode_media
@@ -277,21 +279,23 @@ def test_media_that_fails_to_encode_fails_its_request_only(served_model, prompts
     async def scenario():
         loop = asyncio.get_running_loop()
         bad, good = GenerationRequest(prompts[3], params, loop), GenerationRequest(prompts[0], params, loop)
-        engine.announce()
-        engine.submit(bad)
-        events = []
-        while not events or events[-1].kind not in ("done", "error"):
-            events.append(await bad.events.get())
+        # The worker idles on an empty queue; hand it the two as requests that arrived together
+        # and wait for company, and let it use that wait.
+        engine._waiting = [bad, good]
+        assert engine._use_idle_time()
+        error = await bad.events.get()
+        good_kept = good.projected is not None and good.finish_reason is None and engine._waiting == [good]
+        engine._waiting = []
         monkeypatch.setattr(served_model, "encode_media", real)
-        engine.withdraw()
-        engine.submit(good)
+        engine.submit(good)   # its features are in hand: the prefill splices them
         while (await good.events.get()).kind not in ("done", "error"):
             pass
-        return events[-1], good
+        return error, good, good_kept
 
     try:
-        error, good = asyncio.run(scenario())
+        error, good, good_kept = asyncio.run(scenario())
     finally:
         engine.close()
     assert error.kind == "error" and "audio encoder failed" in error.text
+    assert good_kept
     assert good.finish_reason == "length" and good.tokens == _alone(served_model, prompts[0], 4)
