@@ -182,7 +182,6 @@ class GenerationEngine:
         self._recent_load, self._recent_load_at = 0, 0.0
         self._lock = threading.Lock()
         self.announced = 0                     # requests accepted and being prepared (not queued yet)
-        self.running = 0                       # rows in the model now
         self.batch_sizes: list[int] = []       # rows of every model forward or generate call (for logs, benchmarks)
         self.prefill_sizes: list[int] = []     # prompts of every prefill
         self.finished: collections.deque = collections.deque(maxlen=256)   # (finish_reason, new tokens)
@@ -210,14 +209,23 @@ class GenerationEngine:
     def queued(self) -> int:
         return self._queue.qsize() + len(self._waiting)
 
+    @property
+    def running(self) -> int:
+        """Rows in the model now."""
+        return len(self._rows())
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
     # ------------------------------------------------------------ what subclasses define
     def _rows(self) -> list[GenerationRequest]:
-        """The requests whose rows are in the model between two looks at the queue."""
-        return []
+        """The requests whose rows are in the model (between two looks at the queue: a running batch)."""
+        raise NotImplementedError
+
+    def _drop_rows(self) -> None:
+        """Forget the rows in the model (after a failure that lost them)."""
+        raise NotImplementedError
 
     def _run_arrivals(self, arrivals: list[GenerationRequest]) -> None:
         """Run the requests just gathered ([] : none arrived; decode what is running)."""
@@ -240,9 +248,6 @@ class GenerationEngine:
                     lost = self._rows()
                     self._drop_rows()
                     self._fail(lost, e)
-
-    def _drop_rows(self) -> None:
-        self.running = 0
 
     def _collect(self) -> list[GenerationRequest] | None:
         """Requests to run now ([]: none yet; None: shut down); the gathering rule is in the module
@@ -393,7 +398,7 @@ class ContinuousBatchingEngine(GenerationEngine):
         return self._batch.requests if self._batch is not None else []
 
     def _drop_rows(self) -> None:
-        self._batch, self.running = None, 0
+        self._batch = None
 
     def _run_arrivals(self, arrivals: list[GenerationRequest]) -> None:
         if arrivals:
@@ -424,14 +429,14 @@ class ContinuousBatchingEngine(GenerationEngine):
         requests = [r for r in requests if r.projected is None]
         if not requests:
             return
-        inputs = collate_prompts(self.model, [r.prompt for r in requests], self.device)
         shares: list[dict[str, torch.Tensor]] = [{} for _ in requests]
         for placeholder, (_, field_name) in PLACEHOLDERS.items():
             key = MEDIA_INPUT_KEYS[field_name]
-            if key not in inputs:
+            items = [r.prompt.features[key] for r in requests if key in r.prompt.features]
+            if not items:
                 continue
             counts = [r.prompt.features[key].shape[0] if key in r.prompt.features else 0 for r in requests]
-            features = self.model.encode_media(placeholder, inputs[key])
+            features = self.model.encode_media(placeholder, torch.cat(items).to(self.device))
             for share, part in zip(shares, features.split(counts)):
                 if part.shape[0]:
                     share[placeholder] = part
@@ -445,7 +450,7 @@ class ContinuousBatchingEngine(GenerationEngine):
             projected = {placeholder: torch.cat([r.projected[placeholder] for r in requests
                                                  if placeholder in r.projected])
                          for placeholder in {p for r in requests for p in r.projected}}
-            inputs = collate_prompts(self.model, [r.prompt for r in requests], self.device)
+            inputs = collate_prompts(self.model, [r.prompt for r in requests], self.device, with_media=False)
             embeds, attention_mask = self.model._prepare_inputs(
                 inputs["input_ids"], inputs["attention_mask"], inputs.get("question_mask"), {}, projected=projected)
             cache = DynamicCache()
@@ -464,7 +469,6 @@ class ContinuousBatchingEngine(GenerationEngine):
             self._batch.extend(rows)
         elif rows is not None:
             self._batch = rows
-        self.running = len(self._batch) if self._batch is not None else 0
 
     def _step(self) -> None:
         """One decode step of every running row."""
@@ -482,7 +486,6 @@ class ContinuousBatchingEngine(GenerationEngine):
             self._fail(batch.requests, e)
             return
         self._batch = self._book(batch)
-        self.running = len(self._batch) if self._batch is not None else 0
 
     def _next_tokens(self, requests: list[GenerationRequest], logits: torch.Tensor) -> torch.Tensor:
         """Each row's next token: greedy argmax, or sampled with the row's temperature and top-p."""
@@ -533,6 +536,16 @@ class GenerateBatchEngine(GenerationEngine):
 
     strategy = "generate batches"
 
+    def __init__(self, model, max_batch_size: int = 8, batch_window_s: float = 0.05):
+        self._in_call: list[GenerationRequest] = []   # the rows of the generate call in progress
+        super().__init__(model, max_batch_size, batch_window_s)
+
+    def _rows(self) -> list[GenerationRequest]:
+        return self._in_call
+
+    def _drop_rows(self) -> None:
+        self._in_call = []
+
     def _run_arrivals(self, arrivals: list[GenerationRequest]) -> None:
         if not arrivals:
             return
@@ -540,7 +553,7 @@ class GenerateBatchEngine(GenerationEngine):
         key = arrivals[0].params.batch_key()
         batch = [r for r in arrivals if r.params.batch_key() == key]
         self._waiting = [r for r in arrivals if r.params.batch_key() != key] + self._waiting
-        self.running = len(batch)
+        self._in_call = batch
         self.batch_sizes.append(len(batch))
         self.prefill_sizes.append(len(batch))
         try:
@@ -561,7 +574,7 @@ class GenerateBatchEngine(GenerationEngine):
         except Exception as e:  # one bad batch must not stop the server
             self._fail(batch, e)
         finally:
-            self.running = 0
+            self._in_call = []
 
 
 def create_engine(model, max_batch_size: int = 8, batch_window_s: float = 0.05) -> GenerationEngine:
