@@ -154,6 +154,9 @@ class MediaProcessor:
     ``feature_caches`` (modality -> ``mllm.encoders.cache.FeatureCache``, the model's own dict)
     turns on the decoded-video cache beside each encoder's feature cache."""
 
+    #: Fields a native backbone's own processor takes (``NativeMediaProcessor``); none here.
+    native_fields: tuple[str, ...] = ()
+
     def __init__(self, config: ModelConfig, tokenizer, preprocessors: dict[str, MediaPreprocessor],
                  feature_caches: dict | None = None):
         self.config = config

@@ -89,7 +89,7 @@ def decode_media(processor, field_name: str, data: bytes, what: str, limits: Lim
         taken = ", ".join(MEDIA_FIELDS[f] for f in accepted_fields(processor))
         raise InputError(f"{what}: this model has no encoder for {field_name} input (it takes: {taken or 'text only'})",
                          "unsupported_media")
-    if field_name in getattr(processor, "native_fields", ()):
+    if field_name in processor.native_fields:
         return _decode_native(processor, field_name, data, what, limits)
     placeholder = MEDIA_FIELDS[field_name]
     if field_name == "image":
