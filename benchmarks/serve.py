@@ -45,6 +45,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="`mllm serve --threads`: torch CPU threads of the server (default 1: the tiny demo model "
                              "runs fastest on one thread, above all on a shared CPU)")
+    parser.add_argument("--engine", choices=["process", "thread"], default="process",
+                        help="`mllm serve --engine`: the model in a process of its own (default) or in a thread of "
+                             "the server's")
     return parser.parse_args()
 
 
@@ -101,7 +104,7 @@ def free_port() -> int:
 def start_server(args, checkpoint: str, port: int) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     server = subprocess.Popen([sys.executable, "-m", "mllm.cli", "serve", checkpoint, "--port", str(port),
-                               "--threads", str(args.threads),
+                               "--threads", str(args.threads), "--engine", args.engine,
                                "--model-name", "bench", "--max-batch-size", str(args.max_batch_size),
                                "--batch-window-ms", str(args.batch_window_ms), "--device", "cpu"],
                               cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

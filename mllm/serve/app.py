@@ -96,10 +96,13 @@ def _from_input_error(e: Exception) -> APIError:
     return APIError(400, str(e), "invalid_request_error", None, "invalid_request")
 
 
-def create_app(model, settings: ServerSettings | None = None):
-    """The FastAPI app serving ``model`` (a loaded ``MultimodalLM``)."""
+def create_app(model, settings: ServerSettings | None = None, engine=None):
+    """The FastAPI app serving ``model``: a loaded ``MultimodalLM`` (its engine made here, a thread
+    of this process), or the ``PromptContext`` of the model an ``EngineProcess`` runs (``engine``).
+    The app closes the engine when it shuts down."""
     settings = settings or ServerSettings()
-    engine = create_engine(model, settings.max_batch_size, settings.batch_window_ms / 1000)
+    if engine is None:
+        engine = create_engine(model, settings.max_batch_size, settings.batch_window_ms / 1000)
     fields = accepted_fields(model.processor)
     policy = MediaPolicy(media_root=settings.media_root, allow_remote=settings.allow_remote_media,
                          audio_field="audio" if "audio" in fields or "speech" not in fields else "speech",
@@ -138,11 +141,11 @@ def create_app(model, settings: ServerSettings | None = None):
 
     @app.get("/health")
     def health():
-        sizes = engine.batch_sizes
-        return {"status": "ok", "model": settings.model_name, "batching": engine.strategy,
-                "running": engine.running, "queued": engine.queued,
-                "media": list(fields), "batches": len(sizes), "batched_requests": sum(sizes),
-                "prefills": len(engine.prefill_sizes), "prefilled_requests": sum(engine.prefill_sizes)}
+        stats = engine.stats()
+        if "error" in stats:
+            return JSONResponse({"status": "error", "error": stats["error"], "model": settings.model_name}, 503)
+        return {"status": "ok", "model": settings.model_name, "batching": engine.strategy, "media": list(fields),
+                **stats}
 
     @app.get("/v1/models")
     def models():
@@ -295,6 +298,10 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often fastest "
                         "for small models on a busy CPU)")
+    parser.add_argument("--engine", choices=("process", "thread"), default="process",
+                        help="where the model runs: `process` (default), a process of its own, so HTTP and media "
+                        "decoding never hold up its kernels (Python's GIL); `thread`, in this process (one model "
+                        "load, one process to debug)")
     return parser
 
 
@@ -303,17 +310,28 @@ def serve_main(argv: list[str] | None = None) -> int:
     import torch
     import uvicorn
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_model_for_inference(args.checkpoint, args.device, args.template, args.system_prompt,
-                                     args.max_new_tokens)
+    load = {"device": args.device, "template": args.template, "system_prompt": args.system_prompt,
+            "max_new_tokens": args.max_new_tokens}
     settings = ServerSettings(
         model_name=args.model_name or os.path.basename(os.path.normpath(args.checkpoint)),
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_request_bytes=args.max_request_bytes,
         max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms, media_root=args.media_root,
         allow_remote_media=args.allow_remote_media,
         limits=Limits(args.max_image_pixels, args.max_audio_seconds, args.max_prompt_tokens))
-    app = create_app(model, settings)
+    if args.engine == "process":
+        from mllm.serve.engine_process import EngineProcess
+
+        # This process only prepares inputs, many requests at once: an intra-op thread pool would
+        # add nothing but OpenMP threads spinning after each small op, on the engine's cores.
+        torch.set_num_threads(1)
+
+        engine = EngineProcess(args.checkpoint, load, args.threads, settings.max_batch_size,
+                               settings.batch_window_ms / 1000)
+        app = create_app(engine.context, settings, engine)
+    else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        app = create_app(load_model_for_inference(args.checkpoint, **load), settings)
     print(f"mllm serve: model '{settings.model_name}' at http://{args.host}:{args.port}/ "
           f"(OpenAI base URL http://{args.host}:{args.port}/v1; API key {'required' if settings.api_key else 'off'})",
           flush=True)

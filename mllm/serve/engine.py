@@ -1,6 +1,7 @@
 """Batched, streamed generation for many concurrent requests on one model.
 
-One worker thread owns the model; requests reach it through a queue. Two ways of batching, chosen
+One worker thread owns the model; requests reach it through a queue. ``mllm serve`` runs the
+engine in a process of its own (``mllm.serve.engine_process``), ``mllm chat`` in a thread. Two ways of batching, chosen
 per model by ``create_engine`` (``MultimodalLM.supports_continuous_batching``):
 
 * ``ContinuousBatchingEngine`` runs its own decode loop over a *running batch* of rows (one row per
@@ -90,6 +91,7 @@ class GenerationRequest:
         self.stream = stream
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = False
+        self.on_cancel = None   # called by cancel() (EngineProcess tells its engine)
         # worker-side state
         self.tokens: list[int] = []
         self.sent = ""
@@ -99,6 +101,8 @@ class GenerationRequest:
     def cancel(self) -> None:
         """The client went away: the row ends at its next token and frees its place."""
         self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     def emit(self, *events: Event) -> None:
         try:
@@ -185,6 +189,7 @@ class GenerationEngine:
         self.batch_sizes: list[int] = []       # rows of every model forward or generate call (for logs, benchmarks)
         self.prefill_sizes: list[int] = []     # prompts of every prefill
         self.finished: collections.deque = collections.deque(maxlen=256)   # (finish_reason, new tokens)
+        self.cancelled_rows = 0                # rows ended because their client went away
         self._thread = threading.Thread(target=self._work, name="mllm-generation", daemon=True)
         self._thread.start()
 
@@ -213,6 +218,12 @@ class GenerationEngine:
     def running(self) -> int:
         """Rows in the model now."""
         return len(self._rows())
+
+    def stats(self) -> dict:
+        """Counts for ``/health`` and benchmarks: rows now, requests waiting, forwards and prefills so far."""
+        return {"running": self.running, "queued": self.queued, "batches": len(self.batch_sizes),
+                "batched_requests": sum(self.batch_sizes), "prefills": len(self.prefill_sizes),
+                "prefilled_requests": sum(self.prefill_sizes), "cancelled": self.cancelled_rows}
 
     def close(self) -> None:
         self._queue.put(None)
@@ -328,6 +339,7 @@ class GenerationEngine:
         """Book ``token`` for ``request``: stop, send its new text, or finish it."""
         if request.cancelled:
             request.finish_reason = "cancelled"
+            self.cancelled_rows += 1
             self.finished.append(("cancelled", len(request.tokens)))
             return
         if token in self.end_ids:

@@ -187,18 +187,36 @@ def load_model_for_inference(checkpoint: str, device: str | None = None, templat
     return model
 
 
-def context_length(model) -> int | None:
-    return getattr(model.base_llm.config.get_text_config(), "max_position_embeddings", None)
+@dataclass
+class PromptContext:
+    """What preparing a prompt takes from a model, without its weights: picklable, so that a model
+    loaded in another process (``EngineProcess``) can hand it to the server that prepares prompts."""
+
+    processor: object                      # model.processor (MediaProcessor / NativeMediaProcessor)
+    tokenizer: object
+    prompt_record: object                  # mllm.checkpoint.PromptRecord
+    native_token_ids: dict = field(default_factory=dict)   # a native backbone's own pad token ids
+    context_length: int | None = None
+
+    @classmethod
+    def of(cls, model) -> "PromptContext":
+        """The context of a loaded ``MultimodalLM`` (or of a context: itself)."""
+        if isinstance(model, PromptContext):
+            return model
+        return cls(model.processor, model.tokenizer, model.prompt_record, dict(getattr(model, "native_token_ids", {})),
+                   getattr(model.base_llm.config.get_text_config(), "max_position_embeddings", None))
 
 
 def build_prompt(model, messages: list[dict], media: dict[str, list], limits: Limits | None = None,
                  what: str = "request") -> Prompt:
     """Render ``messages`` with the model's prompt record, expand placeholders, attach media.
 
+    ``model``: a loaded ``MultimodalLM`` or its ``PromptContext``.
     ``media`` maps a field (``image``...) to its items (``decode_media``) in placeholder order;
     the placeholder count of each field must equal its item count. Placeholders expand as in the
     training data (``MultimodalDataset``): a fixed count per encoder item, a native item's own ids."""
     limits = limits or Limits()
+    model = PromptContext.of(model)
     wanted: dict[str, int] = {}
     for message in messages:
         for field_name, count in placeholder_counts(message["content"]).items():
@@ -221,7 +239,7 @@ def build_prompt(model, messages: list[dict], media: dict[str, list], limits: Li
     specs = {spec.token_id: spec for spec in model.processor.media_specs().values()}
     # A native backbone's own pad tokens come only from its processor: typed into the text they
     # would be image / video positions without pixels (and fail the whole batch they join).
-    typed = set(getattr(model, "native_token_ids", {}).values()).difference(specs).intersection(tokens.input_ids)
+    typed = set(model.native_token_ids.values()).difference(specs).intersection(tokens.input_ids)
     if typed:
         names = ", ".join(sorted(model.tokenizer.convert_ids_to_tokens(sorted(typed))))
         raise InputError(f"{what}: the text holds {names}, "
@@ -231,7 +249,7 @@ def build_prompt(model, messages: list[dict], media: dict[str, list], limits: Li
                    for token_id, spec in specs.items() if spec.item_tokens is not None}
     input_ids, _, question_mask = expand_placeholders(tokens.input_ids, tokens.labels, tokens.question_mask, specs,
                                                       item_tokens)
-    limit = limits.max_prompt_tokens or context_length(model)
+    limit = limits.max_prompt_tokens or model.context_length
     if limit is not None and len(input_ids) > limit:
         raise InputError(f"{what}: the prompt is {len(input_ids)} tokens (media expanded); this server takes at "
                          f"most {limit}", "prompt_too_long")
@@ -264,5 +282,5 @@ def generate_text(model, prompt: Prompt, **generate_kwargs) -> str:
     return model.tokenizer.decode(new_tokens, skip_special_tokens=True).lstrip()
 
 
-__all__ = ["InputError", "Limits", "Prompt", "accepted_fields", "build_prompt", "collate_prompts", "decode_media",
-           "decode_media_file", "generate_text", "load_model_for_inference", "placeholder_counts"]
+__all__ = ["InputError", "Limits", "Prompt", "PromptContext", "accepted_fields", "build_prompt", "collate_prompts",
+           "decode_media", "decode_media_file", "generate_text", "load_model_for_inference", "placeholder_counts"]
