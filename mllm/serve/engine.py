@@ -52,6 +52,8 @@ from mllm.serve.inputs import Prompt, collate_prompts
 
 logger = logging.getLogger(__name__)
 
+_RECENT_MAX = 4096
+
 
 @dataclass
 class SamplingParams:
@@ -154,6 +156,13 @@ class _RunningBatch:
         self.requests = [self.requests[i] for i in rows]
 
 
+def _append_recent(sizes: list[int], value: int) -> None:
+    """Append, dropping the oldest half past ``_RECENT_MAX`` (a server runs for weeks)."""
+    sizes.append(value)
+    if len(sizes) > _RECENT_MAX:
+        del sizes[:_RECENT_MAX // 2]
+
+
 def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     missing = length - tensor.shape[dim]
     if missing == 0:
@@ -186,8 +195,11 @@ class GenerationEngine:
         self._recent_load, self._recent_load_at = 0, 0.0
         self._lock = threading.Lock()
         self.announced = 0                     # requests accepted and being prepared (not queued yet)
-        self.batch_sizes: list[int] = []       # rows of every model forward or generate call (for logs, benchmarks)
-        self.prefill_sizes: list[int] = []     # prompts of every prefill
+        # Rows of the recent model forwards or generate calls, and prompts of the recent prefills (for
+        # tests and logs; the oldest half is dropped past _RECENT_MAX); totals since start in _totals.
+        self.batch_sizes: list[int] = []
+        self.prefill_sizes: list[int] = []
+        self._totals = {"batches": 0, "batched_requests": 0, "prefills": 0, "prefilled_requests": 0}
         self.finished: collections.deque = collections.deque(maxlen=256)   # (finish_reason, new tokens)
         self.cancelled_rows = 0                # rows ended because their client went away
         self._thread = threading.Thread(target=self._work, name="mllm-generation", daemon=True)
@@ -221,9 +233,17 @@ class GenerationEngine:
 
     def stats(self) -> dict:
         """Counts for ``/health`` and benchmarks: rows now, requests waiting, forwards and prefills so far."""
-        return {"running": self.running, "queued": self.queued, "batches": len(self.batch_sizes),
-                "batched_requests": sum(self.batch_sizes), "prefills": len(self.prefill_sizes),
-                "prefilled_requests": sum(self.prefill_sizes), "cancelled": self.cancelled_rows}
+        return {"running": self.running, "queued": self.queued, **self._totals, "cancelled": self.cancelled_rows}
+
+    def _count(self, rows: int, prefill: bool) -> None:
+        """Book one model forward (or generate call) over ``rows`` rows; ``prefill``: of new prompts."""
+        self._totals["batches"] += 1
+        self._totals["batched_requests"] += rows
+        _append_recent(self.batch_sizes, rows)
+        if prefill:
+            self._totals["prefills"] += 1
+            self._totals["prefilled_requests"] += rows
+            _append_recent(self.prefill_sizes, rows)
 
     def close(self) -> None:
         self._queue.put(None)
@@ -469,8 +489,7 @@ class ContinuousBatchingEngine(GenerationEngine):
             output = self.model.llm(inputs_embeds=embeds, attention_mask=attention_mask,
                                     position_ids=position_ids_from_attention_mask(attention_mask),
                                     use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
-            self.batch_sizes.append(len(requests))
-            self.prefill_sizes.append(len(requests))
+            self._count(len(requests), prefill=True)
             rows = _RunningBatch(requests, cache, attention_mask, attention_mask.sum(1),
                                  self._next_tokens(requests, output.logits[:, -1]))
         except Exception as e:  # one bad prefill must not stop the server
@@ -490,7 +509,7 @@ class ContinuousBatchingEngine(GenerationEngine):
             output = self.model.llm(input_ids=batch.last_tokens[:, None], attention_mask=batch.attention_mask,
                                     position_ids=batch.positions[:, None], use_cache=True,
                                     **{self._cache_arg: batch.cache})
-            self.batch_sizes.append(len(batch))
+            self._count(len(batch), prefill=False)
             batch.positions = batch.positions + 1
             batch.last_tokens = self._next_tokens(batch.requests, output.logits[:, -1])
         except Exception as e:  # the running rows are lost; the server goes on
@@ -566,8 +585,7 @@ class GenerateBatchEngine(GenerationEngine):
         batch = [r for r in arrivals if r.params.batch_key() == key]
         self._waiting = [r for r in arrivals if r.params.batch_key() != key] + self._waiting
         self._in_call = batch
-        self.batch_sizes.append(len(batch))
-        self.prefill_sizes.append(len(batch))
+        self._count(len(batch), prefill=True)
         try:
             inputs = collate_prompts(self.model, [r.prompt for r in batch], self.device)
             params = batch[0].params

@@ -8,6 +8,7 @@ batched, equals what ``MultimodalLM.generate`` gives for the prompt alone, token
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -299,3 +300,20 @@ def test_media_that_fails_to_encode_fails_its_request_only(served_model, prompts
     assert error.kind == "error" and "audio encoder failed" in error.text
     assert good_kept
     assert good.finish_reason == "length" and good.tokens == _alone(served_model, prompts[0], 4)
+
+
+def test_stats_count_every_forward_while_the_recent_sizes_stay_bounded(prompts, engine, monkeypatch):
+    import mllm.serve.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_RECENT_MAX", 6)
+    params = SamplingParams(max_tokens=5, min_tokens=5)
+    asyncio.run(_run(engine, [(0.0, prompt, params) for prompt in prompts] + [(0.3, prompts[0], params)]))
+    for _ in range(100):   # the worker drops a finished batch just after sending its last "done"
+        stats = engine.stats()
+        if stats["running"] == 0:
+            break
+        time.sleep(0.05)
+    # 5 requests of 5 tokens: each token of each row came from one forward (the prefill gives the first).
+    assert stats["prefilled_requests"] == 5 and stats["batched_requests"] == 25
+    assert stats["batches"] > 6 and len(engine.batch_sizes) <= 6
+    assert stats["running"] == 0 and stats["queued"] == 0 and stats["cancelled"] == 0
