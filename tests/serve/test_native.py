@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 
 from mllm.data.dataset import MultimodalCollator, MultimodalDataset
 from mllm.data.media import write_audio, write_video
@@ -257,3 +258,20 @@ def test_chat_with_an_image_on_a_native_backbone_answers(native_model, tmp_path)
     turn2 = [*turn1, {"role": "assistant", "content": want1}, {"role": "user", "content": "<image>\nAnd this one?"}]
     want2 = generate_text(model, build_prompt(model, turn2, {"image": images, "audio": [audio]}), max_new_tokens=6)
     assert answers == [want1, want2] and any(answers)
+
+
+def test_prompt_context_crosses_a_process_boundary_and_prepares_the_same_prompt(native_model):
+    """`mllm serve`'s engine process pickles the native model's PromptContext to the server process."""
+    import pickle
+
+    from mllm.serve.inputs import PromptContext
+
+    context = pickle.loads(pickle.dumps(PromptContext.of(native_model)))
+    assert context.native_token_ids == native_model.native_token_ids
+    png = png_bytes(3, (40, 24))
+    mine, theirs = ([decode_media(source.processor, "image", png, "image", Limits())]
+                    for source in (native_model, context))
+    want = build_prompt(native_model, [{"role": "user", "content": f"<image>\n{QUESTION}"}], {"image": mine})
+    got = build_prompt(context, [{"role": "user", "content": f"<image>\n{QUESTION}"}], {"image": theirs})
+    assert got.text == want.text and got.features.keys() == want.features.keys()
+    assert all(torch.equal(got.features[k], want.features[k]) for k in want.features)
