@@ -28,6 +28,7 @@ pipe closes, so it never outlives the server.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -258,7 +259,13 @@ def _engine_main(conn, checkpoint: str, load: dict, threads: int | None, max_bat
         return
     outbox = _Outbox(send)
     send(("ready", PromptContext.of(model), engine.strategy))
-    requests: dict[int, GenerationRequest] = {}
+    requests: dict[int, GenerationRequest] = {}   # in the engine, for "cancel"
+
+    def send_events(job_id: int, events: tuple[Event, ...]) -> None:
+        if any(event.kind in ("done", "error") for event in events):
+            requests.pop(job_id, None)
+        outbox.put(job_id, events)
+
     while True:
         try:
             message = pickle.loads(conn.recv_bytes())
@@ -268,7 +275,7 @@ def _engine_main(conn, checkpoint: str, load: dict, threads: int | None, max_bat
         if kind == "submit":
             _, job_id, prompt, params, stream, announced = message
             prompt = dataclasses.replace(prompt, features={k: torch.from_numpy(v) for k, v in prompt.features.items()})
-            request = _RemoteRequest(prompt, params, stream, lambda events, job_id=job_id: outbox.put(job_id, events))
+            request = _RemoteRequest(prompt, params, stream, functools.partial(send_events, job_id))
             requests[job_id] = request
             engine.submit(request, announced)
         elif kind == "cancel":
@@ -283,9 +290,6 @@ def _engine_main(conn, checkpoint: str, load: dict, threads: int | None, max_bat
             send(("stats", engine.stats()))
         elif kind == "close":
             break
-        # Forget requests that ended (the engine dropped them; their events are in the outbox).
-        if len(requests) > 4 * max_batch_size:
-            requests = {i: r for i, r in requests.items() if r.finish_reason is None}
     engine.close()
     outbox.close()
     conn.close()

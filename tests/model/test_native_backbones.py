@@ -342,9 +342,9 @@ def test_serving_batches_a_native_backbone_through_generate(native_dirs, family)
     3-D positions and rope offset are ``generate``'s), and batched rows equal each prompt alone."""
     import asyncio
 
-    from mllm.serve.engine import GenerateBatchEngine, GenerationRequest, SamplingParams, create_engine
+    from mllm.serve.engine import GenerateBatchEngine, SamplingParams, create_engine
     from mllm.serve.inputs import Limits, build_prompt, collate_prompts, decode_media
-    from tests.serve.conftest import wav_bytes
+    from tests.serve.conftest import run_requests, wav_bytes
 
     model = build(native_dirs, family)
     assert not model.supports_continuous_batching()
@@ -355,18 +355,8 @@ def test_serving_batches_a_native_backbone_through_generate(native_dirs, family)
     engine = create_engine(model, max_batch_size=4, batch_window_s=0.05)
     params = SamplingParams(max_tokens=6, min_tokens=6)
 
-    async def both():
-        loop = asyncio.get_running_loop()
-        requests = [GenerationRequest(prompt, params, loop) for prompt in prompts]
-        for request in requests:
-            engine.submit(request)
-        for request in requests:
-            while (await request.events.get()).kind not in ("done", "error"):
-                pass
-        return requests
-
     try:
-        requests = asyncio.run(both())
+        requests, _ = asyncio.run(run_requests(engine, [(0, prompt, params) for prompt in prompts]))
     finally:
         engine.close()
     assert isinstance(engine, GenerateBatchEngine) and engine.batch_sizes == [2]

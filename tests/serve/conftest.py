@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import socket
@@ -100,6 +101,53 @@ def client(server):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def in_parallel(call, count: int) -> tuple[dict, list[Exception]]:
+    """``call(i)`` for i < count, each in its own thread at once: {i: result} and the errors raised."""
+    results, errors = {}, []
+
+    def run(i):
+        try:
+            results[i] = call(i)
+        except Exception as e:  # noqa: BLE001 - collected for the caller's assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, errors
+
+
+async def run_requests(engine, jobs, announce: bool = False):
+    """Submit each (delay after the previous, prompt, params) to ``engine``; every request and the
+    order they finished in. ``announce``: first announce them all, as the server does while it reads
+    them (a batch then waits for the announced ones)."""
+    from mllm.serve.engine import GenerationRequest
+
+    loop = asyncio.get_running_loop()
+    requests, finished = [], []
+
+    async def wait(request):
+        while (await request.events.get()).kind not in ("done", "error"):
+            pass
+        finished.append(request)
+
+    if announce:
+        for _ in jobs:
+            engine.announce()
+    waiters = []
+    for delay, prompt, params in jobs:
+        if delay:   # jobs with no delay are submitted back to back, with no await in between
+            await asyncio.sleep(delay)
+        request = GenerationRequest(prompt, params, loop, stream=True)
+        engine.submit(request, announced=announce)
+        requests.append(request)
+        waiters.append(asyncio.create_task(wait(request)))
+    await asyncio.gather(*waiters)
+    return requests, finished
 
 
 def png_bytes(color: str = "red", size: int = 32, shape: str = "circle") -> bytes:

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from mllm.serve.inputs import Limits, build_prompt, decode_media, generate_text
-from tests.serve.conftest import API_KEY, data_url, png_bytes, wav_bytes
+from tests.serve.conftest import API_KEY, data_url, in_parallel, png_bytes, wav_bytes
 
 QUESTION = "What color is the shape?"
 
@@ -95,21 +95,13 @@ def test_stop_strings_are_cut_and_the_placeholder_may_stand_in_the_text(client, 
 def test_concurrent_requests_are_batched(client, server):
     engine = server.app.state.engine
     before = len(engine.batch_sizes)
-    results, errors = [], []
 
     def ask(i):
-        try:
-            response = client.chat.completions.create(
-                model="tiny", max_tokens=8, messages=image_message(png_bytes(shape="circle" if i % 2 else "square")))
-            results.append(response.choices[0].message.content)
-        except Exception as e:  # noqa: BLE001 - collected for the assertion
-            errors.append(e)
+        response = client.chat.completions.create(
+            model="tiny", max_tokens=8, messages=image_message(png_bytes(shape="circle" if i % 2 else "square")))
+        return response.choices[0].message.content
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = in_parallel(ask, 8)
     assert not errors and len(results) == 8
     assert max(engine.batch_sizes[before:]) > 1 and max(engine.batch_sizes) <= 4
 

@@ -20,7 +20,7 @@ from mllm.serve.engine import (
     create_engine,
 )
 from mllm.serve.inputs import Limits, build_prompt, collate_prompts, decode_media
-from tests.serve.conftest import png_bytes, wav_bytes
+from tests.serve.conftest import png_bytes, run_requests, wav_bytes
 
 
 def _prompt(model, text: str, media: dict[str, list[bytes]]):
@@ -48,27 +48,6 @@ def _alone(model, prompt, max_tokens: int) -> list[int]:
     return tokens.tolist()
 
 
-async def _run(engine, jobs: list[tuple[float, object, SamplingParams]]):
-    """Submit each (delay after the previous, prompt, params); every request and the order they finished in."""
-    loop = asyncio.get_running_loop()
-    requests, finished = [], []
-
-    async def wait(request):
-        while (await request.events.get()).kind not in ("done", "error"):
-            pass
-        finished.append(request)
-
-    waiters = []
-    for delay, prompt, params in jobs:
-        await asyncio.sleep(delay)
-        request = GenerationRequest(prompt, params, loop, stream=True)
-        engine.submit(request)
-        requests.append(request)
-        waiters.append(asyncio.create_task(wait(request)))
-    await asyncio.gather(*waiters)
-    return requests, finished
-
-
 @pytest.fixture
 def engine(served_model):
     engine = ContinuousBatchingEngine(served_model, max_batch_size=4, batch_window_s=0.05)
@@ -79,7 +58,7 @@ def engine(served_model):
 def test_batched_rows_equal_each_prompt_alone(served_model, prompts, engine):
     # min_tokens = max_tokens: every row runs its full length, so the comparison covers every step.
     params = SamplingParams(max_tokens=10, min_tokens=10)
-    requests, _ = asyncio.run(_run(engine, [(0, p, params) for p in prompts]))
+    requests, _ = asyncio.run(run_requests(engine, [(0, p, params) for p in prompts]))
     assert max(engine.prefill_sizes) > 1          # they were prefilled together
     for request, prompt in zip(requests, prompts):
         assert request.tokens == _alone(served_model, prompt, 10)
@@ -96,7 +75,7 @@ def test_request_arriving_mid_decode_joins_the_running_batch(served_model, promp
         engine.submit(first)
         while len(first.tokens) < 5:              # the first row is decoding
             await asyncio.sleep(0.005)
-        requests, _ = await _run(engine, [(0, prompts[0], short), (0, prompts[2], short)])
+        requests, _ = await run_requests(engine, [(0, prompts[0], short), (0, prompts[2], short)])
         first_still_running = first.finish_reason is None
         while (await first.events.get()).kind not in ("done", "error"):
             pass
@@ -118,7 +97,7 @@ def test_rows_keep_their_own_sampling_settings(served_model, prompts, engine):
     """A sampled row and a greedy row share steps; the greedy one is unaffected."""
     greedy = SamplingParams(max_tokens=8, min_tokens=8)
     sampled = SamplingParams(max_tokens=8, min_tokens=8, temperature=1.5, top_p=0.9)
-    requests, _ = asyncio.run(_run(engine, [(0, prompts[0], sampled), (0, prompts[3], greedy)]))
+    requests, _ = asyncio.run(run_requests(engine, [(0, prompts[0], sampled), (0, prompts[3], greedy)]))
     assert len(requests[0].tokens) == 8
     assert requests[1].tokens == _alone(served_model, prompts[3], 8)
 
@@ -171,7 +150,7 @@ def _two_then_one_late(engine, prompts, params) -> list:
             engine.submit(request)
         while len(first[0].tokens) < 3:
             await asyncio.sleep(0.005)
-        (late,), _ = await _run(engine, [(0, prompts[2], params)])
+        (late,), _ = await run_requests(engine, [(0, prompts[2], params)])
         for request in first:
             while (await request.events.get()).kind not in ("done", "error"):
                 pass
@@ -307,7 +286,7 @@ def test_stats_count_every_forward_while_the_recent_sizes_stay_bounded(prompts, 
 
     monkeypatch.setattr(engine_module, "_RECENT_MAX", 6)
     params = SamplingParams(max_tokens=5, min_tokens=5)
-    asyncio.run(_run(engine, [(0.0, prompt, params) for prompt in prompts] + [(0.3, prompts[0], params)]))
+    asyncio.run(run_requests(engine, [(0.0, prompt, params) for prompt in prompts] + [(0.3, prompts[0], params)]))
     for _ in range(100):   # the worker drops a finished batch just after sending its last "done"
         stats = engine.stats()
         if stats["running"] == 0:

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -16,7 +15,7 @@ import openai
 import pytest
 
 from mllm.errors import UserError
-from tests.serve.conftest import API_KEY, RunningServer, data_url, png_bytes, wav_bytes
+from tests.serve.conftest import API_KEY, RunningServer, data_url, in_parallel, png_bytes, wav_bytes
 from tests.serve.test_app import QUESTION, expected_answer, image_message
 
 
@@ -73,20 +72,12 @@ def test_concurrent_requests_are_batched_in_the_engine_process(client, process_s
     pngs = [png_bytes(color, shape=shape) for color in ("red", "blue") for shape in ("circle", "square")] * 2
     wants = [expected_answer(served_model, f"<image>\n{QUESTION}", {"image": [png]}, 8) for png in pngs]
     before = health(process_server).json()
-    results, errors = {}, []
 
     def ask(i):
-        try:
-            response = client.chat.completions.create(model="tiny", max_tokens=8, messages=image_message(pngs[i]))
-            results[i] = response.choices[0].message.content
-        except Exception as e:  # noqa: BLE001 - collected for the assertion
-            errors.append(e)
+        response = client.chat.completions.create(model="tiny", max_tokens=8, messages=image_message(pngs[i]))
+        return response.choices[0].message.content
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(pngs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = in_parallel(ask, len(pngs))
     assert not errors and [results[i] for i in range(len(pngs))] == wants
     after = health(process_server).json()
     prefills = after["prefills"] - before["prefills"]

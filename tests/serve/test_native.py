@@ -8,7 +8,6 @@ import asyncio
 import base64
 import io
 import json
-import threading
 
 import httpx
 import numpy as np
@@ -18,10 +17,10 @@ import torch
 
 from mllm.data.dataset import MultimodalCollator, MultimodalDataset
 from mllm.data.media import write_audio, write_video
-from mllm.serve.engine import GenerationRequest, SamplingParams, create_engine
+from mllm.serve.engine import SamplingParams, create_engine
 from mllm.serve.inputs import Limits, build_prompt, collate_prompts, decode_media, generate_text
 from tests.model.test_native_backbones import build, image, native_dirs  # noqa: F401 (fixture)
-from tests.serve.conftest import data_url, start_server, wav_bytes
+from tests.serve.conftest import data_url, in_parallel, run_requests, start_server, wav_bytes
 
 FAMILIES = ("qwen2_5_vl", "llava")
 QUESTION = "What is it?"
@@ -138,20 +137,8 @@ def test_rows_with_images_of_different_sizes_batched_together_equal_each_alone(n
     engine = create_engine(model, max_batch_size=4, batch_window_s=5.0)
     params = SamplingParams(max_tokens=6, min_tokens=6)
 
-    async def together():
-        loop = asyncio.get_running_loop()
-        requests = [GenerationRequest(prompt, params, loop) for prompt in prompts]
-        for _ in requests:   # as the server does: the batch waits for announced requests
-            engine.announce()
-        for request in requests:
-            engine.submit(request, announced=True)
-        for request in requests:
-            while (await request.events.get()).kind not in ("done", "error"):
-                pass
-        return requests
-
-    try:
-        requests = asyncio.run(together())
+    try:   # announced, as the server does: the batch waits for them
+        requests, _ = asyncio.run(run_requests(engine, [(0, prompt, params) for prompt in prompts], announce=True))
     finally:
         engine.close()
     assert engine.batch_sizes == [2]
@@ -165,22 +152,14 @@ def test_concurrent_http_requests_with_different_image_sizes_equal_each_alone(cl
     before = len(engine.batch_sizes)
     sizes = [(30, 45), (64, 40), (44, 60), (24, 24)]
     pngs = [png_bytes(10 + k, size) for k, size in enumerate(sizes)]
-    answers, errors = {}, []
 
     def ask(k):
-        try:
-            response = client.chat.completions.create(
-                model="native", max_tokens=6, extra_body={"min_tokens": 6}, messages=[{"role": "user", "content": [
-                    image_part(pngs[k]), {"type": "text", "text": "Which colour? " * (k + 1)}]}])
-            answers[k] = response.choices[0].message.content
-        except Exception as e:  # noqa: BLE001 - collected for the assertion
-            errors.append(e)
+        response = client.chat.completions.create(
+            model="native", max_tokens=6, extra_body={"min_tokens": 6}, messages=[{"role": "user", "content": [
+                image_part(pngs[k]), {"type": "text", "text": "Which colour? " * (k + 1)}]}])
+        return response.choices[0].message.content
 
-    threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(sizes))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    answers, errors = in_parallel(ask, len(sizes))
     assert not errors and max(engine.batch_sizes[before:]) > 1
     for k, png in enumerate(pngs):
         item = decode_media(native_model.processor, "image", png, "image", Limits())
