@@ -8,7 +8,7 @@ rounds. Prints requests/s at each, their ratio (the batching gain), p50 / p95 la
 or lost requests.
 
     python benchmarks/serve.py                      # builds ./mllm-demo-quick with `mllm demo --quick` if needed
-    python benchmarks/serve.py --checkpoint mllm-demo/runs/instruct --requests 128
+    python benchmarks/serve.py --checkpoint mllm-demo/runs/instruct --requests 128 --rounds 4
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="stage-2 output (default: DEMO_DIR/runs/instruct, built if missing)")
     parser.add_argument("--demo-dir", default="mllm-demo-quick", help="where `mllm demo --quick` writes, if needed")
-    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=512,
+                        help="requests sent at each concurrency (default 512: 128 a round, so that a round at "
+                             "16 lasts long enough for its first and last waves not to dominate)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--rounds", type=int, default=4,
                         help="the requests are split into this many rounds; in each, every concurrency runs its share")

@@ -251,12 +251,8 @@ class MultimodalLM(nn.Module):
     def modality_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return compute_modality_ids(input_ids, self.placeholder_modalities, attention_mask)
 
-    def embed_inputs(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor],
-                     projected: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Token embeddings with each placeholder's features spliced in. ``projected``: features
-        already encoded (``encode_media``) per placeholder, taken instead of encoding ``media`` (the
-        serving engine encodes waiting requests' media while it gathers a batch)."""
-        projected = projected or {}
+    def embed_inputs(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with each placeholder's features spliced in."""
         is_placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
         for token_id in self.placeholder_modalities:
             is_placeholder |= input_ids == token_id
@@ -264,9 +260,6 @@ class MultimodalLM(nn.Module):
         for placeholder, (_, field) in PLACEHOLDERS.items():
             inputs = media.get(MEDIA_INPUT_KEYS[field])
             token_id = self.placeholder_ids[placeholder]
-            if placeholder in projected:
-                embeds = splice_features(embeds, input_ids, token_id, projected[placeholder], what=placeholder)
-                continue
             if inputs is None or inputs.shape[0] == 0:
                 if bool((input_ids == token_id).any()):
                     raise MediaCountError(f"the batch has {placeholder} positions but no {MEDIA_INPUT_KEYS[field]}")
@@ -284,12 +277,12 @@ class MultimodalLM(nn.Module):
 
     def _prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                         question_mask: torch.Tensor | None, media: dict[str, torch.Tensor | None],
-                        segment_ids: torch.Tensor | None = None, projected: dict[str, torch.Tensor] | None = None):
-        """Embed text and media (or ``projected`` features, see ``embed_inputs``), and queue the
-        modality ids (and packed rows' segments) for the LM's next forward."""
+                        segment_ids: torch.Tensor | None = None):
+        """Embed text and media, and queue the modality ids (and packed rows' segments) for the
+        LM's next forward."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        embeds = self.embed_inputs(input_ids, {k: v for k, v in media.items() if v is not None}, projected)
+        embeds = self.embed_inputs(input_ids, {k: v for k, v in media.items() if v is not None})
         self.modality_context.set_pending(self.modality_ids(input_ids, attention_mask), question_mask, segment_ids)
         return embeds, attention_mask
 

@@ -22,13 +22,18 @@ Prefill costs about the same for one prompt or sixteen, so under load arrivals a
 a batch waits, at most ``batch_window_s`` after the last arrival, while requests the server is
 still reading or preparing are announced (``announce``) or fewer are in than the recent load
 (the most requests in the server at once over the last second); running rows go on decoding
-meanwhile; the continuous engine uses that wait to encode the media of the requests already in
-(``_use_idle_time``), so the prefill only splices their features. A lone request on an idle server
-starts at once. After every token the row's text is
-decoded, checked for stop strings, and its new part sent to the request's asyncio queue (streamed
-requests) or kept for the final answer. A client that went away (``cancel``) ends its row at the
-next token. A failing prefill, step or batch reports the error to the requests it held and the
-worker goes on.
+meanwhile. But when preparing the load takes the server much longer than the model takes for a
+lone request (``_Pace.pipelining_pays``: many clients, short answers), an idle model waits for
+no more than half of the recent load, and only while requests are being prepared: it runs the
+first half while the server prepares the second, and the halves go on taking turns, a two-stage
+pipeline (waiting for all of them would idle the model through every preparation and the server
+through every prefill; with few clients one batch of all of them is faster). Media are encoded
+in the prefill, one encoder pass for the whole batch (encoding early arrivals one by one while a
+batch gathered cost more CPU than it saved). A lone request on an idle server starts at once.
+After every token the row's text is decoded, checked for stop strings, and its new part sent to
+the request's asyncio queue (streamed requests) or kept for the final answer. A client that went
+away (``cancel``) ends its row at the next token. A failing prefill, step or batch reports the
+error to the requests it held and the worker goes on.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache
 
-from mllm.modality import MEDIA_INPUT_KEYS, PLACEHOLDERS
+from mllm.modality import MEDIA_INPUT_KEYS
 from mllm.model.splice import position_ids_from_attention_mask
 from mllm.serve.inputs import Prompt, collate_prompts
 
@@ -98,7 +103,6 @@ class GenerationRequest:
         self.tokens: list[int] = []
         self.sent = ""
         self.finish_reason: str | None = None
-        self.projected: dict[str, torch.Tensor] | None = None   # its media encoded ahead (ContinuousBatchingEngine)
 
     def cancel(self) -> None:
         """The client went away: the row ends at its next token and frees its place."""
@@ -156,6 +160,49 @@ class _RunningBatch:
         self.requests = [self.requests[i] for i in rows]
 
 
+class _Pace:
+    """What the pipelining rule (module docstring) weighs, as moving averages (None until measured):
+    ``server_s``, the server's CPU time per request (reported by ``EngineProcess``, whose server
+    process does nothing else), and ``lone_s``, the model's time for a request alone -- a busy
+    spell, from leaving idle to idle again, with one request in it."""
+
+    def __init__(self):
+        self.server_s: float | None = None
+        self.lone_s: float | None = None
+        self._busy_since: float | None = None
+        self._busy_requests = 0
+
+    def started(self, count: int) -> None:
+        """``count`` requests go into the model."""
+        if self._busy_since is None:
+            self._busy_since = time.monotonic()
+        self._busy_requests += count
+
+    def idle(self) -> None:
+        """The model has no rows."""
+        if self._busy_since is not None:
+            if self._busy_requests == 1:
+                self.lone_s = moving_average(self.lone_s, time.monotonic() - self._busy_since)
+            self._busy_since, self._busy_requests = None, 0
+
+    def pipelining_pays(self, load: int) -> bool:
+        """With a batch costing the model a + b * rows, one batch of everything takes a wave
+        S + a + b * load (S: the server preparing the load, the model idle meanwhile); halves taking
+        turns take about max(S, 2a + b * load), shorter once S > a. ``a`` is at most a lone request's
+        time; asking S >= 2 * lone_s leaves room for what the model's fixed cost hides and for the
+        two stages sharing CPU cores (on 2 cores, halves lost 10% at 4 clients and gained 30-45%
+        at 16)."""
+        return self.server_s is not None and self.lone_s is not None and load * self.server_s >= 2 * self.lone_s
+
+
+def moving_average(average: float | None, value: float) -> float:
+    return value if average is None else 0.75 * average + 0.25 * value
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 3)
+
+
 def _append_recent(sizes: list[int], value: int) -> None:
     """Append, dropping the oldest half past ``_RECENT_MAX`` (a server runs for weeks)."""
     sizes.append(value)
@@ -195,6 +242,7 @@ class GenerationEngine:
         self._recent_load, self._recent_load_at = 0, 0.0
         self._lock = threading.Lock()
         self.announced = 0                     # requests accepted and being prepared (not queued yet)
+        self.pace = _Pace()
         # Rows of the recent model forwards or generate calls, and prompts of the recent prefills (for
         # tests and logs; the oldest half is dropped past _RECENT_MAX); totals since start in _totals.
         self.batch_sizes: list[int] = []
@@ -216,7 +264,11 @@ class GenerationEngine:
         with self._lock:
             self.announced -= 1
 
-    def submit(self, request: GenerationRequest, announced: bool = False) -> None:
+    def submit(self, request: GenerationRequest, announced: bool = False, server_s: float | None = None) -> None:
+        """Queue ``request``; ``announced``: it was announced; ``server_s``: the server's CPU time per
+        request lately (``_Pace``)."""
+        if server_s is not None:
+            self.pace.server_s = server_s
         with self._lock:   # queued and no longer announced at once, as the worker sees it
             self._queue.put(request)
             if announced:
@@ -232,8 +284,10 @@ class GenerationEngine:
         return len(self._rows())
 
     def stats(self) -> dict:
-        """Counts for ``/health`` and benchmarks: rows now, requests waiting, forwards and prefills so far."""
-        return {"running": self.running, "queued": self.queued, **self._totals, "cancelled": self.cancelled_rows}
+        """Counts for ``/health`` and benchmarks: rows now, requests waiting, forwards and prefills so
+        far, and what the pipelining rule weighs (``_Pace``, in ms; None until measured)."""
+        return {"running": self.running, "queued": self.queued, **self._totals, "cancelled": self.cancelled_rows,
+                "server_ms_per_request": _ms(self.pace.server_s), "lone_request_ms": _ms(self.pace.lone_s)}
 
     def _count(self, rows: int, prefill: bool) -> None:
         """Book one model forward (or generate call) over ``rows`` rows; ``prefill``: of new prompts."""
@@ -262,10 +316,6 @@ class GenerationEngine:
         """Run the requests just gathered ([] : none arrived; decode what is running)."""
         raise NotImplementedError
 
-    def _use_idle_time(self) -> bool:
-        """Work on ``_waiting`` requests while a batch gathers; True when some was done."""
-        return False
-
     # ------------------------------------------------------------ worker
     def _work(self) -> None:
         with torch.inference_mode():
@@ -285,6 +335,8 @@ class GenerationEngine:
         docstring."""
         while True:
             running = len(self._rows())
+            if not running:
+                self.pace.idle()
             if not running and not self._waiting:
                 first = self._queue.get()
                 if first is None:
@@ -307,13 +359,15 @@ class GenerationEngine:
                 # The window passed with fewer requests than the recent load: the load dropped;
                 # the next lone request must not wait for it again.
                 self._recent_load, self._recent_load_at = len(self._waiting) + running, time.monotonic()
-            if shutting_down or len(self._waiting) >= room or not more_coming or remaining <= 0:
+            # A pipeline's next half: up to half the load, and no one still to wait for being prepared.
+            half_in = (not running and (2 * len(self._waiting) >= self._recent_load or not self.announced)
+                       and self.pace.pipelining_pays(self._recent_load))
+            if shutting_down or len(self._waiting) >= room or not more_coming or remaining <= 0 or half_in:
                 arrivals, self._waiting = self._waiting[:room], self._waiting[room:]
+                self.pace.started(len(arrivals))
                 return arrivals
             if running:
                 return []          # decode a step, look again after it
-            if self._use_idle_time():
-                continue           # time passed: look again before waiting
             try:
                 item = self._queue.get(timeout=remaining)
             except queue.Empty:
@@ -438,53 +492,13 @@ class ContinuousBatchingEngine(GenerationEngine):
         if self._batch is not None:
             self._step()
 
-    def _use_idle_time(self) -> bool:
-        """Encode the media of the requests gathered so far while the rest of the batch is being read
-        and prepared (the worker would idle): the prefill then only splices their features."""
-        pending = [r for r in self._waiting if r.projected is None]
-        if not pending:
-            return False
-        try:
-            self._encode_media(pending)
-        except Exception:  # find the request at fault: it fails alone, before any batch; the others wait on
-            for request in pending:
-                try:
-                    self._encode_media([request])
-                except Exception as e:
-                    self._fail([request], e)
-            self._waiting = [r for r in self._waiting if r.finish_reason is None]
-        return True
-
-    def _encode_media(self, requests: list[GenerationRequest]) -> None:
-        """Project the media of ``requests`` (one encoder pass per kind for all of them) and keep
-        each request's share in ``request.projected``."""
-        requests = [r for r in requests if r.projected is None]
-        if not requests:
-            return
-        shares: list[dict[str, torch.Tensor]] = [{} for _ in requests]
-        for placeholder, (_, field_name) in PLACEHOLDERS.items():
-            key = MEDIA_INPUT_KEYS[field_name]
-            items = [r.prompt.features[key] for r in requests if key in r.prompt.features]
-            if not items:
-                continue
-            counts = [r.prompt.features[key].shape[0] if key in r.prompt.features else 0 for r in requests]
-            features = self.model.encode_media(placeholder, torch.cat(items).to(self.device))
-            for share, part in zip(shares, features.split(counts)):
-                if part.shape[0]:
-                    share[placeholder] = part
-        for request, share in zip(requests, shares):
-            request.projected = share
-
     def _join(self, requests: list[GenerationRequest]) -> None:
         """Prefill ``requests`` together and add their rows to the running batch."""
         try:
-            self._encode_media(requests)   # those not encoded while the batch gathered
-            projected = {placeholder: torch.cat([r.projected[placeholder] for r in requests
-                                                 if placeholder in r.projected])
-                         for placeholder in {p for r in requests for p in r.projected}}
-            inputs = collate_prompts(self.model, [r.prompt for r in requests], self.device, with_media=False)
-            embeds, attention_mask = self.model._prepare_inputs(
-                inputs["input_ids"], inputs["attention_mask"], inputs.get("question_mask"), {}, projected=projected)
+            inputs = collate_prompts(self.model, [r.prompt for r in requests], self.device)
+            embeds, attention_mask = self.model._prepare_inputs(   # the media of all of them: one pass per encoder
+                inputs["input_ids"], inputs["attention_mask"], inputs.get("question_mask"),
+                {key: inputs.get(key) for key in MEDIA_INPUT_KEYS.values()})
             cache = DynamicCache()
             output = self.model.llm(inputs_embeds=embeds, attention_mask=attention_mask,
                                     position_ids=position_ids_from_attention_mask(attention_mask),

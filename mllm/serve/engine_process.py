@@ -13,7 +13,7 @@ prepares prompts exactly as an in-process server would. Messages are pickled tup
 ``multiprocessing`` pipe:
 
 * server -> engine: ``("announce",)``, ``("withdraw",)``, ``("submit", id, prompt, params, stream,
-  announced)``, ``("cancel", id)``, ``("stats",)``, ``("close",)``;
+  announced, server_s)``, ``("cancel", id)``, ``("stats",)``, ``("close",)``;
 * engine -> server: ``("ready", context, strategy)`` or ``("failed", message)`` once, then
   ``("events", [(id, events), ...])`` -- the events of all rows the worker emitted since the last
   message, so one decode step's tokens travel together -- and ``("stats", dict)`` replies.
@@ -34,9 +34,10 @@ import logging
 import multiprocessing
 import pickle
 import threading
+import time
 
 from mllm.errors import UserError
-from mllm.serve.engine import Event, GenerationRequest
+from mllm.serve.engine import Event, GenerationRequest, moving_average
 from mllm.serve.inputs import Prompt, PromptContext
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class EngineProcess:
         self.exit_error: str | None = None       # set once the child is gone
         self._closing = False
         self._jobs: dict[int, GenerationRequest] = {}
+        self._server_s: float | None = None
+        self._cpu_at_submit = time.process_time()
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
         self._stats_lock = threading.Lock()      # one stats question at a time
@@ -104,7 +107,12 @@ class EngineProcess:
         self._jobs[job_id] = request
         request.on_cancel = lambda: self._cancel(job_id)
         wire = dataclasses.replace(request.prompt, features={k: v.numpy() for k, v in request.prompt.features.items()})
-        if not self._send(("submit", job_id, wire, request.params, request.stream, announced)):
+        # This process only serves HTTP and prepares prompts: its CPU time between two submissions
+        # is what a request costs it (the engine's pipelining rule weighs it).
+        cpu = time.process_time()
+        self._server_s = moving_average(self._server_s, cpu - self._cpu_at_submit)
+        self._cpu_at_submit = cpu
+        if not self._send(("submit", job_id, wire, request.params, request.stream, announced, self._server_s)):
             self._jobs.pop(job_id, None)
             request.emit(Event("error", text=self.exit_error))
 
@@ -273,11 +281,11 @@ def _engine_main(conn, checkpoint: str, load: dict, threads: int | None, max_bat
             break
         kind = message[0]
         if kind == "submit":
-            _, job_id, prompt, params, stream, announced = message
+            _, job_id, prompt, params, stream, announced, server_s = message
             prompt = dataclasses.replace(prompt, features={k: torch.from_numpy(v) for k, v in prompt.features.items()})
             request = _RemoteRequest(prompt, params, stream, functools.partial(send_events, job_id))
             requests[job_id] = request
-            engine.submit(request, announced)
+            engine.submit(request, announced, server_s)
         elif kind == "cancel":
             request = requests.pop(message[1], None)
             if request is not None:

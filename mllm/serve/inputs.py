@@ -264,12 +264,9 @@ def build_prompt(model, messages: list[dict], media: dict[str, list], limits: Li
     return Prompt(features, len(input_ids), text, {k: len(v) for k, v in media.items()})
 
 
-def collate_prompts(model, prompts: list[Prompt], device=None, with_media: bool = True) -> dict[str, torch.Tensor]:
-    """Left-padded batch of prompts for ``MultimodalLM.generate``; ``with_media=False``: their
-    token ids and masks only (their media were encoded already)."""
-    features = [p.features if with_media else {k: p.features[k] for k in ("input_ids", "question_mask")}
-                for p in prompts]
-    batch = MultimodalCollator(model.tokenizer.pad_token_id, padding_side="left")(features)
+def collate_prompts(model, prompts: list[Prompt], device=None) -> dict[str, torch.Tensor]:
+    """Left-padded batch of prompts for ``MultimodalLM.generate``."""
+    batch = MultimodalCollator(model.tokenizer.pad_token_id, padding_side="left")([p.features for p in prompts])
     if device is not None:
         batch = {k: v.to(device) for k, v in batch.items()}
     return batch

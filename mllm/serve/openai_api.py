@@ -39,10 +39,14 @@ KNOWN_ROLES = ("system", "developer", "user", "assistant")
 
 @dataclass
 class MediaRef:
+    """One media part: its bytes (sent inline), a file under the media root, or a remote URL
+    (fetched when the request is prepared, off the event loop: ``fetch_remote``)."""
+
     field: str              # image | video | audio | speech
     where: str              # "messages[1].content[2]" for error messages
     data: bytes | None = None
     path: str | None = None
+    url: str | None = None
 
 
 @dataclass
@@ -178,7 +182,7 @@ def _resolve_url(url: str, field_name: str, at: str, policy: MediaPolicy) -> Med
         if not policy.allow_remote:
             raise InputError(f"{at}: {scheme} URLs are refused; send the media as a base64 data URL (or start the "
                              f"server with --allow-remote-media)", "remote_media_refused", 400, at)
-        return MediaRef(field_name, at, data=_fetch(url, at, policy))
+        return MediaRef(field_name, at, url=url)
     if scheme in ("file", ""):
         path = urllib.parse.unquote(urllib.parse.urlsplit(url).path) if scheme == "file" else url
         return MediaRef(field_name, at, path=_local_path(path, at, policy))
@@ -198,14 +202,16 @@ def _local_path(path: str, at: str, policy: MediaPolicy) -> str:
     return full
 
 
-def _fetch(url: str, at: str, policy: MediaPolicy) -> bytes:
+def fetch_remote(ref: MediaRef, policy: MediaPolicy) -> bytes:
+    """The bytes of a remote media part (``ref.url``, allowed by the policy when parsed)."""
     try:
-        with urllib.request.urlopen(url, timeout=policy.remote_timeout_s) as response:
+        with urllib.request.urlopen(ref.url, timeout=policy.remote_timeout_s) as response:
             data = response.read(policy.max_remote_bytes + 1)
     except OSError as e:
-        raise InputError(f"{at}: cannot fetch {url}: {e}", "undecodable_media", 400, at) from None
+        raise InputError(f"{ref.where}: cannot fetch {ref.url}: {e}", "undecodable_media", 400, ref.where) from None
     if len(data) > policy.max_remote_bytes:
-        raise InputError(f"{at}: {url} is larger than {policy.max_remote_bytes} bytes", "request_too_large", 413, at)
+        raise InputError(f"{ref.where}: {ref.url} is larger than {policy.max_remote_bytes} bytes", "request_too_large",
+                         413, ref.where)
     return data
 
 
@@ -233,4 +239,4 @@ def _sampling(body: dict, default_max_tokens: int) -> SamplingParams:
                           min_tokens=min_tokens)
 
 
-__all__ = ["MediaPolicy", "MediaRef", "ParsedRequest", "parse_chat_request", "MediaError"]
+__all__ = ["MediaPolicy", "MediaRef", "ParsedRequest", "fetch_remote", "parse_chat_request", "MediaError"]

@@ -246,3 +246,91 @@ def test_streaming_error_after_start_is_in_band(served_model, monkeypatch):
         ok = client.chat.completions.create(model="tiny", max_tokens=4, messages=image_message(png_bytes()))
         assert ok.choices[0].finish_reason in ("stop", "length")
     assert json.dumps(ok.model_dump())  # plain JSON all the way
+
+
+class _SlowMediaHost:
+    """A real HTTP server on 127.0.0.1 that holds its answer for /slow.png until ``release``."""
+
+    def __init__(self, png: bytes):
+        import http.server
+
+        host = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path != "/slow.png":
+                    self.send_error(404)
+                    return
+                host.asked.set()
+                host.release.wait(timeout=60)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                self.wfile.write(png)
+
+            def log_message(self, *args):
+                pass
+
+        self.asked, self.release = threading.Event(), threading.Event()
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.httpd.shutdown()
+
+
+def test_remote_media_is_fetched_without_stalling_other_requests(served_model):
+    """With --allow-remote-media, an http(s) image is fetched while the request is prepared, off the
+    event loop: a text request is answered while the fetch still waits; then the image's answer
+    equals generate on the same bytes, and an unreachable URL is a 400."""
+    from openai import OpenAI
+
+    from tests.serve.conftest import start_server
+
+    png = png_bytes("blue", shape="square")
+    media = _SlowMediaHost(png)
+    answers = {}
+    try:
+        with start_server(served_model, model_name="tiny", allow_remote_media=True) as running:
+            client = OpenAI(base_url=f"{running.url}/v1", api_key="none", max_retries=0, timeout=30)
+
+            def ask_remote():
+                answers["remote"] = client.chat.completions.create(model="tiny", max_tokens=8, messages=[
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": f"{media.url}/slow.png"}},
+                                                 {"type": "text", "text": QUESTION}]}]).choices[0].message.content
+
+            remote = threading.Thread(target=ask_remote)
+            remote.start()
+            assert media.asked.wait(timeout=30)
+            text = client.chat.completions.create(model="tiny", max_tokens=4,
+                                                  messages=[{"role": "user", "content": "Say something."}])
+            answered_while_fetching = text.choices[0].finish_reason in ("stop", "length") and "remote" not in answers
+            media.release.set()
+            remote.join(timeout=60)
+            with pytest.raises(openai.BadRequestError, match="cannot fetch"):
+                client.chat.completions.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": f"{media.url}/missing.png"}},
+                    {"type": "text", "text": QUESTION}]}])
+    finally:
+        media.close()
+    assert answered_while_fetching
+    assert answers["remote"] == expected_answer(served_model, f"<image>\n{QUESTION}", {"image": [png]}, 8)
+
+
+def test_small_inline_media_are_prepared_on_the_event_loop_and_the_rest_in_a_thread():
+    from mllm.serve.app import _prepares_inline
+    from mllm.serve.engine import SamplingParams
+    from mllm.serve.openai_api import MediaRef, ParsedRequest
+
+    def parsed(*refs):
+        return ParsedRequest([{"role": "user", "content": "hi"}], list(refs), SamplingParams(max_tokens=4))
+
+    small = MediaRef("image", "part 0", data=png_bytes())
+    assert _prepares_inline(parsed()) and _prepares_inline(parsed(small, MediaRef("audio", "part 1", data=wav_bytes())))
+    assert not _prepares_inline(parsed(small, MediaRef("image", "part 1", data=b"x" * (300 << 10))))   # large
+    assert not _prepares_inline(parsed(MediaRef("video", "part 0", data=b"x" * 100)))
+    assert not _prepares_inline(parsed(MediaRef("image", "part 0", path="/media/red.png")))
+    assert not _prepares_inline(parsed(MediaRef("image", "part 0", url="https://example.com/a.png")))

@@ -17,6 +17,7 @@ from mllm.serve.engine import (
     GenerateBatchEngine,
     GenerationRequest,
     SamplingParams,
+    _Pace,
     create_engine,
 )
 from mllm.serve.inputs import Limits, build_prompt, collate_prompts, decode_media
@@ -209,76 +210,60 @@ def test_delo_rows_batched_together_equal_each_prompt_alone(tiny_model):
     assert alone[0] != alone[2] or alone[1] != alone[2]   # the rows are not all the same answer
 
 
-def test_media_of_early_arrivals_is_encoded_while_the_batch_gathers(served_model, prompts):
-    """While a batch waits for announced requests, the worker encodes the media of those already in;
-    the prefill then splices those features, and every answer still equals its prompt alone."""
-    engine = ContinuousBatchingEngine(served_model, max_batch_size=4, batch_window_s=2.0)
-    params = SamplingParams(max_tokens=6, min_tokens=6)
+def test_the_pipelining_rule_weighs_the_server_against_a_lone_request(monkeypatch):
+    """``_Pace``: a lone request's busy spell is timed (spells of several are not), and halves pay
+    once the server's CPU time for the load is at least twice a lone request's."""
+    clock = iter([10.0, 10.2, 20.0, 21.0])   # a spell of 0.2 s with one request, then one of 1 s with two
+    monkeypatch.setattr("mllm.serve.engine.time.monotonic", lambda: next(clock))
+    pace = _Pace()
+    assert not pace.pipelining_pays(16)          # nothing measured yet
+    pace.started(1)
+    pace.idle()
+    pace.started(2)
+    pace.idle()
+    assert pace.lone_s == pytest.approx(0.2)
+    pace.server_s = 0.025
+    assert pace.pipelining_pays(16) and not pace.pipelining_pays(15)   # 16 * 0.025 = 2 * 0.2
+
+
+@pytest.mark.parametrize("server_s", [1.0, 1e-6])
+def test_an_idle_model_starts_with_half_the_load_when_the_server_is_the_slower_stage(served_model, prompts, server_s):
+    """Four requests announced. When the server reports a second of CPU per request, far more than a
+    lone request takes the model, the model starts as soon as two are in and the two later ones get
+    their own prefill; when the server is quick, the batch waits for all four. Every answer equals
+    its prompt alone either way."""
+    engine = ContinuousBatchingEngine(served_model, max_batch_size=4, batch_window_s=60.0)
+    params = SamplingParams(max_tokens=4, min_tokens=4)
+    pipelined = server_s == 1.0
 
     async def scenario():
+        await run_requests(engine, [(0, prompts[2], params)])    # a lone request: the model's time for one
         loop = asyncio.get_running_loop()
         requests = [GenerationRequest(p, params, loop) for p in prompts]
         for _ in requests:
-            engine.announce()                       # all four are being read: the batch waits for them
-        for request in requests[:-1]:
-            engine.submit(request, announced=True)
-        while any(r.projected is None for r in requests[:-1]):
-            await asyncio.sleep(0.005)
-        encoded_before_prefill = not engine.prefill_sizes
-        engine.submit(requests[-1], announced=True)
+            engine.announce()
+        for request in requests[:2]:
+            engine.submit(request, announced=True, server_s=server_s)
+        for _ in range(100 if pipelined else 10):   # up to 3 s for the half in to start (the window is 60 s)
+            if len(engine.prefill_sizes) == 2:
+                break
+            await asyncio.sleep(0.03)
+        started_early = len(engine.prefill_sizes) == 2
+        for request in requests[2:]:
+            engine.submit(request, announced=True, server_s=server_s)
         for request in requests:
             while (await request.events.get()).kind not in ("done", "error"):
                 pass
-        return requests, encoded_before_prefill
+        return requests, started_early
 
     try:
-        requests, encoded_before_prefill = asyncio.run(scenario())
+        requests, started_early = asyncio.run(scenario())
     finally:
         engine.close()
-    assert encoded_before_prefill and engine.prefill_sizes == [4]
-    with_media = [r for r in requests if "image_inputs" in r.prompt.features or "audio_inputs" in r.prompt.features]
-    assert with_media and all(r.projected for r in with_media)
+    assert engine.pace.lone_s is not None and started_early == pipelined
+    assert engine.prefill_sizes[:2] == ([1, 2] if pipelined else [1, 4]) and sum(engine.prefill_sizes) == 5
     for request, prompt in zip(requests, prompts):
-        assert request.tokens == _alone(served_model, prompt, 6)
-
-
-def test_media_that_fails_to_encode_fails_its_request_only(served_model, prompts, monkeypatch):
-    """Encoded together while the batch gathers, a request whose media the encoder cannot take fails
-    alone; the one beside it keeps its features and is answered."""
-    engine = ContinuousBatchingEngine(served_model, max_batch_size=4, batch_window_s=2.0)
-    params = SamplingParams(max_tokens=4, min_tokens=4)
-    real = served_model.encode_media
-
-    def broken_audio(placeholder, inputs):
-        if placeholder == "<audio>":
-            raise RuntimeError("audio encoder failed")
-        return real(placeholder, inputs)
-
-    monkeypatch.setattr(served_model, "encode_media", broken_audio)
-
-    async def scenario():
-        loop = asyncio.get_running_loop()
-        bad, good = GenerationRequest(prompts[3], params, loop), GenerationRequest(prompts[0], params, loop)
-        # The worker idles on an empty queue; hand it the two as requests that arrived together
-        # and wait for company, and let it use that wait.
-        engine._waiting = [bad, good]
-        assert engine._use_idle_time()
-        error = await bad.events.get()
-        good_kept = good.projected is not None and good.finish_reason is None and engine._waiting == [good]
-        engine._waiting = []
-        monkeypatch.setattr(served_model, "encode_media", real)
-        engine.submit(good)   # its features are in hand: the prefill splices them
-        while (await good.events.get()).kind not in ("done", "error"):
-            pass
-        return error, good, good_kept
-
-    try:
-        error, good, good_kept = asyncio.run(scenario())
-    finally:
-        engine.close()
-    assert error.kind == "error" and "audio encoder failed" in error.text
-    assert good_kept
-    assert good.finish_reason == "length" and good.tokens == _alone(served_model, prompts[0], 4)
+        assert request.tokens == _alone(served_model, prompt, 4)
 
 
 def test_stats_count_every_forward_while_the_recent_sizes_stay_bounded(prompts, engine, monkeypatch):

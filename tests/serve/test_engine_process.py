@@ -51,12 +51,15 @@ def test_the_model_lives_only_in_the_engine_process(process_server):
     assert body["status"] == "ok" and body["batching"] == "continuous" and body["running"] == 0
 
 
-def test_completions_equal_generate(client, served_model):
+def test_completions_equal_generate(client, served_model, process_server):
     png, wav = png_bytes("blue", shape="square"), wav_bytes(1.5, 880)
     want = expected_answer(served_model, f"<image>\n{QUESTION}", {"image": [png]}, 10)
     assert want
     response = client.chat.completions.create(model="tiny", messages=image_message(png), max_tokens=10)
     assert response.choices[0].message.content == want and response.usage.prompt_tokens > 8
+    # What the pipelining rule weighs: the server's CPU per request, and a lone request's time in the model.
+    body = health(process_server).json()
+    assert body["server_ms_per_request"] > 0 and body["lone_request_ms"] > 0
 
     want = expected_answer(served_model, "<image>\n<audio>\nHow many beeps?", {"image": [png], "audio": [wav]}, 12)
     stream = client.chat.completions.create(

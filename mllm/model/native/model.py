@@ -196,14 +196,13 @@ class NativeVisionLM(MultimodalLM):
             return torch.cat(list(out.pooler_output), dim=0)
         return None
 
-    def embed_inputs(self, input_ids: torch.Tensor, media: dict,
-                     projected: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def embed_inputs(self, input_ids: torch.Tensor, media: dict) -> torch.Tensor:
         native_positions = self._native_positions(input_ids)
         # The parent embeds text and splices the new branches; native pads are embedded as pad
         # tokens there (LLaVA's <image> is also the project's placeholder) and overwritten below.
         branch_media = {k: v for k, v in media.items() if k not in NATIVE_MEDIA_KEYS}
         embeds = super().embed_inputs(input_ids.masked_fill(native_positions, self.tokenizer.pad_token_id),
-                                      branch_media, projected)
+                                      branch_media)
         for kind, token_id in self.native_token_ids.items():
             features = self.native_features(kind, media)
             if features is None:
