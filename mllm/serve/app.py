@@ -30,6 +30,7 @@ from mllm.serve.engine import Event, GenerationRequest, create_engine
 from mllm.serve.inputs import (
     InputError,
     Limits,
+    PromptContext,
     accepted_fields,
     build_prompt,
     decode_media,
@@ -103,7 +104,8 @@ def create_app(model, settings: ServerSettings | None = None, engine=None):
     settings = settings or ServerSettings()
     if engine is None:
         engine = create_engine(model, settings.max_batch_size, settings.batch_window_ms / 1000)
-    fields = accepted_fields(model.processor)
+    context = PromptContext.of(model)   # all that preparing a request takes from the model, gathered once
+    fields = accepted_fields(context.processor)
     policy = MediaPolicy(media_root=settings.media_root, allow_remote=settings.allow_remote_media,
                          audio_field="audio" if "audio" in fields or "speech" not in fields else "speech",
                          fields=fields)
@@ -156,7 +158,7 @@ def create_app(model, settings: ServerSettings | None = None, engine=None):
         """Read, check and prepare one request (4xx ``APIError`` for bad input)."""
         body = await _read_json(request, settings.max_request_bytes)
         try:
-            parsed = parse_chat_request(body, policy, model.prompt_record.max_new_tokens)
+            parsed = parse_chat_request(body, policy, context.prompt_record.max_new_tokens)
         except InputError as e:
             raise _from_input_error(e) from None
         if parsed.model not in (None, settings.model_name):
@@ -167,9 +169,9 @@ def create_app(model, settings: ServerSettings | None = None, engine=None):
                 # First let the requests that came in with this one announce themselves, so that the
                 # engine knows how many are coming.
                 await asyncio.sleep(0)
-                prompt = _prepare(model, parsed, settings.limits, policy)
+                prompt = _prepare(context, parsed, settings.limits, policy)
             else:
-                prompt = await asyncio.to_thread(_prepare, model, parsed, settings.limits, policy)
+                prompt = await asyncio.to_thread(_prepare, context, parsed, settings.limits, policy)
         except (UserError, ValueError) as e:
             raise _from_input_error(e) from None
         return parsed, GenerationRequest(prompt, parsed.params, asyncio.get_running_loop(), stream=parsed.stream)
@@ -240,17 +242,17 @@ def _prepares_inline(parsed: ParsedRequest) -> bool:
     return sum(len(ref.data) for ref in parsed.media) <= _INLINE_MEDIA_BYTES
 
 
-def _prepare(model, parsed: ParsedRequest, limits: Limits, policy: MediaPolicy):
+def _prepare(context: PromptContext, parsed: ParsedRequest, limits: Limits, policy: MediaPolicy):
     """Fetch and decode every media item and render the prompt."""
     media: dict[str, list] = {}
     for ref in parsed.media:
         if ref.path is not None:
-            item = decode_media_file(model.processor, ref.field, ref.path, limits)
+            item = decode_media_file(context.processor, ref.field, ref.path, limits)
         else:
             data = ref.data if ref.url is None else fetch_remote(ref, policy)
-            item = decode_media(model.processor, ref.field, data, ref.where, limits)
+            item = decode_media(context.processor, ref.field, data, ref.where, limits)
         media.setdefault(ref.field, []).append(item)
-    return build_prompt(model, parsed.messages, media, limits)
+    return build_prompt(context, parsed.messages, media, limits)
 
 
 def _usage(done: Event) -> dict:

@@ -1,8 +1,8 @@
 """Batched, streamed generation for many concurrent requests on one model.
 
 One worker thread owns the model; requests reach it through a queue. ``mllm serve`` runs the
-engine in a process of its own (``mllm.serve.engine_process``), ``mllm chat`` in a thread. Two ways of batching, chosen
-per model by ``create_engine`` (``MultimodalLM.supports_continuous_batching``):
+engine in a process of its own (``mllm.serve.engine_process``), ``mllm chat`` in a thread. Two
+ways of batching, chosen per model by ``create_engine`` (``MultimodalLM.supports_continuous_batching``):
 
 * ``ContinuousBatchingEngine`` runs its own decode loop over a *running batch* of rows (one row per
   request, KV cache left-padded to a common length). Between two decode steps, waiting requests are

@@ -64,7 +64,6 @@ class EngineProcess:
             self._process.join(timeout=10)
             raise UserError(f"{checkpoint}: the engine process could not load the model: {message[1]}")
         _, self.context, self.strategy = message
-        self.max_batch_size = max_batch_size
         self.exit_error: str | None = None       # set once the child is gone
         self._closing = False
         self._jobs: dict[int, GenerationRequest] = {}
@@ -142,14 +141,10 @@ class EngineProcess:
         """False when the child is gone (the message is dropped)."""
         if self.exit_error is not None:
             return False
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        try:
-            with self._send_lock:
-                self._conn.send_bytes(data)
-            return True
-        except (OSError, ValueError):   # broken pipe, or closed by close()
+        if not _write(self._conn, self._send_lock, message):
             self._lost()
             return False
+        return True
 
     def _read(self) -> None:
         while True:
@@ -183,6 +178,18 @@ class EngineProcess:
             request.emit(Event("error", text=self.exit_error))
         self._stats_reply = None
         self._stats_ready.set()
+
+
+def _write(conn, lock: threading.Lock, message) -> bool:
+    """Pickle ``message`` onto the pipe (one writer at a time); False when the other end is gone
+    (a broken pipe, or this end closed)."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    try:
+        with lock:
+            conn.send_bytes(data)
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------- the child
@@ -245,16 +252,7 @@ def _engine_main(conn, checkpoint: str, load: dict, threads: int | None, max_bat
     from mllm.serve.inputs import load_model_for_inference
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    send_lock = threading.Lock()
-
-    def send(message) -> bool:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        try:
-            with send_lock:
-                conn.send_bytes(data)
-            return True
-        except OSError:   # the server is gone
-            return False
+    send = functools.partial(_write, conn, threading.Lock())   # False once the server is gone
 
     try:
         if threads:
